@@ -1,0 +1,173 @@
+"""The one naming table: canonical hook sites, their layouts, and llama.cpp's graph names.
+
+Every later part of llamadiff (the PyTorch model, the llama.cpp capture, the comparison, the
+fault zoo) speaks these names. Site names live in one flat dotted namespace: global sites are
+``embd``, ``output_norm`` and ``logits``; per-layer sites are ``blk.{i}.{key}``.
+
+Layouts use symbolic dimensions, resolved per step:
+
+=====  ============================================================
+T      tokens processed in this step (prompt length at prefill, 1 at decode)
+P      cached positions attended over (positions before this step + T)
+D      hidden size (``embedding_length``)
+F      feed-forward size (``feed_forward_length``)
+H      query heads; ``Hkv`` key/value heads; ``Dh`` head size (D // H)
+V      vocabulary size (rows of the output matrix)
+=====  ============================================================
+
+llama.cpp columns: ``llama_name`` is the graph name without the ``-{i}`` layer suffix and
+``llama_op`` the ``ggml_op`` name that tells apart nodes sharing a name (``Qcur-0`` labels the
+MUL_MAT, the bias ADD, a RESHAPE and the ROPE). ``attn_out`` has no name in llama.cpp's graph:
+it is the operand of the ``ffn_inp-{i}`` ADD that is not the residual (see ``llama_backend``).
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    key: str                 # "q_rope"; full name "blk.3.q_rope" for per-layer sites
+    per_layer: bool
+    layout: tuple[str, ...]  # symbolic dims, e.g. ("T", "H", "Dh")
+    family: str              # tolerance family (see harness.tolerance)
+    inputs: tuple[str, ...]  # upstream site keys this op reads (same layer unless global)
+    llama_name: str | None
+    llama_op: str | None
+    doc: str
+
+
+_S = SiteSpec
+SITES: tuple[SiteSpec, ...] = (
+    _S("embd", False, ("T", "D"), "embed", (), "inp_embd", "GET_ROWS", "token embedding rows"),
+    _S("attn_norm", True, ("T", "D"), "norm", ("@in",), "attn_norm", "MUL",
+       "RMSNorm(x) * attn_norm.weight"),
+    _S("q_proj", True, ("T", "H", "Dh"), "matmul", ("attn_norm",), "Qcur", "MUL_MAT",
+       "x @ Wq^T, before the bias"),
+    _S("q", True, ("T", "H", "Dh"), "bias", ("q_proj",), "Qcur", "ADD", "q_proj + bq"),
+    _S("k_proj", True, ("T", "Hkv", "Dh"), "matmul", ("attn_norm",), "Kcur", "MUL_MAT",
+       "x @ Wk^T, before the bias"),
+    _S("k", True, ("T", "Hkv", "Dh"), "bias", ("k_proj",), "Kcur", "ADD", "k_proj + bk"),
+    _S("v_proj", True, ("T", "Hkv", "Dh"), "matmul", ("attn_norm",), "Vcur", "MUL_MAT",
+       "x @ Wv^T, before the bias"),
+    _S("v", True, ("T", "Hkv", "Dh"), "bias", ("v_proj",), "Vcur", "ADD", "v_proj + bv"),
+    _S("q_rope", True, ("T", "H", "Dh"), "rope", ("q",), "Qcur", "ROPE",
+       "RoPE (NEOX pairing: dim j with j + Dh/2) at the token positions"),
+    _S("k_rope", True, ("T", "Hkv", "Dh"), "rope", ("k",), "Kcur", "ROPE", "RoPE of k"),
+    _S("kq", True, ("H", "T", "P"), "scores", ("q_rope", "k_rope"), "kq", "MUL_MAT",
+       "raw scores q . k over all cached positions, unscaled, no mask; query head h reads KV head h // (H/Hkv)"),
+    _S("attn_weights", True, ("H", "T", "P"), "softmax", ("kq",), "kq_soft_max", "SOFT_MAX",
+       "softmax(kq / sqrt(Dh) + causal mask)"),
+    _S("kqv", True, ("T", "H", "Dh"), "attn", ("attn_weights", "v"), "kqv_out", None,
+       "attention output per head: attn_weights @ V"),
+    _S("attn_out", True, ("T", "D"), "matmul", ("kqv",), None, "MUL_MAT",
+       "output projection kqv @ Wo^T (no name in llama.cpp)"),
+    _S("ffn_inp", True, ("T", "D"), "residual", ("attn_out", "@in"), "ffn_inp", "ADD",
+       "residual: layer input + attn_out"),
+    _S("ffn_norm", True, ("T", "D"), "norm", ("ffn_inp",), "ffn_norm", "MUL",
+       "RMSNorm(ffn_inp) * ffn_norm.weight"),
+    _S("ffn_gate", True, ("T", "F"), "matmul", ("ffn_norm",), "ffn_gate", "MUL_MAT", "x @ Wgate^T"),
+    _S("ffn_up", True, ("T", "F"), "matmul", ("ffn_norm",), "ffn_up", "MUL_MAT", "x @ Wup^T"),
+    _S("ffn_act", True, ("T", "F"), "act", ("ffn_gate", "ffn_up"), "ffn_swiglu", None,
+       "SwiGLU: silu(ffn_gate) * ffn_up"),
+    _S("ffn_out", True, ("T", "D"), "matmul", ("ffn_act",), "ffn_out", "MUL_MAT", "ffn_act @ Wdown^T"),
+    _S("l_out", True, ("T", "D"), "residual", ("ffn_inp", "ffn_out"), "l_out", "ADD",
+       "layer output: ffn_inp + ffn_out"),
+    _S("output_norm", False, ("T", "D"), "norm", ("@in",), "result_norm", "MUL",
+       "RMSNorm(last l_out) * output_norm.weight"),
+    _S("logits", False, ("T", "V"), "logits", ("output_norm",), "result_output", "MUL_MAT",
+       "output_norm @ Wout^T (token_embd when the output matrix is tied)"),
+)
+
+BY_KEY: dict[str, SiteSpec] = {s.key: s for s in SITES}
+LAYER_KEYS: tuple[str, ...] = tuple(s.key for s in SITES if s.per_layer)
+_ORDER = {s.key: i for i, s in enumerate(SITES)}
+_NAME_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)$")
+
+
+class SiteError(ValueError):
+    """A site name or pattern that does not exist."""
+
+
+def site_name(key: str, layer: int | None = None) -> str:
+    return f"blk.{layer}.{key}" if layer is not None else key
+
+
+def parse_site(name: str) -> tuple[int | None, SiteSpec]:
+    """``"blk.3.q_rope"`` -> ``(3, SPEC)``; ``"logits"`` -> ``(None, SPEC)``."""
+    m = _NAME_RE.match(name)
+    if m:
+        spec = BY_KEY.get(m.group(2))
+        if spec is not None and spec.per_layer:
+            return int(m.group(1)), spec
+    elif name in BY_KEY and not BY_KEY[name].per_layer:
+        return None, BY_KEY[name]
+    raise SiteError(f"unknown site {name!r} (expected e.g. 'embd', 'blk.0.q_rope', 'logits')")
+
+
+def all_sites(n_layer: int) -> list[str]:
+    """Every site name in execution order."""
+    names = ["embd"]
+    for i in range(n_layer):
+        names += [site_name(k, i) for k in LAYER_KEYS]
+    return names + ["output_norm", "logits"]
+
+
+def order_key(name: str, n_layer: int) -> tuple[int, int]:
+    """Sort key giving execution order within one step."""
+    layer, spec = parse_site(name)
+    if layer is None:
+        layer = -1 if spec.key == "embd" else n_layer
+    return layer, _ORDER[spec.key]
+
+
+def input_sites(name: str) -> list[str]:
+    """Full names of the sites the op at ``name`` reads ("@in" is the layer's input)."""
+    layer, spec = parse_site(name)
+    out = []
+    for key in spec.inputs:
+        if key == "@in":
+            if layer is None:   # output_norm reads the last layer's l_out; unknown here
+                continue
+            out.append("embd" if layer == 0 else site_name("l_out", layer - 1))
+        else:
+            out.append(site_name(key, layer))
+    return out
+
+
+def shape_of(name: str, dims: dict[str, int]) -> tuple[int, ...]:
+    """Concrete shape of a site given the symbolic dims (T, P, D, F, H, Hkv, Dh, V)."""
+    return tuple(dims[d] for d in parse_site(name)[1].layout)
+
+
+@dataclass(frozen=True)
+class SiteFilter:
+    """Which (step, site) pairs to keep. Patterns are shell globs over site names
+    (``blk.*.q_rope``, ``logits``), several separated by commas; None keeps all."""
+    pattern: str | None = None
+    layers: frozenset[int] | None = None
+    steps: frozenset[int] | None = None
+
+    def wants_site(self, name: str) -> bool:
+        if self.pattern:
+            pats = [p.strip() for p in self.pattern.split(",") if p.strip()]
+            if not any(fnmatch.fnmatchcase(name, p) for p in pats):
+                return False
+        if self.layers is not None:
+            layer = parse_site(name)[0]
+            if layer is not None and layer not in self.layers:
+                return False
+        return True
+
+    def wants(self, step: int, name: str) -> bool:
+        return (self.steps is None or step in self.steps) and self.wants_site(name)
+
+
+def validate_pattern(pattern: str, n_layer: int) -> None:
+    """Raise SiteError when a site pattern matches no site at all (a typo)."""
+    names = all_sites(n_layer)
+    for p in (p.strip() for p in pattern.split(",")):
+        if p and not any(fnmatch.fnmatchcase(n, p) for n in names):
+            raise SiteError(f"site pattern {p!r} matches no site (e.g. 'blk.*.q', 'logits')")
