@@ -156,8 +156,8 @@ def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
         if found != want:
             raise GGUFError(f"{path}: tensor {name} has shape {list(found)}, expected {list(want)} "
                             "(rows, cols)")
-        weights[name] = torch.from_numpy(np.ascontiguousarray(_dequantize(t, path), dtype=np.float32)) \
-            .to(device=device, dtype=dtype)
+        arr = np.array(_dequantize(t, path), dtype=np.float32, order="C", copy=True)  # off the memmap
+        weights[name] = torch.from_numpy(arr).to(device=device, dtype=dtype)
         types[name] = t.tensor_type.name
     return GGUFModel(path=path, config=cfg, weights=weights, types=types, tied=tied)
 

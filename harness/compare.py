@@ -1,0 +1,135 @@
+"""Compare two traces into a divergence table, and find the first divergent op.
+
+Knows nothing about where the traces came from: any two :class:`~harness.trace.Trace` objects
+with canonical site names. ``local`` (optional) is a third trace holding each op recomputed on the
+reference's own inputs (see ``Qwen2.run_with_cache(anchor=...)``): its error against the reference
+is the op's *local* error, free of upstream drift, and decides the verdict when present.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from .metrics import logit_stats, pair_stats
+from .sites import input_sites, parse_site
+from .tolerance import Policy
+from .trace import Trace
+
+
+@dataclass
+class FirstDivergence:
+    step: int
+    layer: int | None
+    site: str
+    kind: str                     # "local" (op's own error) or "end-to-end"
+    row: dict                     # the table row
+    inputs: list[dict]            # [{site, passed, rel_l2, local_rel_l2}] of the op's input sites
+    explanation: str
+    also_failing_locally: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass
+class Comparison:
+    table: pd.DataFrame           # one row per (step, site) in execution order
+    logit_rows: pd.DataFrame      # per (step, token row): top-1 agreement, top-k overlap, KL
+    spikes: pd.DataFrame          # one-sided logit outliers
+    first: FirstDivergence | None
+    first_e2e: tuple[int, str] | None
+    meta: dict
+
+    @property
+    def diverged(self) -> bool:
+        return self.first is not None
+
+
+def _describe_index(site: str, idx: tuple[int, ...]) -> str:
+    layout = parse_site(site)[1].layout
+    names = {"T": "token", "H": "head", "Hkv": "kv head", "Dh": "dim", "P": "pos", "D": "dim", "F": "dim",
+             "V": "vocab"}
+    return " ".join(f"{names[d]} {i}" for d, i in zip(layout, idx))
+
+
+def _row(step, site, ours, ref, policy, local):
+    layer, spec = parse_site(site)
+    s = pair_stats(ours, ref)
+    tol = policy.tolerance(spec.family, "e2e")
+    row = dict(step=step, layer=layer, site=site, op=spec.key, family=spec.family, shape=tuple(ref.shape),
+               max_abs=s.max_abs, rel_l2=s.rel_l2, max_norm=s.max_norm, cosine=s.cosine,
+               worst=_describe_index(site, s.worst_index), worst_index=s.worst_index,
+               ours=s.ours_value, ref=s.ref_value, nonfinite=s.nonfinite,
+               tol_rel=tol.rel, tol_max=tol.max, passed=tol.passes(s.rel_l2, s.max_norm))
+    if local is not None and (step, site) in local:
+        ls = pair_stats(local[step, site], ref)
+        lt = policy.tolerance(spec.family, "local")
+        row.update(local_rel_l2=ls.rel_l2, local_max_norm=ls.max_norm, local_worst=_describe_index(site, ls.worst_index),
+                   local_ours=ls.ours_value, local_ref=ls.ref_value, local_tol_rel=lt.rel, local_tol_max=lt.max,
+                   local_passed=lt.passes(ls.rel_l2, ls.max_norm))
+    return row
+
+
+def compare(ours: Trace, ref: Trace, policy: Policy, local: Trace | None = None) -> Comparison:
+    """Divergence table of ``ours`` against ``ref`` over the (step, site) pairs both hold."""
+    rows, logit_rows, spikes = [], [], []
+    for (step, site), r in ref.items():
+        if (step, site) not in ours:
+            continue
+        o = ours[step, site]
+        rows.append(_row(step, site, o, r, policy, local))
+        if site == "logits":
+            lr, sp = logit_stats(o, r)
+            logit_rows += [dict(step=step, **x) for x in lr]
+            spikes += [dict(step=step, **x) for x in sp]
+    table = pd.DataFrame(rows)
+    if "local_passed" not in table and len(table):
+        table["local_passed"] = pd.NA
+    first_e2e = _first(table, "passed")
+    first = _first_divergence(table, local is not None)
+    meta = dict(ours=ours.meta, ref=ref.meta, tokens=ref.tokens, n_prompt=ref.n_prompt, policy=policy.describe(),
+                compared=len(table), missing_in_ours=len(ref) - len(table))
+    return Comparison(table, pd.DataFrame(logit_rows), pd.DataFrame(spikes), first, first_e2e, meta)
+
+
+def _first(table: pd.DataFrame, col: str):
+    if not len(table) or col not in table:
+        return None
+    bad = table[table[col] == False]  # noqa: E712  (NA-safe: NA rows are not failures)
+    return None if bad.empty else (int(bad.iloc[0]["step"]), bad.iloc[0]["site"])
+
+
+def _first_divergence(table: pd.DataFrame, has_local: bool) -> FirstDivergence | None:
+    col = "local_passed" if has_local else "passed"
+    hit = _first(table, col)
+    if hit is None:
+        return None
+    step, site = hit
+    rows = {(r["step"], r["site"]): r for r in table.to_dict("records")}
+    row = rows[(step, site)]
+    inputs = []
+    for name in input_sites(site):
+        r = rows.get((step, name))
+        if r is not None:
+            inputs.append(dict(site=name, passed=bool(r["passed"]), rel_l2=r["rel_l2"],
+                               local_rel_l2=r.get("local_rel_l2"), local_passed=r.get("local_passed")))
+    bad = table[table[col] == False]  # noqa: E712
+    others = [(int(s), n) for s, n in zip(bad["step"], bad["site"])][1:]
+    kind = "local" if has_local else "end-to-end"
+    return FirstDivergence(step, parse_site(site)[0], site, kind, row, inputs,
+                           _explain(step, site, row, inputs, kind), others)
+
+
+def step_label(step: int) -> str:
+    return "prefill" if step == 0 else f"decode step {step}"
+
+
+def _explain(step, site, row, inputs, kind) -> str:
+    op = parse_site(site)[1].key
+    ok = [i["site"] for i in inputs if i.get("local_passed", i["passed"]) is not False and i["passed"]]
+    parts = [f"the first op that diverges is {site} at {step_label(step)}"]
+    if ok:
+        parts.append(f"{' and '.join(ok)} match{'es' if len(ok) == 1 else ''} the reference, {op} does not")
+    pre = "local_" if kind == "local" else ""
+    parts.append(f"worst element {row[pre + 'worst'] if pre + 'worst' in row else row['worst']}: "
+                 f"ours {row[pre + 'ours']:.4g}, reference {row[pre + 'ref']:.4g} "
+                 f"(relative error {row[pre + 'rel_l2']:.3g})")
+    return "; ".join(parts)

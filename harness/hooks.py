@@ -1,0 +1,89 @@
+"""Hook points: identity modules at every site that let callers read or replace activations.
+
+A hook is ``fn(x, ctx) -> Tensor | None``: return a tensor to replace the activation, None to
+leave it. ``ctx`` (a :class:`HookContext`) names the site, layer, step and position and carries
+the op's *inputs* (``ctx.inputs["x"]``, ``ctx.inputs["weight"]``, ...) so a hook can recompute
+the op differently: that is how faults are written. Hooks are only ever installed through the
+``Qwen2.hooks(...)`` context manager, so none outlives the block that added it.
+
+Per site the pipeline is: user hooks in the order given -> recorder (``run_with_cache``) ->
+anchor (replace our value with a reference's, for local-error runs).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class HookContext:
+    site: str                      # "blk.3.q_rope"
+    layer: int | None
+    step: int                      # 0 = prefill, k = k-th decode step
+    pos: int                       # position of the first token of this step
+    inputs: dict[str, object] = field(default_factory=dict)
+    model: object | None = None
+
+
+Hook = Callable[[torch.Tensor, HookContext], "torch.Tensor | None"]
+
+
+def site_matcher(pattern: str | Callable[[str], bool]) -> Callable[[str], bool]:
+    """Globs over site names (``blk.*.q``), comma-separated alternatives, or a predicate."""
+    if callable(pattern):
+        return pattern
+    pats = [p.strip() for p in pattern.split(",") if p.strip()]
+    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in pats)
+
+
+class HookManager:
+    """Per-model dispatch state. Plain object (not a Module), shared by all hook points."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.hooks: list[tuple[Callable[[str], bool], Hook]] = []
+        self.recorder: Callable[[int, str, torch.Tensor], None] | None = None
+        self.anchor: Callable[[int, str], "torch.Tensor | None"] | None = None
+        self.step = 0
+        self.pos = 0
+
+    @property
+    def idle(self) -> bool:
+        return not self.hooks and self.recorder is None and self.anchor is None
+
+    def fire(self, name: str, layer: int | None, x: torch.Tensor, inputs: dict) -> torch.Tensor:
+        if self.idle:
+            return x
+        ctx = HookContext(name, layer, self.step, self.pos, inputs, self.model)
+        for match, fn in self.hooks:
+            if match(name):
+                out = fn(x, ctx)
+                if out is not None:
+                    if out.shape != x.shape:
+                        raise ValueError(f"hook on {name} returned shape {tuple(out.shape)}, "
+                                         f"expected {tuple(x.shape)}")
+                    x = out.to(x.dtype)
+        if self.recorder is not None:
+            self.recorder(self.step, name, x)
+        if self.anchor is not None:
+            ref = self.anchor(self.step, name)
+            if ref is not None:
+                x = ref.to(device=x.device, dtype=x.dtype).reshape(x.shape)
+        return x
+
+
+class HookPoint(nn.Module):
+    """Identity at one site; ``hp(x, **inputs)`` runs the manager's hooks for that site."""
+
+    def __init__(self, name: str, layer: int | None, manager: HookManager):
+        super().__init__()
+        self.name = name
+        self.layer = layer
+        object.__setattr__(self, "_manager", manager)   # not a submodule: avoids a reference cycle
+
+    def forward(self, value: torch.Tensor, **inputs) -> torch.Tensor:
+        return self._manager.fire(self.name, self.layer, value, inputs)

@@ -1,0 +1,231 @@
+"""Qwen2 in PyTorch, one small class per block, a hook point at every site of harness.sites.
+
+Weights are used exactly as the GGUF stores them (torch layout = reversed ggml ``ne``): nothing
+is fused or permuted, so every activation lines up element by element with llama.cpp's.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gguf_io import GGUFModel, Qwen2Config, load_gguf
+from .hooks import Hook, HookManager, HookPoint, site_matcher
+from .sites import LAYER_KEYS, SiteFilter, site_name
+from .trace import Sink, Trace
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y * weight if weight is not None else y
+
+
+def rope_neox(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
+    """RoPE with NEOX pairing (dim j rotates with j + Dh/2), as llama.cpp does for qwen2.
+    x: (T, nh, Dh), pos: (T,). Angles in float64, applied in x's dtype."""
+    half = x.shape[-1] // 2
+    theta = base ** (-torch.arange(half, dtype=torch.float64, device=x.device) * 2 / x.shape[-1])
+    ang = pos.to(torch.float64)[:, None] * theta[None, :]                # (T, Dh/2)
+    cos, sin = ang.cos().to(x.dtype)[:, None, :], ang.sin().to(x.dtype)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class KVCache:
+    """Per-layer cached K/V after RoPE, (P, Hkv, Dh). ``store_dtype`` float16 mirrors llama.cpp's
+    default F16 cache (values are rounded to it, computation stays in the model dtype)."""
+
+    def __init__(self, n_layer: int, store_dtype: torch.dtype | None = None):
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.store_dtype = store_dtype
+
+    def _round(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.store_dtype).to(t.dtype) if self.store_dtype is not None else t
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._round(k), self._round(v)
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k]), torch.cat([self.v[layer], v])
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen2Config, w: dict, i: int, hp):
+        super().__init__()
+        self.cfg, self.i, self.hp = cfg, i, hp
+        p = f"blk.{i}."
+        self.wq, self.bq = w[p + "attn_q.weight"], w[p + "attn_q.bias"]
+        self.wk, self.bk = w[p + "attn_k.weight"], w[p + "attn_k.bias"]
+        self.wv, self.bv = w[p + "attn_v.weight"], w[p + "attn_v.bias"]
+        self.wo = w[p + "attn_output.weight"]
+
+    def _qkv(self, x, name, weight, bias, nh):
+        T, Dh = x.shape[0], self.cfg.head_dim
+        proj = self.hp[f"{name}_proj"]((x @ weight.T).view(T, nh, Dh), x=x, weight=weight)  # (T, nh, Dh)
+        return self.hp[name](proj + bias.view(nh, Dh), x=proj, bias=bias)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, mask: torch.Tensor):
+        cfg, hp, T = self.cfg, self.hp, x.shape[0]
+        H, Hkv = cfg.n_head, cfg.n_head_kv
+        q = self._qkv(x, "q", self.wq, self.bq, H)                             # (T, H, Dh)
+        k = self._qkv(x, "k", self.wk, self.bk, Hkv)                           # (T, Hkv, Dh)
+        v = self._qkv(x, "v", self.wv, self.bv, Hkv)                           # (T, Hkv, Dh)
+        q = hp["q_rope"](rope_neox(q, pos, cfg.rope_base), x=q, pos=pos, base=cfg.rope_base)
+        k = hp["k_rope"](rope_neox(k, pos, cfg.rope_base), x=k, pos=pos, base=cfg.rope_base)
+        K, V = cache.update(self.i, k, v)                                      # (P, Hkv, Dh)
+        rq, rk, rv = (cache._round(t) for t in (q, K, V))   # F16 cache: llama.cpp's dot operands
+        g = H // Hkv
+        kq = torch.einsum("thd,phd->htp", rq, rk.repeat_interleave(g, dim=1))  # (H, T, P)
+        kq = hp["kq"](kq, q=q, k=K, group=g)
+        scale = cfg.head_dim ** -0.5
+        w = hp["attn_weights"](torch.softmax(kq * scale + mask, dim=-1), kq=kq, mask=mask, scale=scale)
+        kqv = torch.einsum("htp,phd->thd", cache._round(w), rv.repeat_interleave(g, dim=1))
+        kqv = hp["kqv"](kqv, weights=w, v=V, group=g)                          # (T, H, Dh)
+        flat = kqv.reshape(T, H * cfg.head_dim)
+        return hp["attn_out"](flat @ self.wo.T, x=flat, weight=self.wo)      # (T, D)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, w: dict, i: int, hp):
+        super().__init__()
+        p, self.hp = f"blk.{i}.", hp
+        self.gate, self.up, self.down = (w[p + f"ffn_{n}.weight"] for n in ("gate", "up", "down"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                      # x (T, D)
+        hp = self.hp
+        gate = hp["ffn_gate"](x @ self.gate.T, x=x, weight=self.gate)        # (T, F)
+        up = hp["ffn_up"](x @ self.up.T, x=x, weight=self.up)                # (T, F)
+        act = hp["ffn_act"](F.silu(gate) * up, gate=gate, up=up)             # (T, F)
+        return hp["ffn_out"](act @ self.down.T, x=act, weight=self.down)     # (T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Qwen2Config, w: dict, i: int, manager: HookManager):
+        super().__init__()
+        self.hp = nn.ModuleDict({k: HookPoint(site_name(k, i), i, manager) for k in LAYER_KEYS})
+        p, self.eps = f"blk.{i}.", cfg.rms_eps
+        self.attn_norm_w, self.ffn_norm_w = w[p + "attn_norm.weight"], w[p + "ffn_norm.weight"]
+        self.attn = Attention(cfg, w, i, self.hp)
+        self.ffn = FeedForward(w, i, self.hp)
+
+    def forward(self, x, pos, cache, mask):                                   # x (T, D)
+        hp = self.hp
+        h = hp["attn_norm"](rms_norm(x, self.attn_norm_w, self.eps), x=x, weight=self.attn_norm_w, eps=self.eps)
+        a = self.attn(h, pos, cache, mask)
+        r = hp["ffn_inp"](x + a, a=x, b=a)
+        h = hp["ffn_norm"](rms_norm(r, self.ffn_norm_w, self.eps), x=r, weight=self.ffn_norm_w, eps=self.eps)
+        f = self.ffn(h)
+        return hp["l_out"](r + f, a=r, b=f)
+
+
+class Qwen2(nn.Module):
+    def __init__(self, gm: GGUFModel, kv_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.gguf, self.config = gm, gm.config
+        w, cfg = gm.weights, gm.config
+        self.manager = HookManager(self)
+        self.kv_dtype = kv_dtype
+        self.embd_w, self.norm_w = w["token_embd.weight"], w["output_norm.weight"]
+        self.out_w = w["token_embd.weight"] if gm.tied else w["output.weight"]
+        self.blocks = nn.ModuleList(Block(cfg, w, i, self.manager) for i in range(cfg.n_layer))
+        self.hp = nn.ModuleDict({k: HookPoint(k, None, self.manager) for k in ("embd", "output_norm", "logits")})
+
+    @property
+    def device(self) -> torch.device:
+        return self.embd_w.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embd_w.dtype
+
+    def forward(self, tokens: torch.Tensor, pos0: int, cache: KVCache) -> torch.Tensor:
+        """One step: tokens (T,) at positions pos0..pos0+T-1 -> logits (T, V)."""
+        T, P = tokens.shape[0], pos0 + tokens.shape[0]
+        pos = torch.arange(pos0, P, device=self.device)
+        mask = torch.full((T, P), float("-inf"), device=self.device, dtype=self.dtype) \
+            .triu(pos0 + 1)                                                       # causal (T, P)
+        x = self.hp["embd"](F.embedding(tokens, self.embd_w), tokens=tokens, weight=self.embd_w)
+        for block in self.blocks:
+            x = block(x, pos, cache, mask)
+        h = self.hp["output_norm"](rms_norm(x, self.norm_w, self.config.rms_eps), x=x, weight=self.norm_w,
+                                   eps=self.config.rms_eps)
+        return self.hp["logits"](h @ self.out_w.T, x=h, weight=self.out_w)     # (T, V)
+
+    @contextlib.contextmanager
+    def hooks(self, hooks: Iterable[tuple[str, Hook]] = (), recorder=None, anchor=None):
+        """Install ``(pattern, fn)`` hooks (and optionally a recorder/anchor) for the block's duration."""
+        m = self.manager
+        saved = (m.hooks, m.recorder, m.anchor)
+        m.hooks = saved[0] + [(site_matcher(p), fn) for p, fn in hooks]
+        m.recorder, m.anchor = recorder or saved[1], anchor or saved[2]
+        try:
+            yield self
+        finally:
+            m.hooks, m.recorder, m.anchor = saved
+
+    @torch.no_grad()
+    def run(self, prompt: list[int], steps: int = 0, decode_tokens: list[int] | None = None) -> list[torch.Tensor]:
+        """Prefill then ``steps`` decode steps, teacher-forced on ``decode_tokens`` (greedy where not
+        given). Returns each step's logits (T, V) as float32 on the CPU; ``self.last_tokens`` holds
+        every token fed."""
+        cfg = self.config
+        if not prompt:
+            raise ValueError("empty prompt")
+        bad = [t for t in list(prompt) + list(decode_tokens or []) if not 0 <= t < cfg.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} out of range (vocabulary has {cfg.n_vocab} tokens)")
+        cache, tokens, out = KVCache(cfg.n_layer, self.kv_dtype), list(prompt), []
+        feed = list(prompt)
+        for step in range(steps + 1):
+            self.manager.step, self.manager.pos = step, len(tokens) - len(feed)
+            logits = self(torch.tensor(feed, device=self.device), self.manager.pos, cache).float().cpu()
+            out.append(logits)
+            if step < steps:
+                nxt = decode_tokens[step] if decode_tokens and step < len(decode_tokens) \
+                    else int(logits[-1].argmax())
+                tokens.append(nxt)
+                feed = [nxt]
+        self.last_tokens = tokens
+        return out
+
+    def run_with_cache(self, prompt: list[int], steps: int = 0, decode_tokens: list[int] | None = None,
+                       filt: SiteFilter | None = None, sink: Sink | None = None,
+                       anchor: Trace | None = None) -> Trace:
+        """Run and capture every site passing ``filt`` (float32, CPU) into a Trace, or into ``sink``.
+        With ``anchor``, each site's value is replaced by the anchor trace's after it is recorded,
+        so every op runs on the anchor's inputs (the recorded values are then *local* outputs)."""
+        trace = Trace(self.config.n_layer, meta=self.describe())
+        keep = sink or trace
+
+        def recorder(step, name, x):
+            if filt is None or filt.wants(step, name):
+                keep(step, name, x.detach().float().cpu())
+
+        def anchor_fn(step, name):
+            return anchor.tensors.get((step, name))
+
+        with self.hooks(recorder=recorder, anchor=anchor_fn if anchor is not None else None):
+            self.run(prompt, steps, decode_tokens)
+        trace.tokens, trace.n_prompt = self.last_tokens, len(prompt)
+        return trace
+
+    def describe(self) -> dict:
+        return {"source": "torch", "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "kv_dtype": str(self.kv_dtype).replace("torch.", "") if self.kv_dtype else None,
+                "weight_type": self.gguf.weight_type, "gguf": os.path.basename(self.gguf.path)}
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_model(path, device: str = "cpu", dtype: str | torch.dtype = "float32",
+               kv_dtype: torch.dtype | None = None) -> Qwen2:
+    """A Qwen2 built from a qwen2 GGUF (see harness.gguf_io for the errors it raises)."""
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    return Qwen2(load_gguf(path, device=device, dtype=dt), kv_dtype=kv_dtype)

@@ -1,0 +1,75 @@
+"""The main job: capture llama.cpp, run our PyTorch model on the same tokens, compare.
+
+``diff_gguf`` is what ``llamadiff report`` and the notebook API call; it returns plain data
+(:class:`~harness.compare.Comparison` plus the traces) and never prints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .compare import Comparison, compare
+from .llama_backend import LlamaOptions, LlamaRunner
+from .model import Qwen2, load_model
+from .sites import SiteFilter
+from .tolerance import Policy
+from .trace import Trace
+
+
+@dataclass
+class DiffRequest:
+    gguf: str
+    prompt: str | None = None
+    tokens: list[int] | None = None
+    steps: int = 4
+    device: str = "cpu"                 # where both sides run: "cpu" or "cuda"
+    dtype: str = "float32"              # PyTorch side
+    sites: str | None = None            # site glob(s); None = every site
+    faults: list = field(default_factory=list)   # probes.faults.Fault records to inject on our side
+    kv_type: str = "f16"                # llama.cpp KV cache type (its default is F16)
+    flash_attn: bool = False
+    local: bool = True                  # also measure each op on the reference's inputs
+
+
+@dataclass
+class DiffResult:
+    comparison: Comparison
+    ref: Trace
+    ours: Trace
+    local: Trace | None
+
+
+def capture_reference(req: DiffRequest) -> Trace:
+    opts = LlamaOptions(device=req.device, flash_attn=req.flash_attn, kv_type=req.kv_type)
+    n_prompt = len(req.tokens) if req.tokens else max(len(req.prompt or "") + 8, 16)
+    with LlamaRunner(req.gguf, opts, n_ctx_needed=n_prompt + req.steps + 1) as runner:
+        prompt = list(req.tokens) if req.tokens else runner.tokenize(req.prompt or "")
+        return runner.run(prompt, req.steps, filt=SiteFilter(req.sites) if req.sites else None)
+
+
+def run_ours(model: Qwen2, ref: Trace, faults=(), filt: SiteFilter | None = None,
+             anchor: Trace | None = None) -> Trace:
+    """Our model with ``faults`` installed, teacher-forced on the reference's tokens."""
+    hooks = [h for f in faults for h in f.hooks]
+    with model.hooks(hooks):
+        return model.run_with_cache(ref.tokens[:ref.n_prompt], ref.n_steps, ref.tokens[ref.n_prompt:],
+                                    filt=filt, anchor=anchor)
+
+
+def model_for(req: DiffRequest, ref: Trace) -> Qwen2:
+    kv = torch.float16 if ref.meta.get("kv_type", "f16") == "f16" else None
+    return load_model(req.gguf, device=req.device, dtype=req.dtype, kv_dtype=kv)
+
+
+def diff_gguf(req: DiffRequest, model: Qwen2 | None = None, ref: Trace | None = None) -> DiffResult:
+    ref = ref if ref is not None else capture_reference(req)
+    model = model if model is not None else model_for(req, ref)
+    filt = SiteFilter(req.sites) if req.sites else None
+    ours = run_ours(model, ref, req.faults, filt)
+    local = run_ours(model, ref, req.faults, filt, anchor=ref) if req.local else None
+    backend = ref.meta.get("backend", "cpu")
+    policy = Policy(backend, model.gguf.weight_type, req.dtype)
+    cmp = compare(ours, ref, policy, local)
+    cmp.meta["faults"] = [f.name for f in req.faults]
+    return DiffResult(cmp, ref, ours, local)

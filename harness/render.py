@@ -1,0 +1,179 @@
+"""Everything that turns results into text: rich tables, markdown, JSON. The only place that prints."""
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .compare import Comparison, step_label
+
+
+def _f(x, nd=3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float):
+        return "inf" if math.isinf(x) else f"{x:.{nd}g}"
+    return str(x)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float):
+        return None if math.isnan(x) else (str(x) if math.isinf(x) else x)
+    if x is pd.NA or x is None:
+        return None
+    if hasattr(x, "item"):
+        return _jsonable(x.item())
+    return x
+
+
+def to_dict(cmp: Comparison) -> dict:
+    """The complete, machine-readable form of a comparison."""
+    first = None
+    if cmp.first is not None:
+        f = cmp.first
+        first = dict(step=f.step, layer=f.layer, site=f.site, kind=f.kind, explanation=f.explanation,
+                     row=f.row, inputs=f.inputs, also_failing_locally=f.also_failing_locally)
+    return _jsonable(dict(
+        verdict="divergence" if cmp.diverged else "match", first_divergence=first,
+        first_end_to_end_failure=cmp.first_e2e, meta=cmp.meta,
+        table=cmp.table.to_dict("records"), logits=cmp.logit_rows.to_dict("records"),
+        logit_spikes=cmp.spikes.to_dict("records")))
+
+
+def to_json(cmp: Comparison) -> str:
+    return json.dumps(to_dict(cmp), indent=1, allow_nan=False)
+
+
+def layer_summary(cmp: Comparison) -> pd.DataFrame:
+    """One row per layer (global sites under their own name): worst errors over steps and sites."""
+    t = cmp.table
+    if t.empty:
+        return pd.DataFrame()
+    group = t["layer"].map(lambda x: f"blk.{int(x)}" if pd.notna(x) else None).fillna(t["site"])
+    rows = []
+    for g, part in t.groupby(group, sort=False):
+        w = part.loc[part["rel_l2"].idxmax()]
+        row = dict(layer=g, sites=len(part), failed=int((part["passed"] == False).sum()),  # noqa: E712
+                   worst_rel=w["rel_l2"], worst_site=f"{w['op']}@{w['step']}")
+        if part["local_passed"].notna().any():
+            lw = part.loc[part["local_rel_l2"].astype(float).idxmax()]
+            row.update(local_failed=int((part["local_passed"] == False).sum()),  # noqa: E712
+                       worst_local_rel=lw["local_rel_l2"], worst_local_site=f"{lw['op']}@{lw['step']}")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _header(cmp: Comparison) -> list[str]:
+    m = cmp.meta
+    ref, ours = m.get("ref", {}), m.get("ours", {})
+    lines = [f"model {ours.get('gguf', '?')} ({ours.get('weight_type', '?')}); reference "
+             f"{ref.get('source', '?')} {ref.get('backend', '')} (KV {ref.get('kv_type', '?')}); ours "
+             f"{ours.get('source', '?')} {ours.get('device', '')} {ours.get('dtype', '')}",
+             f"tokens {len(m.get('tokens', []))} (prompt {m.get('n_prompt')}), {cmp.table['step'].nunique() if len(cmp.table) else 0}"
+             f" steps, {m.get('compared')} site tensors compared; tolerance regime {m['policy']['regime']}"
+             f" (calibrated from {m['policy']['calibrated_from']})"]
+    if m.get("faults"):
+        lines.append(f"injected faults: {', '.join(m['faults'])}")
+    if ref.get("unavailable"):
+        lines.append(f"not available from the reference: {', '.join(ref['unavailable'])}")
+    return lines
+
+
+def verdict_line(cmp: Comparison) -> str:
+    if cmp.first is None:
+        return "no divergence: every compared op is within tolerance"
+    return "DIVERGENCE: " + cmp.first.explanation
+
+
+def _first_lines(cmp: Comparison) -> list[str]:
+    f = cmp.first
+    if f is None:
+        return []
+    r = f.row
+    out = [f"first divergence: {f.site} at {step_label(f.step)} ({f.kind} error decides)",
+           f"  end to end: rel {_f(r['rel_l2'])}, max |diff| {_f(r['max_abs'])}, cosine {_f(r['cosine'], 6)}, "
+           f"worst {r['worst']}: ours {_f(r['ours'], 5)}, ref {_f(r['ref'], 5)}"]
+    if "local_rel_l2" in r and r.get("local_rel_l2") is not None:
+        out.append(f"  local (on the reference's inputs): rel {_f(r['local_rel_l2'])} (tolerance "
+                   f"{_f(r['local_tol_rel'])}), worst {r['local_worst']}: ours {_f(r['local_ours'], 5)}, "
+                   f"ref {_f(r['local_ref'], 5)}")
+    for i in f.inputs:
+        state = "matches" if i["passed"] and i.get("local_passed") is not False else "differs"
+        out.append(f"  input {i['site']}: {state} (rel {_f(i['rel_l2'])}, local {_f(i.get('local_rel_l2'))})")
+    if cmp.first_e2e and cmp.first_e2e != (f.step, f.site):
+        s, n = cmp.first_e2e
+        out.append(f"  note: end-to-end error first exceeds tolerance at {n} ({step_label(s)}); that is drift "
+                   f"from upstream, the op at fault is {f.site}")
+    if f.also_failing_locally:
+        more = ", ".join(f"{n}@{s}" for s, n in f.also_failing_locally[:6])
+        out.append(f"  {len(f.also_failing_locally)} more ops fail locally: {more}"
+                   f"{' ...' if len(f.also_failing_locally) > 6 else ''}")
+    return out
+
+
+def _logit_lines(cmp: Comparison) -> list[str]:
+    lr = cmp.logit_rows
+    if lr.empty:
+        return []
+    out = [f"logits: top-1 agreement {lr['top1_agree'].mean():.1%} of {len(lr)} token rows, mean top-10 "
+           f"overlap {lr['topk_overlap'].mean():.2f}, max KL {_f(float(lr['kl'].max()))}"]
+    for s in cmp.spikes.head(5).to_dict("records"):
+        out.append(f"  one-sided logit spike at step {s['step']} row {s['row']} token {s['token']}: "
+                   f"ours {s['ours']:.4g}, ref {s['ref']:.4g} ({s['side']})")
+    return out
+
+
+def render_text_table(cmp: Comparison, width: int = 120, color: bool = False) -> str:
+    """The rich report as text (ANSI colours when ``color``)."""
+    buf = io.StringIO()
+    con = Console(file=buf, width=width, force_terminal=color, color_system="standard" if color else None)
+    for line in _header(cmp):
+        con.print(line, highlight=False)
+    con.print(Text(verdict_line(cmp), style="bold red" if cmp.diverged else "bold green"))
+    for line in _first_lines(cmp):
+        con.print(line, highlight=False)
+    summary = layer_summary(cmp)
+    if not summary.empty:
+        tab = Table(title="per-layer summary (worst over steps and sites)")
+        for col in summary.columns:
+            tab.add_column(col, justify="right" if summary[col].dtype.kind in "if" else "left")
+        first_layer = None
+        if cmp.first is not None:
+            first_layer = f"blk.{cmp.first.layer}" if cmp.first.layer is not None else cmp.first.site
+        for rec in summary.to_dict("records"):
+            style = "bold red" if rec["layer"] == first_layer else None
+            tab.add_row(*[_f(v) for v in rec.values()], style=style)
+        con.print(tab)
+    for line in _logit_lines(cmp):
+        con.print(line, highlight=False)
+    return buf.getvalue()
+
+
+def render_markdown(cmp: Comparison) -> str:
+    lines = ["# llamadiff report", ""] + [f"- {h}" for h in _header(cmp)] + ["", f"**{verdict_line(cmp)}**", ""]
+    if cmp.first is not None:
+        lines += ["```"] + _first_lines(cmp) + ["```", ""]
+    summary = layer_summary(cmp)
+    if not summary.empty:
+        lines += ["| " + " | ".join(summary.columns) + " |", "|" + "---|" * len(summary.columns)]
+        lines += ["| " + " | ".join(_f(v) for v in rec.values()) + " |" for rec in summary.to_dict("records")]
+        lines.append("")
+    lines += _logit_lines(cmp)
+    return "\n".join(lines) + "\n"
+
+
+def render(cmp: Comparison, fmt: str, color: bool = False) -> str:
+    if fmt == "json":
+        return to_json(cmp)
+    if fmt == "markdown":
+        return render_markdown(cmp)
+    return render_text_table(cmp, color=color)
