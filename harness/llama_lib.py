@@ -20,7 +20,7 @@ def llama():
                                "install it with 'pip install llama-cpp-python==0.3.36'") from None
     global _quiet_cb
     if _quiet_cb is None:
-        _quiet_cb = llama_cpp.ggml_log_callback(lambda level, text, user_data: None)
+        _quiet_cb = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
         llama_cpp.llama_log_set(_quiet_cb, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
     return llama_cpp
