@@ -41,7 +41,7 @@ class SiteSpec:
 
 _S = SiteSpec
 SITES: tuple[SiteSpec, ...] = (
-    _S("embd", False, ("T", "D"), "embed", (), "inp_embd", "GET_ROWS", "token embedding rows"),
+    _S("embd", False, ("T", "D"), "embed", (), "embd", "GET_ROWS", "token embedding rows"),
     _S("attn_norm", True, ("T", "D"), "norm", ("@in",), "attn_norm", "MUL",
        "RMSNorm(x) * attn_norm.weight"),
     _S("q_proj", True, ("T", "H", "Dh"), "matmul", ("attn_norm",), "Qcur", "MUL_MAT",

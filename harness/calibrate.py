@@ -1,0 +1,77 @@
+"""Calibrate the tolerance policy on clean fixtures: ``python -m harness.calibrate [--device cuda]``.
+
+For every weight type it writes synthetic tiny fixtures with the calibration seeds (disjoint from
+the seed the tests use), runs clean comparisons against llama.cpp on a few prompts, records the
+worst local and end-to-end error per site family, and merges the result into
+``harness/tolerances.json`` (see :mod:`harness.tolerance` for how errors become tolerances).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+from .pipeline import DiffRequest, diff_gguf
+from .synth import default_fixture
+from .tolerance import TABLE_PATH, Policy, build_table
+
+SEEDS = (1, 2)
+PROMPTS = ([1, 2, 3, 4, 5, 6, 7], list(range(40, 72)))   # 7 and 32 tokens
+STEPS = 6
+WCLASS = {"f32": "f32", "f16": "f16", "q8_0": "q8", "q4_k_m": "q4"}
+
+
+def _worst(observed: dict, regime: str, kind: str, table, rel_col: str, max_col: str) -> None:
+    fams = observed.setdefault(regime, {}).setdefault(kind, {})
+    for fam, part in table.groupby("family"):
+        r, m = float(part[rel_col].astype(float).max()), float(part[max_col].astype(float).max())
+        old = fams.get(fam, (0.0, 0.0))
+        fams[fam] = (max(old[0], r), max(old[1], m))
+
+
+def measure(device: str, wtypes, preset: str = "tiny", cache_dir: str | None = None) -> dict:
+    observed: dict = {}
+    for wtype in wtypes:
+        for seed in SEEDS:
+            path = default_fixture(wtype, preset=preset, seed=seed, cache_dir=cache_dir)
+            for prompt in PROMPTS:
+                res = diff_gguf(DiffRequest(path, tokens=prompt, steps=STEPS, device=device))
+                regime = f"{res.ref.meta.get('backend', device)}/{WCLASS[wtype]}/float32"
+                t = res.comparison.table
+                _worst(observed, regime, "e2e", t, "rel_l2", "max_norm")
+                _worst(observed, regime, "local", t, "local_rel_l2", "local_max_norm")
+    return observed
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harness.calibrate")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--types", default="f32,f16,q8_0,q4_k_m")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--out", default=TABLE_PATH)
+    args = p.parse_args(argv)
+    observed = measure(args.device, args.types.split(","), args.preset)
+    old = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f).get("observed", {})
+    old.update({k: v for k, v in observed.items()})
+    prov = dict(command="python -m harness.calibrate " + " ".join(argv or sys.argv[1:]), seeds=SEEDS,
+                prompts=[len(x) for x in PROMPTS], steps=STEPS, preset=args.preset,
+                date=datetime.date.today().isoformat())
+    table = build_table(old, prov)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    os.replace(tmp, args.out)
+    for regime in observed:
+        pol = Policy(*regime.split("/")[:2], table=table)
+        print(regime, {fam: (f"{t.rel:.2g}", f"{t.max:.2g}") for fam in observed[regime]["local"]
+                       for t in [pol.tolerance(fam, "local")]})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

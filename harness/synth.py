@@ -1,0 +1,336 @@
+"""Synthetic qwen2 GGUF fixtures: random weights and a small but valid byte-level BPE tokenizer.
+
+``write_synthetic`` writes a file that both :func:`harness.gguf_io.load_gguf` and llama.cpp load,
+deterministic per seed. Matrices, norms and biases are random; the q/k biases carry the large
+negative outliers real Qwen2.5 has (in the low-frequency RoPE dims, so attention stays sane).
+Quantized types are made by llama.cpp's own quantizer from an F32 file. Every failure is a
+:class:`SynthError` with a one-line message.
+"""
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import string
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+
+class SynthError(Exception):
+    """A fixture that cannot be written; ``str()`` is a one-line user-facing message."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    n_layer: int
+    d_model: int
+    d_ff: int
+    n_head: int
+    n_head_kv: int
+    n_vocab: int          # rows of token_embd / output (regular + special + [PAD] tail)
+    n_ctx: int
+    rope_base: float
+    rms_eps: float
+    tied: bool            # default for write_synthetic(tied=None)
+    n_regular: int        # byte tokens + merged tokens
+    n_special: int        # leading entries of SPECIAL_TOKENS that follow the regular vocab
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def config(self):
+        """The :class:`harness.gguf_io.Qwen2Config` a file written from this preset loads as
+        (GGUF stores the floats as float32, so ``rms_eps`` reads back as 9.99999997e-07)."""
+        from harness.gguf_io import Qwen2Config
+        f32 = lambda x: float(np.float32(x))  # noqa: E731
+        return Qwen2Config(n_layer=self.n_layer, d_model=self.d_model, d_ff=self.d_ff,
+                           n_head=self.n_head, n_head_kv=self.n_head_kv, rope_base=f32(self.rope_base),
+                           rms_eps=f32(self.rms_eps), n_ctx=self.n_ctx, n_vocab=self.n_vocab)
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(n_layer=3, d_model=256, d_ff=512, n_head=4, n_head_kv=2, n_vocab=1024,
+                   n_ctx=2048, rope_base=1e6, rms_eps=1e-6, tied=False, n_regular=1000, n_special=3),
+    "qwen2.5-0.5b": Preset(n_layer=24, d_model=896, d_ff=4864, n_head=14, n_head_kv=2,
+                           n_vocab=151936, n_ctx=32768, rope_base=1e6, rms_eps=1e-6, tied=False,
+                           n_regular=151643, n_special=22),
+}
+WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_k_m")
+
+# Qwen2.5's added tokens, in id order. The first three are the ones llama.cpp's chat/eos logic uses.
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+)
+# Common English pieces (plain text; spaces become "Ġ"), added before the systematic fill.
+_COMMON = (
+    " the", " a", " and", " of", " to", " in", " is", " that", " for", " it", " with", " as",
+    " was", " on", " be", " at", " by", " this", " have", " from", " or", " an", " are", " not",
+    " but", " we", " you", " they", " he", " she", " his", " her", " can", " will", " one",
+    " all", " there", " their", " which", " what", " when", " were", " been", " has", " more",
+    " The", " A", " In", " It", " This", " We", " I", " hello", " world", " quick", " brown",
+    " fox", " jumps", " over", " lazy", " dog", "Hello", "The", "ing", "ed", "er", "es", "tion",
+    "ly", "re", "on", "en", "al", "an", "ou", "th", "st", "ent", "ation", "  ", "    ", "\n\n",
+    ".\n", ",", ".", "ment", "ness", "able", "ers", "est", "ity", "ous", "ive",
+)
+_MAT_STD = 0.02      # attention/FFN matrices, output.weight, biases
+_EMBD_STD = 0.02     # token_embd: small like Qwen, so RMSNorm's epsilon matters
+_OUTLIER_RANGE = (-34.0, -14.0)
+_BLOCK = 1 << 21     # elements per independently seeded block of a large tensor
+
+
+def bytes_to_unicode() -> list[tuple[int, str]]:
+    """GPT-2's byte -> printable character map, as (byte, char) in GPT-2's vocab order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [(b, chr(c)) for b, c in zip(bs, cs)]
+
+
+def _fill_words() -> Iterator[str]:
+    """Unbounded stream of letter words (optionally space-prefixed), shortest first, so every
+    word's prefix without its last character comes earlier in the stream (or is a byte)."""
+    lower, upper = string.ascii_lowercase, string.ascii_uppercase
+    for length in itertools.count(2):
+        for lead in ("Ġ", ""):
+            for first in lower + upper:
+                for rest in itertools.product(lower, repeat=length - 1 - len(lead)):
+                    yield lead + first + "".join(rest)
+
+
+def build_vocab(n_regular: int) -> tuple[list[str], list[str]]:
+    """``n_regular`` tokens (256 byte tokens then merged ones) and their merges.
+
+    Every merged token ``s`` comes with the merge ``"{s[:-1]} {s[-1]}"`` whose parts are earlier
+    tokens, so BPE can only ever produce tokens in the vocab."""
+    enc = dict(bytes_to_unicode())
+    tokens = [c for _, c in bytes_to_unicode()]
+    if n_regular < len(tokens):
+        raise SynthError(f"n_regular {n_regular} is smaller than the 256 byte tokens")
+    seen, merges = set(tokens), []
+
+    def add(word: str) -> None:
+        for i in range(2, len(word) + 1):
+            piece = word[:i]
+            if piece not in seen and len(tokens) < n_regular:
+                seen.add(piece)
+                tokens.append(piece)
+                merges.append(f"{piece[:-1]} {piece[-1]}")
+
+    for text in _COMMON:
+        add("".join(enc[b] for b in text.encode("utf-8")))
+    words = _fill_words()
+    while len(tokens) < n_regular:
+        add(next(words))
+    return tokens, merges
+
+
+def build_tokenizer(preset: Preset) -> dict:
+    """Tokens, token types, merges and special ids for a preset (Qwen2.5's layout)."""
+    from gguf import TokenType
+    if preset.n_special > len(SPECIAL_TOKENS):
+        raise SynthError(f"n_special {preset.n_special} exceeds the {len(SPECIAL_TOKENS)} known specials")
+    tokens, merges = build_vocab(preset.n_regular)
+    types = [int(TokenType.NORMAL)] * len(tokens)
+    for text in SPECIAL_TOKENS[:preset.n_special]:
+        tokens.append(text)
+        user = text in ("<tool_call>", "</tool_call>")  # special=False in Qwen2.5's tokenizer
+        types.append(int(TokenType.USER_DEFINED if user else TokenType.CONTROL))
+    if len(tokens) > preset.n_vocab:
+        raise SynthError(f"{len(tokens)} regular+special tokens exceed n_vocab {preset.n_vocab}")
+    for i in range(len(tokens), preset.n_vocab):
+        tokens.append(f"[PAD{i}]")
+        types.append(int(TokenType.UNUSED))
+    first = preset.n_regular
+    return dict(tokens=tokens, types=types, merges=merges,
+                bos=first, eos=first + 2 if preset.n_special >= 3 else first, pad=first)
+
+
+def _tensor_plan(preset: Preset, tied: bool) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> numpy shape (torch order), in file order."""
+    from harness.gguf_io import expected_shapes
+    shapes = expected_shapes(preset.config())
+    if not tied:
+        shapes["output.weight"] = (preset.n_vocab, preset.d_model)
+    return shapes
+
+
+def _rng(seed: int, name: str, block: int = 0) -> np.random.Generator:
+    """The generator for one block of one tensor: a tensor's values depend only on (seed, name)."""
+    return np.random.Generator(np.random.SFC64(np.random.SeedSequence([seed, zlib.crc32(name.encode()), block])))
+
+
+def _normal(seed: int, name: str, shape: tuple[int, ...], std: float, dtype) -> np.ndarray:
+    """N(0, std^2) in ``dtype``, filled in fixed blocks (each its own generator) on all cores."""
+    out = np.empty(shape, dtype=dtype)
+    flat = out.reshape(-1)
+
+    def fill(block: int) -> None:
+        dst = flat[block * _BLOCK:(block + 1) * _BLOCK]
+        part = dst if dst.dtype == np.float32 else np.empty(dst.shape, np.float32)
+        _rng(seed, name, block).standard_normal(out=part, dtype=np.float32)
+        part *= std
+        if part is not dst:  # float16: torch's cast is ~10x faster than numpy's
+            import torch
+            torch.from_numpy(dst).copy_(torch.from_numpy(part))
+
+    n_blocks = -(-flat.size // _BLOCK)
+    if n_blocks == 1:
+        fill(0)
+    else:
+        with ThreadPoolExecutor(max_workers=min(n_blocks, os.cpu_count() or 1)) as pool:
+            list(pool.map(fill, range(n_blocks)))
+    return out
+
+
+def _outlier_bias(rng: np.random.Generator, n_heads: int, head_dim: int) -> np.ndarray:
+    """N(0, 0.02) bias with 2-4 entries in [-34, -14] at low-frequency RoPE dims."""
+    bias = rng.standard_normal(n_heads * head_dim, dtype=np.float32)
+    bias *= _MAT_STD
+    half = head_dim // 2
+    dims = (half - 2, half - 1, head_dim - 2, head_dim - 1)
+    slots = np.array([h * head_dim + d for h in range(n_heads) for d in dims])
+    pick = rng.choice(slots, size=int(rng.integers(2, 5)), replace=False)
+    bias[pick] = rng.uniform(*_OUTLIER_RANGE, size=pick.size).astype(np.float32)
+    return bias
+
+
+def _make_tensor(seed: int, name: str, shape: tuple[int, ...], preset: Preset, float_dtype) -> np.ndarray:
+    if name.endswith("norm.weight"):
+        a = _rng(seed, name).standard_normal(shape, dtype=np.float32)
+        a *= 0.1
+        a += 1.0
+        return a
+    if name.endswith(("attn_q.bias", "attn_k.bias")):
+        n = preset.n_head if "attn_q" in name else preset.n_head_kv
+        return _outlier_bias(_rng(seed, name), n, preset.head_dim)
+    std = _EMBD_STD if name == "token_embd.weight" else _MAT_STD
+    return _normal(seed, name, shape, std, np.float32 if len(shape) == 1 else float_dtype)
+
+
+def _write_float(path: str, preset: Preset, name: str, float_dtype, seed: int, tied: bool) -> None:
+    """Stream an F32/F16 GGUF to ``path``: one tensor in memory at a time."""
+    import gguf
+    tok = build_tokenizer(preset)
+    w = gguf.GGUFWriter(path, "qwen2")
+    w.add_name(name)
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32 if float_dtype == np.float32
+                        else gguf.LlamaFileType.MOSTLY_F16))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(preset.n_ctx)
+    w.add_embedding_length(preset.d_model)
+    w.add_block_count(preset.n_layer)
+    w.add_feed_forward_length(preset.d_ff)
+    w.add_head_count(preset.n_head)
+    w.add_head_count_kv(preset.n_head_kv)
+    w.add_rope_freq_base(preset.rope_base)
+    w.add_layer_norm_rms_eps(preset.rms_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    arr, K = gguf.GGUFValueType.ARRAY, gguf.Keys.Tokenizer  # sub_type given: skips per-item checks
+    w.add_key_value(K.LIST, tok["tokens"], arr, gguf.GGUFValueType.STRING)
+    w.add_key_value(K.TOKEN_TYPE, tok["types"], arr, gguf.GGUFValueType.INT32)
+    w.add_key_value(K.MERGES, tok["merges"], arr, gguf.GGUFValueType.STRING)
+    w.add_eos_token_id(tok["eos"])
+    w.add_pad_token_id(tok["pad"])
+    w.add_bos_token_id(tok["bos"])
+    w.add_add_bos_token(False)
+    plan = _tensor_plan(preset, tied)
+    for tname, shape in plan.items():
+        dt = np.dtype(np.float32 if len(shape) == 1 else float_dtype)
+        w.add_tensor_info(tname, shape, dt, int(np.prod(shape)) * dt.itemsize)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for tname, shape in plan.items():
+        w.write_tensor_data(_make_tensor(seed, tname, shape, preset, float_dtype))
+    w.close()
+
+
+def _quantize(src: str, dst: str, wtype: str) -> None:
+    from harness.llama_lib import LlamaUnavailable, llama
+    try:
+        lc = llama()
+    except LlamaUnavailable as e:
+        raise SynthError(f"cannot make a {wtype} fixture: {e}") from None
+    p = lc.llama_model_quantize_default_params()
+    p.ftype = {"q8_0": lc.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": lc.LLAMA_FTYPE_MOSTLY_Q4_K_M}[wtype]
+    p.nthread = min(os.cpu_count() or 1, 8)
+    rc = lc.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
+    if rc != 0:
+        raise SynthError(f"llama.cpp could not quantize {src} to {wtype} (llama_model_quantize returned {rc})")
+
+
+def _check_choice(kind: str, value: str, choices) -> None:
+    if value not in choices:
+        raise SynthError(f"unknown {kind} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _temp_path(directory: str, base: str, tag: str) -> str:
+    """A fresh hidden name next to the output (unique per process and call)."""
+    return os.path.join(directory, f".{base}.{os.getpid()}-{uuid.uuid4().hex[:8]}.{tag}.tmp")
+
+
+def write_synthetic(out_path: str | os.PathLike, preset: str = "tiny", wtype: str = "f32",
+                    seed: int = 0, tied: bool | None = None) -> str:
+    """Write a random-weight qwen2 GGUF to ``out_path`` atomically and return its path.
+
+    ``tied=None`` takes the preset's default; ``tied=True`` omits output.weight."""
+    _check_choice("preset", preset, PRESETS)
+    _check_choice("weight type", wtype, WEIGHT_TYPES)
+    p = PRESETS[preset]
+    tied = p.tied if tied is None else bool(tied)
+    out_path = os.path.abspath(os.fspath(out_path))
+    directory, base = os.path.split(out_path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise SynthError(f"{out_path}: cannot create directory ({e.strerror})") from None
+    name = f"synthetic-{preset}-{wtype}-s{seed}{'-tied' if tied else ''}"
+    temps = []
+    try:
+        float_path = _temp_path(directory, base, "f32" if wtype != "f16" else "f16")
+        temps.append(float_path)
+        _write_float(float_path, p, name, np.float16 if wtype == "f16" else np.float32, seed, tied)
+        final = float_path
+        if wtype in ("q8_0", "q4_k_m"):
+            final = _temp_path(directory, base, wtype)
+            temps.append(final)
+            _quantize(float_path, final, wtype)
+        os.replace(final, out_path)
+    except OSError as e:
+        raise SynthError(f"{out_path}: cannot write ({e.strerror or e})") from None
+    finally:
+        for t in temps:
+            if os.path.exists(t):
+                os.remove(t)
+    return out_path
+
+
+def default_fixture(wtype: str = "f32", preset: str = "tiny", seed: int = 0,
+                    cache_dir: str | os.PathLike | None = None, tied: bool | None = None) -> str:
+    """Path of a cached fixture ``{cache_dir}/{preset}-{wtype}-s{seed}[-tied].gguf``, written if
+    missing. ``cache_dir`` defaults to ``build/fixtures`` under the current working directory."""
+    _check_choice("preset", preset, PRESETS)
+    _check_choice("weight type", wtype, WEIGHT_TYPES)
+    tied = PRESETS[preset].tied if tied is None else bool(tied)
+    directory = os.fspath(cache_dir) if cache_dir is not None else os.path.join("build", "fixtures")
+    name = f"{preset}-{wtype}-s{seed}{'-tied' if tied else ''}.gguf"
+    path = os.path.abspath(os.path.join(directory, name))
+    if not os.path.isfile(path):
+        write_synthetic(path, preset=preset, wtype=wtype, seed=seed, tied=tied)
+    return path
