@@ -1,7 +1,9 @@
 """Synthetic qwen2 GGUF fixtures: random weights and a small but valid byte-level BPE tokenizer.
 
 ``write_synthetic`` writes a file that both :func:`harness.gguf_io.load_gguf` and llama.cpp load,
-deterministic per seed. Matrices, norms and biases are random; the q/k biases carry the large
+deterministic per seed: each tensor's values depend only on (seed, tensor name), drawn by numpy
+Generators in fixed blocks (filled on all cores), so a tied and an untied file share every tensor
+they both have. Matrices, norms and biases are random; the q/k biases carry the large
 negative outliers real Qwen2.5 has (in the low-frequency RoPE dims, so attention stays sane).
 Quantized types are made by llama.cpp's own quantizer from an F32 file. Every failure is a
 :class:`SynthError` with a one-line message.
@@ -292,6 +294,8 @@ def write_synthetic(out_path: str | os.PathLike, preset: str = "tiny", wtype: st
     ``tied=None`` takes the preset's default; ``tied=True`` omits output.weight."""
     _check_choice("preset", preset, PRESETS)
     _check_choice("weight type", wtype, WEIGHT_TYPES)
+    if not isinstance(seed, int) or seed < 0:
+        raise SynthError(f"seed must be a non-negative integer, got {seed!r}")
     p = PRESETS[preset]
     tied = p.tied if tied is None else bool(tied)
     out_path = os.path.abspath(os.fspath(out_path))
