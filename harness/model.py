@@ -15,6 +15,7 @@ from torch import nn
 
 from .gguf_io import GGUFModel, Qwen2Config, load_gguf
 from .hooks import Hook, HookManager, HookPoint, site_matcher
+from .numerics import act_rounder
 from .sites import LAYER_KEYS, SiteFilter, site_name
 from .trace import Sink, Trace
 
@@ -33,6 +34,16 @@ def rope_neox(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
     cos, sin = ang.cos().to(x.dtype)[:, None, :], ang.sin().to(x.dtype)[:, None, :]
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class MatMul:
+    """x @ W^T, optionally rounding x first the way llama.cpp's CPU kernels do (harness.numerics)."""
+
+    def __init__(self, weight: torch.Tensor, rounder=None):
+        self.weight, self.rounder = weight, rounder
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.rounder(x) if self.rounder is not None else x) @ self.weight.T
 
 
 class KVCache:
@@ -56,26 +67,26 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Qwen2Config, w: dict, i: int, hp):
+    def __init__(self, cfg: Qwen2Config, w: dict, mm: dict, i: int, hp):
         super().__init__()
         self.cfg, self.i, self.hp = cfg, i, hp
         p = f"blk.{i}."
-        self.wq, self.bq = w[p + "attn_q.weight"], w[p + "attn_q.bias"]
-        self.wk, self.bk = w[p + "attn_k.weight"], w[p + "attn_k.bias"]
-        self.wv, self.bv = w[p + "attn_v.weight"], w[p + "attn_v.bias"]
-        self.wo = w[p + "attn_output.weight"]
+        self.mq, self.bq = mm[p + "attn_q.weight"], w[p + "attn_q.bias"]
+        self.mk, self.bk = mm[p + "attn_k.weight"], w[p + "attn_k.bias"]
+        self.mv, self.bv = mm[p + "attn_v.weight"], w[p + "attn_v.bias"]
+        self.mo = mm[p + "attn_output.weight"]
 
-    def _qkv(self, x, name, weight, bias, nh):
+    def _qkv(self, x, name, mat, bias, nh):
         T, Dh = x.shape[0], self.cfg.head_dim
-        proj = self.hp[f"{name}_proj"]((x @ weight.T).view(T, nh, Dh), x=x, weight=weight)  # (T, nh, Dh)
+        proj = self.hp[f"{name}_proj"](mat(x).view(T, nh, Dh), x=x, weight=mat.weight)  # (T, nh, Dh)
         return self.hp[name](proj + bias.view(nh, Dh), x=proj, bias=bias)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, mask: torch.Tensor):
         cfg, hp, T = self.cfg, self.hp, x.shape[0]
         H, Hkv = cfg.n_head, cfg.n_head_kv
-        q = self._qkv(x, "q", self.wq, self.bq, H)                             # (T, H, Dh)
-        k = self._qkv(x, "k", self.wk, self.bk, Hkv)                           # (T, Hkv, Dh)
-        v = self._qkv(x, "v", self.wv, self.bv, Hkv)                           # (T, Hkv, Dh)
+        q = self._qkv(x, "q", self.mq, self.bq, H)                             # (T, H, Dh)
+        k = self._qkv(x, "k", self.mk, self.bk, Hkv)                           # (T, Hkv, Dh)
+        v = self._qkv(x, "v", self.mv, self.bv, Hkv)                           # (T, Hkv, Dh)
         q = hp["q_rope"](rope_neox(q, pos, cfg.rope_base), x=q, pos=pos, base=cfg.rope_base)
         k = hp["k_rope"](rope_neox(k, pos, cfg.rope_base), x=k, pos=pos, base=cfg.rope_base)
         K, V = cache.update(self.i, k, v)                                      # (P, Hkv, Dh)
@@ -88,31 +99,31 @@ class Attention(nn.Module):
         kqv = torch.einsum("htp,phd->thd", cache._round(w), rv.repeat_interleave(g, dim=1))
         kqv = hp["kqv"](kqv, weights=w, v=V, group=g)                          # (T, H, Dh)
         flat = kqv.reshape(T, H * cfg.head_dim)
-        return hp["attn_out"](flat @ self.wo.T, x=flat, weight=self.wo)      # (T, D)
+        return hp["attn_out"](self.mo(flat), x=flat, weight=self.mo.weight)  # (T, D)
 
 
 class FeedForward(nn.Module):
-    def __init__(self, w: dict, i: int, hp):
+    def __init__(self, mm: dict, i: int, hp):
         super().__init__()
         p, self.hp = f"blk.{i}.", hp
-        self.gate, self.up, self.down = (w[p + f"ffn_{n}.weight"] for n in ("gate", "up", "down"))
+        self.gate, self.up, self.down = (mm[p + f"ffn_{n}.weight"] for n in ("gate", "up", "down"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                      # x (T, D)
         hp = self.hp
-        gate = hp["ffn_gate"](x @ self.gate.T, x=x, weight=self.gate)        # (T, F)
-        up = hp["ffn_up"](x @ self.up.T, x=x, weight=self.up)                # (T, F)
+        gate = hp["ffn_gate"](self.gate(x), x=x, weight=self.gate.weight)    # (T, F)
+        up = hp["ffn_up"](self.up(x), x=x, weight=self.up.weight)            # (T, F)
         act = hp["ffn_act"](F.silu(gate) * up, gate=gate, up=up)             # (T, F)
-        return hp["ffn_out"](act @ self.down.T, x=act, weight=self.down)     # (T, D)
+        return hp["ffn_out"](self.down(act), x=act, weight=self.down.weight)  # (T, D)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Qwen2Config, w: dict, i: int, manager: HookManager):
+    def __init__(self, cfg: Qwen2Config, w: dict, mm: dict, i: int, manager: HookManager):
         super().__init__()
         self.hp = nn.ModuleDict({k: HookPoint(site_name(k, i), i, manager) for k in LAYER_KEYS})
         p, self.eps = f"blk.{i}.", cfg.rms_eps
         self.attn_norm_w, self.ffn_norm_w = w[p + "attn_norm.weight"], w[p + "ffn_norm.weight"]
-        self.attn = Attention(cfg, w, i, self.hp)
-        self.ffn = FeedForward(w, i, self.hp)
+        self.attn = Attention(cfg, w, mm, i, self.hp)
+        self.ffn = FeedForward(mm, i, self.hp)
 
     def forward(self, x, pos, cache, mask):                                   # x (T, D)
         hp = self.hp
@@ -125,15 +136,19 @@ class Block(nn.Module):
 
 
 class Qwen2(nn.Module):
-    def __init__(self, gm: GGUFModel, kv_dtype: torch.dtype | None = None):
+    def __init__(self, gm: GGUFModel, kv_dtype: torch.dtype | None = None, mirror_cpu: bool = False):
+        """``kv_dtype`` float16 mirrors llama.cpp's F16 KV cache; ``mirror_cpu`` rounds matmul
+        activations as llama.cpp's CPU kernels do (see harness.numerics)."""
         super().__init__()
         self.gguf, self.config = gm, gm.config
         w, cfg = gm.weights, gm.config
         self.manager = HookManager(self)
-        self.kv_dtype = kv_dtype
+        self.kv_dtype, self.mirror_cpu = kv_dtype, mirror_cpu
+        mm = {n: MatMul(t, act_rounder(gm.types.get(n)) if mirror_cpu else None)
+              for n, t in w.items() if t.dim() == 2}
         self.embd_w, self.norm_w = w["token_embd.weight"], w["output_norm.weight"]
-        self.out_w = w["token_embd.weight"] if gm.tied else w["output.weight"]
-        self.blocks = nn.ModuleList(Block(cfg, w, i, self.manager) for i in range(cfg.n_layer))
+        self.out = mm["token_embd.weight"] if gm.tied else mm["output.weight"]
+        self.blocks = nn.ModuleList(Block(cfg, w, mm, i, self.manager) for i in range(cfg.n_layer))
         self.hp = nn.ModuleDict({k: HookPoint(k, None, self.manager) for k in ("embd", "output_norm", "logits")})
 
     @property
@@ -155,7 +170,7 @@ class Qwen2(nn.Module):
             x = block(x, pos, cache, mask)
         h = self.hp["output_norm"](rms_norm(x, self.norm_w, self.config.rms_eps), x=x, weight=self.norm_w,
                                    eps=self.config.rms_eps)
-        return self.hp["logits"](h @ self.out_w.T, x=h, weight=self.out_w)     # (T, V)
+        return self.hp["logits"](self.out(h), x=h, weight=self.out.weight)    # (T, V)
 
     @contextlib.contextmanager
     def hooks(self, hooks: Iterable[tuple[str, Hook]] = (), recorder=None, anchor=None):
@@ -218,6 +233,7 @@ class Qwen2(nn.Module):
     def describe(self) -> dict:
         return {"source": "torch", "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "kv_dtype": str(self.kv_dtype).replace("torch.", "") if self.kv_dtype else None,
+                "mirror_cpu": self.mirror_cpu,
                 "weight_type": self.gguf.weight_type, "gguf": os.path.basename(self.gguf.path)}
 
 
@@ -225,7 +241,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def load_model(path, device: str = "cpu", dtype: str | torch.dtype = "float32",
-               kv_dtype: torch.dtype | None = None) -> Qwen2:
+               kv_dtype: torch.dtype | None = None, mirror_cpu: bool = False) -> Qwen2:
     """A Qwen2 built from a qwen2 GGUF (see harness.gguf_io for the errors it raises)."""
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    return Qwen2(load_gguf(path, device=device, dtype=dt), kv_dtype=kv_dtype)
+    return Qwen2(load_gguf(path, device=device, dtype=dt), kv_dtype=kv_dtype, mirror_cpu=mirror_cpu)

@@ -1,0 +1,91 @@
+"""The divergence report: clean runs are clean, injected bugs are named, the CLI keeps its contract."""
+import json
+
+import pytest
+
+from harness.cli import main
+from harness.pipeline import DiffRequest, capture_reference, diff_gguf, model_for
+from probes.faults import REGISTRY
+
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
+STEPS = 4
+ISSUE_FAULTS = ("drop_qkv_bias", "lm_head_transpose", "kv_pos_stuck", "q_register")
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_gguf):
+    """One llama.cpp capture and one model per weight type, reused by every fault."""
+    req = DiffRequest(tiny_gguf, tokens=PROMPT, steps=STEPS)
+    ref = capture_reference(req)
+    return req, ref, model_for(req, ref)
+
+
+def test_clean_model_has_no_divergence(shared):
+    req, ref, model = shared
+    res = diff_gguf(req, model=model, ref=ref)
+    t = res.comparison.table
+    assert not res.comparison.diverged, res.comparison.first and res.comparison.first.explanation
+    assert len(t) == (STEPS + 1) * (3 * 20 + 3)          # every site of every layer, every step
+    assert bool(t["local_passed"].all())
+    assert res.comparison.logit_rows["top1_agree"].all()
+
+
+@pytest.mark.parametrize("name", ISSUE_FAULTS)
+def test_injected_bug_is_localized(shared, name):
+    req, ref, model = shared
+    fault = REGISTRY[name]
+    req = DiffRequest(req.gguf, tokens=PROMPT, steps=STEPS, faults=[fault])
+    first = diff_gguf(req, model=model, ref=ref).comparison.first
+    assert first is not None
+    assert (first.step, first.layer, first.site) == fault.where(model.config)
+
+
+def test_dropped_bias_report_reads_like_a_diagnosis(tiny_f32, capsys):
+    rc = main(["report", tiny_f32, "--tokens", ",".join(map(str, PROMPT)), "--steps", "2",
+               "--inject", "drop_qkv_bias", "--format", "markdown"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "the first op that diverges is blk.0.q at prefill" in out
+    assert "blk.0.q_proj matches the reference, q does not" in out
+    assert "worst element token" in out and "head" in out
+
+
+def test_json_report_is_complete(tiny_f32, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = main(["report", tiny_f32, "--tokens", "1,2,3,4", "--steps", "1", "--format", "json", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["verdict"] == "match" and data["first_divergence"] is None
+    assert len(data["table"]) == 2 * 63
+    row = data["table"][0]
+    for key in ("step", "layer", "site", "max_abs", "rel_l2", "cosine", "worst_index", "ours", "ref", "passed",
+                "local_rel_l2", "local_passed"):
+        assert key in row
+    assert {r["step"] for r in data["logits"]} == {0, 1}
+    assert "no divergence" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["report", "/nonexistent.gguf", "--tokens", "1"], "no such file"),
+    (["report", "{f32}", "--tokens", "1,x"], "--tokens must be comma-separated integers"),
+    (["report", "{f32}"], "exactly one of --prompt"),
+    (["report", "{f32}", "--tokens", "1", "--prompt", "hi"], "exactly one of --prompt"),
+    (["report", "{f32}", "--tokens", "1,99999"], "out of range"),
+    (["report", "{f32}", "--tokens", "1", "--sites", "blk.*.nope"], "matches no site"),
+    (["report", "{f32}", "--tokens", "1", "--inject", "no_such_fault"], "unknown fault"),
+    (["report", "{f32}", "--tokens", "1", "--steps", "-1"], "--steps must be >= 0"),
+    (["report", "{f32}", "--tokens", "1", "--format", "pdf"], None),
+])
+def test_bad_input_exits_2_with_one_line(tiny_f32, capsys, argv, message):
+    rc = main([a.replace("{f32}", tiny_f32) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    if message:
+        assert message in err and err.count("\n") == 0 and "Traceback" not in err
+
+
+def test_site_filter_limits_the_report(tiny_f32):
+    res = diff_gguf(DiffRequest(tiny_f32, tokens=PROMPT, steps=1, sites="blk.1.*,logits"))
+    assert set(res.comparison.table["site"]) == {f"blk.1.{k}" for k in
+                                                 res.comparison.table["op"] if k != "logits"} | {"logits"}
+    assert all(s.startswith("blk.1.") or s == "logits" for s in res.comparison.table["site"])
