@@ -84,7 +84,7 @@ def compare(ours: Trace, ref: Trace, policy: Policy, local: Trace | None = None)
     if "local_passed" not in table and len(table):
         table["local_passed"] = pd.NA
     first_e2e = _first(table, "passed")
-    first = _first_divergence(table, local is not None)
+    first = _first_divergence(table, local is not None, ref.meta.get("source") or "the reference")
     meta = dict(ours=ours.meta, ref=ref.meta, tokens=ref.tokens, n_prompt=ref.n_prompt, policy=policy.describe(),
                 compared=len(table), missing_in_ours=len(ref) - len(table))
     return Comparison(table, pd.DataFrame(logit_rows), pd.DataFrame(spikes), first, first_e2e, meta)
@@ -97,7 +97,7 @@ def _first(table: pd.DataFrame, col: str):
     return None if bad.empty else (int(bad.iloc[0]["step"]), bad.iloc[0]["site"])
 
 
-def _first_divergence(table: pd.DataFrame, has_local: bool) -> FirstDivergence | None:
+def _first_divergence(table: pd.DataFrame, has_local: bool, ref_name: str) -> FirstDivergence | None:
     col = "local_passed" if has_local else "passed"
     hit = _first(table, col)
     if hit is None:
@@ -115,21 +115,21 @@ def _first_divergence(table: pd.DataFrame, has_local: bool) -> FirstDivergence |
     others = [(int(s), n) for s, n in zip(bad["step"], bad["site"])][1:]
     kind = "local" if has_local else "end-to-end"
     return FirstDivergence(step, parse_site(site)[0], site, kind, row, inputs,
-                           _explain(step, site, row, inputs, kind), others)
+                           _explain(step, site, row, inputs, kind, ref_name), others)
 
 
 def step_label(step: int) -> str:
     return "prefill" if step == 0 else f"decode step {step}"
 
 
-def _explain(step, site, row, inputs, kind) -> str:
+def _explain(step, site, row, inputs, kind, ref_name) -> str:
     op = parse_site(site)[1].key
     ok = [i["site"] for i in inputs if i.get("local_passed", i["passed"]) is not False and i["passed"]]
     parts = [f"the first op that diverges is {site} at {step_label(step)}"]
     if ok:
-        parts.append(f"{' and '.join(ok)} match{'es' if len(ok) == 1 else ''} the reference, {op} does not")
+        parts.append(f"{' and '.join(ok)} match{'es' if len(ok) == 1 else ''} {ref_name}, {op} does not")
     pre = "local_" if kind == "local" else ""
     parts.append(f"worst element {row[pre + 'worst'] if pre + 'worst' in row else row['worst']}: "
-                 f"ours {row[pre + 'ours']:.4g}, reference {row[pre + 'ref']:.4g} "
+                 f"ours {row[pre + 'ours']:.4g}, {ref_name} {row[pre + 'ref']:.4g} "
                  f"(relative error {row[pre + 'rel_l2']:.3g})")
     return "; ".join(parts)

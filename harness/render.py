@@ -78,8 +78,8 @@ def _header(cmp: Comparison) -> list[str]:
     lines = [f"model {ours.get('gguf', '?')} ({ours.get('weight_type', '?')}); reference "
              f"{ref.get('source', '?')} {ref.get('backend', '')} (KV {ref.get('kv_type', '?')}); ours "
              f"{ours.get('source', '?')} {ours.get('device', '')} {ours.get('dtype', '')}",
-             f"tokens {len(m.get('tokens', []))} (prompt {m.get('n_prompt')}), {cmp.table['step'].nunique() if len(cmp.table) else 0}"
-             f" steps, {m.get('compared')} site tensors compared; tolerance regime {m['policy']['regime']}"
+             f"tokens {len(m.get('tokens', []))} (prompt {m.get('n_prompt')}): prefill + "
+             f"{max(len(m.get('tokens', [])) - (m.get('n_prompt') or 0), 0)} decode steps, {m.get('compared')} site tensors compared; tolerance regime {m['policy']['regime']}"
              f" (calibrated from {m['policy']['calibrated_from']})"]
     if m.get("faults"):
         lines.append(f"injected faults: {', '.join(m['faults'])}")

@@ -46,7 +46,7 @@ def test_dropped_bias_report_reads_like_a_diagnosis(tiny_f32, capsys):
     out = capsys.readouterr().out
     assert rc == 1
     assert "the first op that diverges is blk.0.q at prefill" in out
-    assert "blk.0.q_proj matches the reference, q does not" in out
+    assert "blk.0.q_proj matches llama.cpp, q does not" in out
     assert "worst element token" in out and "head" in out
 
 
