@@ -50,44 +50,64 @@ def _describe_index(site: str, idx: tuple[int, ...]) -> str:
     return " ".join(f"{names[d]} {i}" for d, i in zip(layout, idx))
 
 
-def _row(step, site, ours, ref, policy, local):
-    layer, spec = parse_site(site)
-    s = pair_stats(ours, ref)
-    tol = policy.tolerance(spec.family, "e2e")
-    row = dict(step=step, layer=layer, site=site, op=spec.key, family=spec.family, shape=tuple(ref.shape),
-               max_abs=s.max_abs, rel_l2=s.rel_l2, max_norm=s.max_norm, cosine=s.cosine,
-               worst=_describe_index(site, s.worst_index), worst_index=s.worst_index,
-               ours=s.ours_value, ref=s.ref_value, nonfinite=s.nonfinite,
-               tol_rel=tol.rel, tol_max=tol.max, passed=tol.passes(s.rel_l2, s.max_norm))
-    if local is not None and (step, site) in local:
-        ls = pair_stats(local[step, site], ref)
-        lt = policy.tolerance(spec.family, "local")
-        row.update(local_rel_l2=ls.rel_l2, local_max_norm=ls.max_norm, local_worst=_describe_index(site, ls.worst_index),
-                   local_ours=ls.ours_value, local_ref=ls.ref_value, local_tol_rel=lt.rel, local_tol_max=lt.max,
-                   local_passed=lt.passes(ls.rel_l2, ls.max_norm))
-    return row
+class Comparator:
+    """Builds a Comparison one tensor pair at a time, so tensors can be dropped as they are
+    compared (the streaming GPU path) or fed from whole traces (:func:`compare`)."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.rows: dict[tuple[int, str], dict] = {}
+        self.logit_rows: list[dict] = []
+        self.spikes: list[dict] = []
+        self.has_local = False
+
+    def add(self, step: int, site: str, ours, ref) -> None:
+        """End-to-end pair: our tensor and the reference's at (step, site)."""
+        layer, spec = parse_site(site)
+        s = pair_stats(ours, ref)
+        tol = self.policy.tolerance(spec.family, "e2e")
+        row = self.rows.setdefault((step, site), {})
+        row.update(step=step, layer=layer, site=site, op=spec.key, family=spec.family, shape=tuple(ref.shape),
+                   max_abs=s.max_abs, rel_l2=s.rel_l2, max_norm=s.max_norm, cosine=s.cosine,
+                   worst=_describe_index(site, s.worst_index), worst_index=s.worst_index,
+                   ours=s.ours_value, ref=s.ref_value, nonfinite=s.nonfinite,
+                   tol_rel=tol.rel, tol_max=tol.max, passed=tol.passes(s.rel_l2, s.max_norm))
+        if site == "logits":
+            lr, sp = logit_stats(ours, ref)
+            self.logit_rows += [dict(step=step, **x) for x in lr]
+            self.spikes += [dict(step=step, **x) for x in sp]
+
+    def add_local(self, step: int, site: str, local, ref) -> None:
+        """Local pair: our op recomputed on the reference's inputs, and the reference's output."""
+        self.has_local = True
+        ls = pair_stats(local, ref)
+        lt = self.policy.tolerance(parse_site(site)[1].family, "local")
+        self.rows.setdefault((step, site), {}).update(
+            local_rel_l2=ls.rel_l2, local_max_norm=ls.max_norm, local_worst=_describe_index(site, ls.worst_index),
+            local_ours=ls.ours_value, local_ref=ls.ref_value, local_tol_rel=lt.rel, local_tol_max=lt.max,
+            local_passed=lt.passes(ls.rel_l2, ls.max_norm))
+
+    def result(self, ours_meta: dict, ref: Trace) -> Comparison:
+        keys = [k for k in ref.keys() if k in self.rows and "rel_l2" in self.rows[k]]
+        table = pd.DataFrame([self.rows[k] for k in keys])
+        if len(table) and "local_passed" not in table:
+            table["local_passed"] = pd.NA
+        first = _first_divergence(table, self.has_local, ref.meta.get("source") or "the reference")
+        meta = dict(ours=ours_meta, ref=ref.meta, tokens=ref.tokens, n_prompt=ref.n_prompt,
+                    policy=self.policy.describe(), compared=len(table), missing_in_ours=len(ref) - len(table))
+        return Comparison(table, pd.DataFrame(self.logit_rows), pd.DataFrame(self.spikes), first,
+                          _first(table, "passed"), meta)
 
 
 def compare(ours: Trace, ref: Trace, policy: Policy, local: Trace | None = None) -> Comparison:
     """Divergence table of ``ours`` against ``ref`` over the (step, site) pairs both hold."""
-    rows, logit_rows, spikes = [], [], []
-    for (step, site), r in ref.items():
-        if (step, site) not in ours:
-            continue
-        o = ours[step, site]
-        rows.append(_row(step, site, o, r, policy, local))
-        if site == "logits":
-            lr, sp = logit_stats(o, r)
-            logit_rows += [dict(step=step, **x) for x in lr]
-            spikes += [dict(step=step, **x) for x in sp]
-    table = pd.DataFrame(rows)
-    if "local_passed" not in table and len(table):
-        table["local_passed"] = pd.NA
-    first_e2e = _first(table, "passed")
-    first = _first_divergence(table, local is not None, ref.meta.get("source") or "the reference")
-    meta = dict(ours=ours.meta, ref=ref.meta, tokens=ref.tokens, n_prompt=ref.n_prompt, policy=policy.describe(),
-                compared=len(table), missing_in_ours=len(ref) - len(table))
-    return Comparison(table, pd.DataFrame(logit_rows), pd.DataFrame(spikes), first, first_e2e, meta)
+    c = Comparator(policy)
+    for key, r in ref.items():
+        if key in ours:
+            c.add(*key, ours[key], r)
+            if local is not None and key in local:
+                c.add_local(*key, local[key], r)
+    return c.result(ours.meta, ref)
 
 
 def _first(table: pd.DataFrame, col: str):

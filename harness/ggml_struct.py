@@ -47,6 +47,8 @@ class GGMLFuncs:
         lib.ggml_op_name.restype, lib.ggml_op_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
         lib.ggml_type_name.restype, lib.ggml_type_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
         lib.ggml_nbytes.restype, lib.ggml_nbytes.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
+        lib.ggml_backend_buffer_is_host.restype = ctypes.c_bool
+        lib.ggml_backend_buffer_is_host.argtypes = [ctypes.c_void_p]
         lib.ggml_backend_tensor_get.restype = None
         lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
                                                 ctypes.c_size_t]
@@ -90,3 +92,31 @@ def gpu_device_names(lib) -> list[str]:
         if dev and lib.ggml_backend_dev_type(dev) == 1:   # GGML_BACKEND_DEVICE_TYPE_GPU
             names.append((lib.ggml_backend_dev_description(dev) or b"?").decode(errors="replace"))
     return names
+
+
+class _DeviceArray:
+    """A CUDA pointer dressed with ``__cuda_array_interface__`` so torch can view it without a copy."""
+
+    def __init__(self, t: GGMLTensor, typestr: str):
+        self.__cuda_array_interface__ = {
+            "shape": tuple(int(n) for n in reversed(t.ne)), "typestr": typestr,
+            "strides": tuple(int(s) for s in reversed(t.nb)), "data": (int(t.data), False), "version": 3}
+
+
+def to_torch_device(funcs: GGMLFuncs, addr: int, t: GGMLTensor | None = None):
+    """A float32 torch copy, made on the GPU, of a tensor living in a CUDA buffer (None when the
+    tensor is in host memory). The copy is finished before returning: llama.cpp may reuse the
+    buffer as soon as the eval callback returns."""
+    import torch
+    t = t or tensor_at(addr)
+    if not t.buffer or not t.data or funcs.lib.ggml_backend_buffer_is_host(t.buffer):
+        return None
+    typestr = {GGML_TYPE_F32: "<f4", GGML_TYPE_F16: "<f2"}.get(t.type)
+    if typestr is None:
+        raise TypeError(f"tensor {t.name.decode()!r} has type "
+                        f"{funcs.lib.ggml_type_name(t.type).decode()}, expected F32 or F16")
+    view = torch.as_tensor(_DeviceArray(t, typestr), device="cuda")
+    out = view.to(torch.float32, copy=True).contiguous()
+    torch.cuda.current_stream().synchronize()
+    return out
+

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .ggml_struct import GGMLFuncs, gpu_device_names, tensor_at
+from .ggml_struct import GGMLFuncs, gpu_device_names, tensor_at, to_torch_device
 from .gguf_io import GGUFError, _open_reader, read_config
 from .llama_lib import LlamaUnavailable, llama, versions
 from .sites import BY_KEY, SITES, SiteFilter, all_sites, parse_site, shape_of, site_name
@@ -56,6 +56,7 @@ class LlamaOptions:
     kv_type: str = "f16"        # llama.cpp's default KV cache type; "f32" for exact comparisons
     n_ctx: int | None = None    # default: what the run needs; rounded up to a multiple of 256
     n_threads: int | None = None  # default: every CPU core
+    keep_on_device: bool = False  # CUDA: hand the sink torch tensors on the GPU (no host copy)
 
 
 # (graph name without "-{i}", ggml op) -> site key; op None matches any op.
@@ -80,15 +81,15 @@ def _node_site(name: str, op: str) -> str | None:
 class _Capture:
     """The eval callback and its per-run state."""
 
-    def __init__(self, g: GGMLFuncs, cfg, lc):
-        self.g, self.cfg = g, cfg
+    def __init__(self, g: GGMLFuncs, cfg, lc, on_device: bool = False):
+        self.g, self.cfg, self.on_device = g, cfg, on_device
         self.cb = lc.ggml_backend_sched_eval_callback(self._callback)  # keep alive with the runner
         self.start(_NOTHING, lambda *a: None)
 
     def start(self, filt: SiteFilter, sink: Sink) -> None:
         self.filt, self.sink = filt, sink
         self.step, self.dims = 0, self.cfg.dims()
-        self.stash: dict[int, np.ndarray] = {}
+        self.stash: dict[int, torch.Tensor] = {}
         self.captured: set[tuple[int, str]] = set()
         self.error: BaseException | None = None
         self.error_node = ""
@@ -136,14 +137,23 @@ class _Capture:
         t = tensor_at(addr)
         site, unnamed_mm = self._classify(t)
         if unnamed_mm:
-            self.stash[addr] = self.g.to_numpy(addr, t)
+            self.stash[addr] = self._read(addr, t)
             return True
         layer, spec = parse_site(site)
         if spec.key == "ffn_inp" and layer in self.attn_out_layers:
             self._resolve_attn_out(t, layer)
         if self.filt.wants(self.step, site):
-            self._emit(site, self.g.to_numpy(addr, t))
+            self._emit(site, self._read(addr, t))
         return True
+
+    def _read(self, addr, t) -> torch.Tensor:
+        """The node's data as a torch tensor shaped like reversed ``ne``: on the GPU when the node
+        lives there and on_device is set, else a host copy."""
+        if self.on_device:
+            x = to_torch_device(self.g, addr, t)
+            if x is not None:
+                return x
+        return torch.from_numpy(self.g.to_numpy(addr, t))
 
     def _resolve_attn_out(self, t, layer: int) -> None:
         """Emit the stashed MUL_MAT that is an operand of ffn_inp (maybe through a GET_ROWS)."""
@@ -156,20 +166,20 @@ class _Capture:
                 break
         self.stash.clear()
 
-    def _emit(self, site: str, arr: np.ndarray) -> None:
+    def _emit(self, site: str, arr: torch.Tensor) -> None:
         shape = shape_of(site, self.dims)
         if parse_site(site)[1].key in FLASH_MISSING:      # (1, H, T, n_kv): keep cached cells
             H, T, P = shape
-            if arr.size % (H * T) or arr.size // (H * T) < P:
-                raise ValueError(f"{site}: llama.cpp tensor {arr.shape[::-1]} does not hold {P} KV cells")
+            if arr.numel() % (H * T) or arr.numel() // (H * T) < P:
+                raise ValueError(f"{site}: llama.cpp tensor {tuple(arr.shape)[::-1]} does not hold {P} KV cells")
             arr = arr.reshape(H, T, -1)[..., :P]
-        if arr.size != math.prod(shape):
-            raise ValueError(f"{site}: llama.cpp tensor with ne {list(arr.shape[::-1])} does not fit "
+        if arr.numel() != math.prod(shape):
+            raise ValueError(f"{site}: llama.cpp tensor with ne {list(arr.shape)[::-1]} does not fit "
                              f"the layout {shape}")
         if (self.step, site) in self.captured:
             raise ValueError(f"{site} computed twice in one step (the step was split into several graphs)")
         self.captured.add((self.step, site))
-        self.sink(self.step, site, torch.from_numpy(np.ascontiguousarray(arr).reshape(shape)))
+        self.sink(self.step, site, arr.contiguous().reshape(shape))
 
 
 def _lib():
@@ -214,7 +224,7 @@ class LlamaRunner:
         o = self.options
         self.g = GGMLFuncs(self.lc.llama_cpp._lib)
         self.gpu = self._use_gpu()
-        self._capture = _Capture(self.g, self.config, self.lc)
+        self._capture = _Capture(self.g, self.config, self.lc, on_device=o.keep_on_device and self.gpu)
         self.model = self._load_model()
         self.n_vocab = self.lc.llama_vocab_n_tokens(self.lc.llama_model_get_vocab(self.model))
         self.ctx = self._new_context(o.n_ctx or max(int(n_ctx_needed), 1), self._capture.cb)

@@ -185,10 +185,11 @@ class Qwen2(nn.Module):
             m.hooks, m.recorder, m.anchor = saved
 
     @torch.no_grad()
-    def run(self, prompt: list[int], steps: int = 0, decode_tokens: list[int] | None = None) -> list[torch.Tensor]:
+    def run(self, prompt: list[int], steps: int = 0, decode_tokens: list[int] | None = None,
+            keep_logits: bool = True) -> list[torch.Tensor]:
         """Prefill then ``steps`` decode steps, teacher-forced on ``decode_tokens`` (greedy where not
-        given). Returns each step's logits (T, V) as float32 on the CPU; ``self.last_tokens`` holds
-        every token fed."""
+        given). Returns each step's logits (T, V) as float32 on the model's device (none unless
+        ``keep_logits``); ``self.last_tokens`` holds every token fed."""
         cfg = self.config
         if not prompt:
             raise ValueError("empty prompt")
@@ -199,8 +200,9 @@ class Qwen2(nn.Module):
         feed = list(prompt)
         for step in range(steps + 1):
             self.manager.step, self.manager.pos = step, len(tokens) - len(feed)
-            logits = self(torch.tensor(feed, device=self.device), self.manager.pos, cache).float().cpu()
-            out.append(logits)
+            logits = self(torch.tensor(feed, device=self.device), self.manager.pos, cache)
+            if keep_logits:
+                out.append(logits.float())
             if step < steps:
                 nxt = decode_tokens[step] if decode_tokens and step < len(decode_tokens) \
                     else int(logits[-1].argmax())
@@ -211,22 +213,24 @@ class Qwen2(nn.Module):
 
     def run_with_cache(self, prompt: list[int], steps: int = 0, decode_tokens: list[int] | None = None,
                        filt: SiteFilter | None = None, sink: Sink | None = None,
-                       anchor: Trace | None = None) -> Trace:
+                       anchor: Trace | None = None, to_cpu: bool = True) -> Trace:
         """Run and capture every site passing ``filt`` (float32, CPU) into a Trace, or into ``sink``.
         With ``anchor``, each site's value is replaced by the anchor trace's after it is recorded,
-        so every op runs on the anchor's inputs (the recorded values are then *local* outputs)."""
+        so every op runs on the anchor's inputs (the recorded values are then *local* outputs).
+        ``to_cpu=False`` hands the sink float32 tensors where they were computed (GPU path)."""
         trace = Trace(self.config.n_layer, meta=self.describe())
         keep = sink or trace
 
         def recorder(step, name, x):
             if filt is None or filt.wants(step, name):
-                keep(step, name, x.detach().float().cpu())
+                y = x.detach().float()
+                keep(step, name, y.cpu() if to_cpu else y.clone())
 
         def anchor_fn(step, name):
             return anchor.tensors.get((step, name))
 
         with self.hooks(recorder=recorder, anchor=anchor_fn if anchor is not None else None):
-            self.run(prompt, steps, decode_tokens)
+            self.run(prompt, steps, decode_tokens, keep_logits=False)
         trace.tokens, trace.n_prompt = self.last_tokens, len(prompt)
         return trace
 

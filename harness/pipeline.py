@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compare import Comparison, compare
+from .compare import Comparator, Comparison, compare
 from .llama_backend import LlamaOptions, LlamaRunner
 from .model import Qwen2, load_model
 from .sites import SiteFilter
@@ -76,3 +76,45 @@ def diff_gguf(req: DiffRequest, model: Qwen2 | None = None, ref: Trace | None = 
     cmp = compare(ours, ref, policy, local)
     cmp.meta["faults"] = [f.name for f in req.faults]
     return DiffResult(cmp, ref, ours, local)
+
+
+def _ctx_needed(req: DiffRequest) -> int:
+    n = len(req.tokens) if req.tokens else len((req.prompt or "").encode()) + 8
+    return n + req.steps + 1
+
+
+def diff_on_device(req: DiffRequest, model: Qwen2 | None = None, runner: LlamaRunner | None = None) -> DiffResult:
+    """Both sides on one GPU, streaming: llama.cpp's tensors are captured into GPU memory (no host
+    copy), and each of our tensors is compared where it is produced and then dropped, so host
+    memory holds only the table. Same table as :func:`diff_gguf`; ``ours``/``local`` are None."""
+    opts = LlamaOptions(device="cuda", flash_attn=req.flash_attn, kv_type=req.kv_type, keep_on_device=True)
+    own = runner is None
+    runner = runner or LlamaRunner(req.gguf, opts, n_ctx_needed=_ctx_needed(req))
+    try:
+        prompt = list(req.tokens) if req.tokens else runner.tokenize(req.prompt or "")
+        filt = SiteFilter(req.sites) if req.sites else None
+        ref = runner.run(prompt, req.steps, filt=filt)
+    finally:
+        if own:
+            runner.close()
+    model = model if model is not None else model_for(req, ref)
+    comp = Comparator(Policy(ref.meta.get("backend", "cuda"), model.gguf.weight_type, req.dtype))
+
+    def e2e(step, site, x):
+        if (step, site) in ref:
+            comp.add(step, site, x, ref[step, site])
+
+    def local(step, site, x):
+        if (step, site) in ref:
+            comp.add_local(step, site, x, ref[step, site])
+
+    hooks = [h for f in req.faults for h in f.hooks]
+    args = (ref.tokens[:ref.n_prompt], ref.n_steps, ref.tokens[ref.n_prompt:])
+    with model.hooks(hooks):
+        model.run_with_cache(*args, filt=filt, sink=e2e, to_cpu=False)
+        if req.local:
+            model.run_with_cache(*args, filt=filt, sink=local, anchor=ref, to_cpu=False)
+    cmp = comp.result(model.describe(), ref)
+    cmp.meta["faults"] = [f.name for f in req.faults]
+    return DiffResult(cmp, ref, None, None)
+
