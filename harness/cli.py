@@ -74,7 +74,7 @@ def _check_report_args(args) -> None:
 
 def cmd_report(args) -> int:
     from .gguf_io import read_config, _open_reader
-    from .pipeline import DiffRequest, diff_gguf
+    from .pipeline import DiffRequest, diff_gguf, diff_on_device
     from .render import render
     from .sites import validate_pattern
     _check_report_args(args)
@@ -84,7 +84,7 @@ def cmd_report(args) -> int:
     req = DiffRequest(args.model, prompt=args.prompt, tokens=parse_tokens(args.tokens) if args.tokens else None,
                       steps=args.steps, device=args.device, dtype=args.dtype, sites=args.sites,
                       faults=_faults(args.inject), kv_type=args.kv_type)
-    res = diff_gguf(req)
+    res = diff_on_device(req) if args.device == "cuda" else diff_gguf(req)
     fmt = args.format
     if fmt == "html":
         from .html_report import render_html
@@ -98,13 +98,68 @@ def cmd_report(args) -> int:
     return EXIT_DIVERGED if res.comparison.diverged else EXIT_OK
 
 
+def _run_errors(fn):
+    """harness.runs.RunError (bad run, trace or GGUF) -> UsageError (exit 2)."""
+    from .runs import RunError
+    try:
+        return fn()
+    except RunError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_record(args) -> int:
+    from .runs import human_bytes, record
+    if (args.prompt is None) == (args.tokens is None):
+        raise UsageError("give exactly one of --prompt TEXT or --tokens 1,2,3")
+    if args.steps < 0:
+        raise UsageError("--steps must be >= 0")
+    try:
+        layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers else None
+    except ValueError:
+        raise UsageError(f"--layers must be comma-separated layer numbers, got {args.layers!r}") from None
+    res = _run_errors(lambda: record(
+        args.model, args.name, tokens=parse_tokens(args.tokens) if args.tokens else None, prompt=args.prompt,
+        steps=args.steps, out_dir=args.out_dir, device=args.device, sites=args.sites, layers=layers,
+        float16=args.float16, kv_type=args.kv_type, flash_attn=args.flash_attn, overwrite=args.force,
+        max_bytes=int(args.max_size * 2**20) if args.max_size else None,
+        on_estimate=lambda est: print(f"recording {args.name}: {est}", flush=True)))
+    print(f"wrote {res.path}: {res.n_tensors} tensors, {human_bytes(res.bytes)}")
+    return EXIT_OK
+
+
+def cmd_compare(args) -> int:
+    from .render import render, verdict_line
+    from .runs import compare_runs, load_run
+    cmp = _run_errors(lambda: compare_runs(load_run(args.reference), load_run(args.candidate)))
+    emit(render(cmp, args.format, color=args.out is None and sys.stdout.isatty()), args.out)
+    if args.out:
+        print(verdict_line(cmp))
+    return EXIT_DIVERGED if cmp.diverged else EXIT_OK
+
+
+def cmd_gate(args) -> int:
+    from .gate import junit_xml, markdown_summary, run_gate
+    from .render import render
+    res = _run_errors(lambda: run_gate(args.run, candidate=args.candidate, model=args.model,
+                                       faults=_faults(args.inject), device=args.device, dtype=args.dtype))
+    if args.junit:
+        write_atomic(args.junit, junit_xml(res))
+    if args.summary:
+        write_atomic(args.summary, markdown_summary(res))
+    emit(render(res.comparison, args.format, color=args.out is None and sys.stdout.isatty()), args.out)
+    status = (f"gate {res.run.name}: {'PASS' if res.passed else 'FAIL'} ({res.candidate} vs {res.run.path}, "
+              f"{res.comparison.meta.get('compared')} site tensors)")
+    print(status, file=sys.stderr if args.format == "json" and not args.out else sys.stdout)
+    return EXIT_OK if res.passed else EXIT_DIVERGED
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llamadiff", description="Diff a Qwen2 GGUF, op by op, against llama.cpp")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="write a synthetic qwen2 GGUF with random weights")
     s.add_argument("out")
-    s.add_argument("--preset", default="tiny", choices=["tiny", "qwen2.5-0.5b"])
+    s.add_argument("--preset", default="tiny", choices=["tiny", "qwen2.5-0.5b", "qwen2.5-7b"])
     s.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0", "q4_k_m"])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--tied", action="store_true", help="no output.weight: logits use token_embd.weight")
@@ -124,6 +179,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inject a fault into our side (name from 'llamadiff faults', or module:function@sites)")
     r.add_argument("--kv-type", default="f16", choices=["f16", "f32"], help="llama.cpp KV cache type")
     r.set_defaults(fn=cmd_report)
+
+    rec = sub.add_parser("record", help="record llama.cpp's tensors at every site into a reference run")
+    rec.add_argument("model", help="qwen2 GGUF file")
+    rec.add_argument("--prompt", help="prompt text (tokenized by llama.cpp with the GGUF's tokenizer)")
+    rec.add_argument("--tokens", help="prompt as comma-separated token ids")
+    rec.add_argument("--steps", type=int, default=4, help="greedy decode steps after the prefill (default 4)")
+    rec.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="llama.cpp backend")
+    rec.add_argument("--name", required=True, help="run name: the run is written to OUT_DIR/NAME")
+    rec.add_argument("--sites", help="record only these site glob(s), e.g. 'blk.*.q,logits'")
+    rec.add_argument("--layers", help="record only these layers, e.g. 0,1 (global sites are kept)")
+    rec.add_argument("--float16", action="store_true", help="store float16 (half the size, adds rounding)")
+    rec.add_argument("--out-dir", default="reference_runs", help="parent folder (default reference_runs)")
+    rec.add_argument("--kv-type", default="f16", choices=["f16", "f32"], help="llama.cpp KV cache type")
+    rec.add_argument("--flash-attn", action="store_true", help="llama.cpp flash attention (no kq/attn_weights)")
+    rec.add_argument("--max-size", type=float, metavar="MIB", help="refuse when the estimate exceeds this")
+    rec.add_argument("--force", action="store_true", help="replace an existing run of that name")
+    rec.set_defaults(fn=cmd_record)
+
+    c = sub.add_parser("compare", help="diff two traces (reference runs or other engines' dumps), end to end")
+    c.add_argument("reference", help="reference run / trace directory (its policy applies)")
+    c.add_argument("candidate", help="candidate trace directory")
+    c.add_argument("--format", default="table", choices=["table", "markdown", "json"])
+    c.add_argument("--out", help="write the report here instead of stdout")
+    c.set_defaults(fn=cmd_compare)
+
+    g = sub.add_parser("gate", help="CI gate: re-run a candidate against a recorded reference run")
+    g.add_argument("run", help="reference run directory, e.g. reference_runs/NAME")
+    g.add_argument("--candidate", default="torch", help="'torch' (our model, default) or a trace directory")
+    g.add_argument("--model", help="the GGUF (default: the manifest's path, or next to the run); sha256-checked")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the torch candidate runs")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--inject", action="append", metavar="FAULT", help="inject a fault into the torch candidate")
+    g.add_argument("--junit", metavar="FILE", help="write JUnit XML (one test case per layer / global site)")
+    g.add_argument("--summary", metavar="FILE.md", help="write a markdown summary")
+    g.add_argument("--format", default="table", choices=["table", "markdown", "json"])
+    g.add_argument("--out", help="write the report here instead of stdout")
+    g.set_defaults(fn=cmd_gate)
     return p
 
 

@@ -62,7 +62,12 @@ PRESETS: dict[str, Preset] = {
     "qwen2.5-0.5b": Preset(n_layer=24, d_model=896, d_ff=4864, n_head=14, n_head_kv=2,
                            n_vocab=151936, n_ctx=32768, rope_base=1e6, rms_eps=1e-6, tied=False,
                            n_regular=151643, n_special=22),
+    # Qwen2.5-7B shapes, for benchmarks (about 15 GB of F16 while it is quantized)
+    "qwen2.5-7b": Preset(n_layer=28, d_model=3584, d_ff=18944, n_head=28, n_head_kv=4,
+                         n_vocab=152064, n_ctx=32768, rope_base=1e6, rms_eps=1e-6, tied=False,
+                         n_regular=151643, n_special=22),
 }
+_F16_BASE = {"qwen2.5-7b"}   # presets quantized from an F16 (not F32) file, to halve the temp file
 WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_k_m")
 
 # Qwen2.5's added tokens, in id order. The first three are the ones llama.cpp's chat/eos logic uses.
@@ -307,9 +312,10 @@ def write_synthetic(out_path: str | os.PathLike, preset: str = "tiny", wtype: st
     name = f"synthetic-{preset}-{wtype}-s{seed}{'-tied' if tied else ''}"
     temps = []
     try:
-        float_path = _temp_path(directory, base, "f32" if wtype != "f16" else "f16")
+        half = wtype == "f16" or preset in _F16_BASE
+        float_path = _temp_path(directory, base, "f16" if half else "f32")
         temps.append(float_path)
-        _write_float(float_path, p, name, np.float16 if wtype == "f16" else np.float32, seed, tied)
+        _write_float(float_path, p, name, np.float16 if half else np.float32, seed, tied)
         final = float_path
         if wtype in ("q8_0", "q4_k_m"):
             final = _temp_path(directory, base, wtype)
