@@ -83,20 +83,22 @@ def _ctx_needed(req: DiffRequest) -> int:
     return n + req.steps + 1
 
 
-def diff_on_device(req: DiffRequest, model: Qwen2 | None = None, runner: LlamaRunner | None = None) -> DiffResult:
+def diff_on_device(req: DiffRequest, model: Qwen2 | None = None, runner: LlamaRunner | None = None,
+                   ref: Trace | None = None) -> DiffResult:
     """Both sides on one GPU, streaming: llama.cpp's tensors are captured into GPU memory (no host
     copy), and each of our tensors is compared where it is produced and then dropped, so host
     memory holds only the table. Same table as :func:`diff_gguf`; ``ours``/``local`` are None."""
-    opts = LlamaOptions(device="cuda", flash_attn=req.flash_attn, kv_type=req.kv_type, keep_on_device=True)
-    own = runner is None
-    runner = runner or LlamaRunner(req.gguf, opts, n_ctx_needed=_ctx_needed(req))
-    try:
-        prompt = list(req.tokens) if req.tokens else runner.tokenize(req.prompt or "")
-        filt = SiteFilter(req.sites) if req.sites else None
-        ref = runner.run(prompt, req.steps, filt=filt)
-    finally:
-        if own:
-            runner.close()
+    filt = SiteFilter(req.sites) if req.sites else None
+    if ref is None:
+        opts = LlamaOptions(device="cuda", flash_attn=req.flash_attn, kv_type=req.kv_type, keep_on_device=True)
+        own = runner is None
+        runner = runner or LlamaRunner(req.gguf, opts, n_ctx_needed=_ctx_needed(req))
+        try:
+            prompt = list(req.tokens) if req.tokens else runner.tokenize(req.prompt or "")
+            ref = runner.run(prompt, req.steps, filt=filt)
+        finally:
+            if own:
+                runner.close()
     model = model if model is not None else model_for(req, ref)
     comp = Comparator(Policy(ref.meta.get("backend", "cuda"), model.gguf.weight_type, req.dtype))
 

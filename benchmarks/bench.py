@@ -1,0 +1,169 @@
+"""GPU benchmark of llamadiff: ``python benchmarks/bench.py [--out DIR] [--with-7b]``.
+
+For each model and prompt length it measures (median of repeats, warm):
+  plain     llama.cpp prefill + N decode steps, no eval callback
+  cap_host  the same with every site captured and copied to host memory (the naive capture)
+  cap_dev   the same with every site captured into GPU memory (no host copy)
+  report    the full divergence report: capture + our model + our model anchored on the
+            reference (local errors) + every site compared, streaming on the GPU; model load excluded
+  loads     llama.cpp model+context load, and our GGUF load (dequantized on the GPU)
+  peak host RSS of the report process, and peak GPU memory (device-wide, from cudaMemGetInfo)
+Each is also given as a ratio to ``plain``, the number that travels between machines.
+Each (model, length) runs in fresh subprocesses so that peak RSS belongs to that work alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _median(fn, repeats: int) -> float:
+    fn()                                   # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class _GpuPeak:
+    """Device-wide used memory high-water mark, sampled around each phase."""
+
+    def __init__(self):
+        import torch
+        self.torch, self.peak = torch, 0
+
+    def sample(self):
+        free, total = self.torch.cuda.mem_get_info()
+        self.peak = max(self.peak, total - free)
+
+
+def _setup(gguf: str, T: int, steps: int):
+    from harness.llama_backend import LlamaOptions, LlamaRunner
+    from harness.gguf_io import read_config, _open_reader
+    import numpy as np
+    cfg = read_config(_open_reader(gguf), gguf)
+    prompt = np.random.default_rng(0).integers(300, min(cfg.n_vocab, 100000), T).tolist()
+    t0 = time.perf_counter()
+    runner = LlamaRunner(gguf, LlamaOptions(device="cuda", keep_on_device=True), n_ctx_needed=T + steps + 1)
+    llama_load = time.perf_counter() - t0
+    runner.logits_plain(prompt, steps)     # greedy picks fix the decode tokens for every repeat
+    tokens = [int(l.argmax()) for l in runner.last_logits[:-1]]
+    return runner, prompt, tokens, llama_load
+
+
+def child_capture(gguf: str, T: int, steps: int, repeats: int) -> dict:
+    runner, prompt, toks, _ = _setup(gguf, T, steps)
+    plain = _median(lambda: runner.logits_plain(prompt, steps, toks), repeats)
+    drop = lambda step, site, t: None  # noqa: E731
+    dev = _median(lambda: runner.run(prompt, steps, toks, sink=drop), repeats)
+    runner._capture.on_device = False      # the naive path: every tensor copied to host
+    host = _median(lambda: runner.run(prompt, steps, toks, sink=drop), repeats)
+    return dict(plain_s=plain, cap_dev_s=dev, cap_host_s=host)
+
+
+def child_report(gguf: str, T: int, steps: int, repeats: int) -> dict:
+    import torch
+    from harness.pipeline import DiffRequest, diff_on_device, model_for
+    gpu = _GpuPeak()
+    gpu.sample()
+    runner, prompt, toks, llama_load = _setup(gguf, T, steps)
+    gpu.sample()
+    req = DiffRequest(gguf, tokens=prompt, steps=steps, device="cuda")
+    t0 = time.perf_counter()
+    model = model_for(req, runner.run(prompt, 0, sink=lambda *a: None, filt=None, capture=False))
+    torch.cuda.synchronize()
+    torch_load = time.perf_counter() - t0
+    gpu.sample()
+    holder = {}
+
+    def once():
+        holder["res"] = diff_on_device(DiffRequest(gguf, tokens=prompt, steps=steps, device="cuda"),
+                                       model=model, runner=runner)
+        torch.cuda.synchronize()
+        gpu.sample()
+
+    report = _median(once, repeats)
+    cmp = holder["res"].comparison
+    return dict(report_s=report, llama_load_s=llama_load, torch_load_s=torch_load,
+                peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                peak_gpu_gb=gpu.peak / 2**30, sites_compared=len(cmp.table), diverged=cmp.diverged,
+                first=cmp.first.site if cmp.first else None)
+
+
+def run_child(kind: str, gguf: str, T: int, steps: int, repeats: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, gguf, str(T), str(steps), str(repeats)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"rc {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | tokens | plain decode | capture→host | capture on GPU | full report | report / plain | "
+            "capture→host / plain | capture on GPU / plain | llama.cpp load | our load | peak host RSS | "
+            "peak GPU mem | sites |\n|" + "---|" * 14)
+    lines = [head]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['T']} | error: {r['error']} |" + " |" * 11)
+            continue
+        p = r["plain_s"]
+        lines.append(
+            f"| {r['model']} | {r['T']}+{r['steps']} | {p*1e3:.1f} ms | {r['cap_host_s']*1e3:.0f} ms | "
+            f"{r['cap_dev_s']*1e3:.0f} ms | {r['report_s']*1e3:.0f} ms | {r['report_s']/p:.1f}x | "
+            f"{r['cap_host_s']/p:.1f}x | {r['cap_dev_s']/p:.1f}x | {r['llama_load_s']:.2f} s | "
+            f"{r['torch_load_s']:.2f} s | {r['peak_rss_gb']:.2f} GB | {r['peak_gpu_gb']:.1f} GB | "
+            f"{r['sites_compared']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        kind, gguf, T, steps, repeats = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
+        fn = child_capture if kind == "capture" else child_report
+        print(json.dumps(fn(gguf, T, steps, repeats)))
+        return 0
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
+    ap.add_argument("--lengths", default="32,512,2048")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--with-7b", action="store_true")
+    ap.add_argument("--fixtures", default="build/fixtures")
+    args = ap.parse_args()
+    from harness.synth import default_fixture
+    os.makedirs(args.out, exist_ok=True)
+    configs = [("qwen2.5-0.5b F16", "qwen2.5-0.5b", "f16", int(t)) for t in args.lengths.split(",")]
+    if args.with_7b:
+        configs.append(("qwen2.5-7b Q4_K_M", "qwen2.5-7b", "q4_k_m", 512))
+    rows = []
+    for label, preset, wtype, T in configs:
+        t0 = time.perf_counter()
+        gguf = default_fixture(wtype, preset=preset, seed=0, cache_dir=args.fixtures)
+        print(f"[{label}] fixture ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        row = dict(model=label, T=T, steps=args.steps)
+        for kind in ("capture", "report"):
+            row.update(run_child(kind, gguf, T, args.steps, args.repeats))
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    text = table(rows)
+    print(text)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
+        f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""GPU path: llama.cpp's CUDA build against PyTorch on CUDA. Skipped cleanly without a GPU."""
+import pytest
+import torch
+
+from harness.pipeline import DiffRequest, diff_gguf, diff_on_device, model_for
+from harness.trace import Trace
+
+pytestmark = pytest.mark.gpu
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from harness.llama_lib import LlamaUnavailable, llama
+    try:
+        if not llama().llama_supports_gpu_offload():
+            pytest.skip("llama-cpp-python has no GPU offload in this build")
+    except LlamaUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def cuda_ref(tiny_f32):
+    from harness.llama_backend import LlamaOptions, LlamaRunner
+    with LlamaRunner(tiny_f32, LlamaOptions(device="cuda", keep_on_device=True), 64) as r:
+        ref = r.run(PROMPT, 3)
+    assert ref.meta["backend"] == "cuda"
+    return ref
+
+
+def test_cuda_capture_has_every_site_on_the_gpu(cuda_ref):
+    assert len(cuda_ref) == 4 * (3 * 20 + 3)
+    assert all(t.is_cuda for _, t in cuda_ref.items())
+
+
+@pytest.mark.parametrize("wtype", ["f32", "f16", "q8_0", "q4_k_m"])
+def test_clean_tiny_on_cuda_has_no_divergence(synth_dir, wtype):
+    from harness.synth import default_fixture
+    path = default_fixture(wtype, preset="tiny", seed=0, cache_dir=synth_dir)
+    res = diff_on_device(DiffRequest(path, tokens=PROMPT, steps=4, device="cuda"))
+    c = res.comparison
+    assert len(c.table) == 5 * 63
+    assert not c.diverged, c.first and c.first.explanation
+
+
+def test_drop_bias_localized_on_cuda(tiny_f32):
+    from probes.faults import REGISTRY
+    res = diff_on_device(DiffRequest(tiny_f32, tokens=PROMPT, steps=2, device="cuda",
+                                     faults=[REGISTRY["drop_qkv_bias"]]))
+    f = res.comparison.first
+    assert (f.step, f.layer, f.site) == (0, 0, "blk.0.q")
+
+
+def test_on_device_comparison_equals_host_path(tiny_f32, cuda_ref):
+    req = DiffRequest(tiny_f32, tokens=PROMPT, steps=3, device="cuda")
+    model = model_for(req, cuda_ref)
+    host_ref = Trace(cuda_ref.n_layer, cuda_ref.tokens, cuda_ref.n_prompt, dict(cuda_ref.meta),
+                     {k: v.cpu() for k, v in cuda_ref.tensors.items()})
+    host = diff_gguf(req, model=model, ref=host_ref).comparison.table
+    dev = diff_on_device(req, model=model, ref=cuda_ref).comparison.table
+    assert list(host["site"]) == list(dev["site"]) and list(host["step"]) == list(dev["step"])
+    assert list(host["passed"]) == list(dev["passed"])
+    assert list(host["local_passed"]) == list(dev["local_passed"])
+    for col in ("rel_l2", "max_abs", "local_rel_l2"):
+        assert torch.allclose(torch.tensor(host[col].astype(float).values), torch.tensor(dev[col].astype(float).values),
+                              rtol=1e-6, atol=1e-12), col
