@@ -31,13 +31,16 @@ def _worst(observed: dict, regime: str, kind: str, table, rel_col: str, max_col:
         fams[fam] = (max(old[0], r), max(old[1], m))
 
 
-def measure(device: str, wtypes, preset: str = "tiny", cache_dir: str | None = None) -> dict:
-    observed: dict = {}
+def measure(device: str, wtypes, preset: str = "tiny", cache_dir: str | None = None,
+            observed: dict | None = None) -> dict:
+    """Worst clean errors per regime/kind/family. Presets other than tiny use the first seed only."""
+    observed = {} if observed is None else observed
     for wtype in wtypes:
-        for seed in SEEDS:
+        for seed in SEEDS if preset == "tiny" else SEEDS[:1]:
             path = default_fixture(wtype, preset=preset, seed=seed, cache_dir=cache_dir)
             for prompt in PROMPTS:
                 res = diff_gguf(DiffRequest(path, tokens=prompt, steps=STEPS, device=device))
+
                 regime = f"{res.ref.meta.get('backend', device)}/{WCLASS[wtype]}/float32"
                 t = res.comparison.table
                 _worst(observed, regime, "e2e", t, "rel_l2", "max_norm")
@@ -49,19 +52,26 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.calibrate")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--types", default="f32,f16,q8_0,q4_k_m")
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny", help="comma-separated presets, e.g. tiny,qwen2.5-0.5b")
+    p.add_argument("--big-types", default="f16,q4_k_m", help="weight types for presets other than tiny")
     p.add_argument("--out", default=TABLE_PATH)
     args = p.parse_args(argv)
-    observed = measure(args.device, args.types.split(","), args.preset)
-    old = {}
+    observed: dict = {}
+    for preset in args.preset.split(","):
+        types = args.types if preset == "tiny" else args.big_types
+        measure(args.device, types.split(","), preset, observed=observed)
+    old, old_prov = {}, {}
     if os.path.exists(args.out):
         with open(args.out) as f:
-            old = json.load(f).get("observed", {})
-    old.update({k: v for k, v in observed.items()})
+            previous = json.load(f)
+        old, old_prov = previous.get("observed", {}), previous.get("provenance", {})
+    old.update(observed)
     prov = dict(command="python -m harness.calibrate " + " ".join(argv or sys.argv[1:]), seeds=SEEDS,
                 prompts=[len(x) for x in PROMPTS], steps=STEPS, preset=args.preset,
                 date=datetime.date.today().isoformat())
-    table = build_table(old, prov)
+    old_prov = {k: v for k, v in old_prov.items() if k in ("cpu", "cuda")}
+    old_prov[args.device] = prov
+    table = build_table(old, old_prov)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)

@@ -245,7 +245,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def load_model(path, device: str = "cpu", dtype: str | torch.dtype = "float32",
-               kv_dtype: torch.dtype | None = None, mirror_cpu: bool = False) -> Qwen2:
-    """A Qwen2 built from a qwen2 GGUF (see harness.gguf_io for the errors it raises)."""
+               kv_dtype: torch.dtype | None = None, mirror_cpu: bool = False,
+               torch_dequant: bool | None = None) -> Qwen2:
+    """A Qwen2 built from a qwen2 GGUF (see harness.gguf_io for the errors it raises).
+    ``torch_dequant`` (default: on for CUDA) dequantizes the weights on ``device``."""
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    return Qwen2(load_gguf(path, device=device, dtype=dt), kv_dtype=kv_dtype, mirror_cpu=mirror_cpu)
+    if torch_dequant is None:
+        torch_dequant = str(device).startswith("cuda")
+    gm = load_gguf(path, device=device, dtype=dt, torch_dequant=torch_dequant)
+    return Qwen2(gm, kv_dtype=kv_dtype, mirror_cpu=mirror_cpu)
