@@ -143,7 +143,7 @@ def main() -> int:
     args = ap.parse_args()
     from harness.synth import default_fixture
     os.makedirs(args.out, exist_ok=True)
-    configs = [("qwen2.5-0.5b F16", "qwen2.5-0.5b", "f16", int(t)) for t in args.lengths.split(",")]
+    configs = [("qwen2.5-0.5b F16", "qwen2.5-0.5b", "f16", int(t)) for t in args.lengths.split(",") if t]
     if args.with_7b:
         configs.append(("qwen2.5-7b Q4_K_M", "qwen2.5-7b", "q4_k_m", 512))
     rows = []

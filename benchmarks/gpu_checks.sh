@@ -1,0 +1,33 @@
+#!/bin/bash
+# The GPU-side checks, run on the GPU machine from the repository root:
+#   source .device/setup.sh && bash benchmarks/gpu_checks.sh PHASE
+# PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b. Logs go to $OUT (or /tmp/out).
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+F=build/fixtures
+fix() { python -c "from harness.synth import default_fixture as d; print(d('$2', preset='$1', seed=0, cache_dir='$F'))"; }
+run() { echo "\$ $*"; timeout "${LIMIT:-300}" "$@"; echo "[exit $?]"; }
+for phase in "$@"; do case $phase in
+calibrate)
+  run python -m harness.calibrate --device cuda --preset tiny,qwen2.5-0.5b
+  cp harness/tolerances.json "$OUT/tolerances.json" ;;
+tests)
+  run python -m pytest tests/test_gpu.py tests/test_dequant_torch.py -q -rs -p no:cacheprovider ;;
+reports)
+  m=$(fix qwen2.5-0.5b f16)
+  run python -m harness.cli report "$m" --prompt "The quick brown fox jumps over the lazy dog" --steps 4 --device cuda
+  run python -m harness.cli report "$m" --prompt "The quick brown fox jumps over the lazy dog" --steps 4 --device cuda --inject drop_qkv_bias
+  run python -m harness.cli report "$(fix tiny f16)" --tokens 3,14,15,92,65,35,89,79 --steps 3 --device cuda ;;
+zoo)
+  run python -m harness.cli zoo "$(fix qwen2.5-0.5b f16)" --device cuda
+  run python -m harness.cli zoo "$(fix qwen2.5-0.5b q4_k_m)" --device cuda ;;
+gate)
+  m=$(fix qwen2.5-0.5b f16)
+  run python -m harness.cli record "$m" --prompt "The quick brown fox" --steps 3 --device cuda --name qwen05b-f16-cuda --out-dir "$OUT/runs" --float16
+  run python -m harness.cli gate "$OUT/runs/qwen05b-f16-cuda" --model "$m" --device cuda --junit "$OUT/junit.xml" --summary "$OUT/summary.md" ;;
+bench)
+  LIMIT=560 run python benchmarks/bench.py --out "$OUT" ;;
+bench7b)
+  LIMIT=560 run python benchmarks/bench.py --out "$OUT" --lengths '' --with-7b ;;
+esac; done 2>&1 | tee -a "$OUT/log.txt"
