@@ -151,8 +151,8 @@ class _Capture:
         lives there and on_device is set, else a host copy."""
         if self.on_device:
             x = to_torch_device(self.g, addr, t)
-            if x is not None:
-                return x
+            # nodes llama.cpp keeps on the host (the embedding lookup) join the rest on the GPU
+            return x if x is not None else torch.from_numpy(self.g.to_numpy(addr, t)).cuda()
         return torch.from_numpy(self.g.to_numpy(addr, t))
 
     def _resolve_attn_out(self, t, layer: int) -> None:

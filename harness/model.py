@@ -136,15 +136,15 @@ class Block(nn.Module):
 
 
 class Qwen2(nn.Module):
-    def __init__(self, gm: GGUFModel, kv_dtype: torch.dtype | None = None, mirror_cpu: bool = False):
-        """``kv_dtype`` float16 mirrors llama.cpp's F16 KV cache; ``mirror_cpu`` rounds matmul
-        activations as llama.cpp's CPU kernels do (see harness.numerics)."""
+    def __init__(self, gm: GGUFModel, kv_dtype: torch.dtype | None = None, mirror: str | None = None):
+        """``kv_dtype`` float16 mirrors llama.cpp's F16 KV cache; ``mirror`` ("cpu" or "cuda")
+        rounds matmul activations as that llama.cpp backend's kernels do (see harness.numerics)."""
         super().__init__()
         self.gguf, self.config = gm, gm.config
         w, cfg = gm.weights, gm.config
         self.manager = HookManager(self)
-        self.kv_dtype, self.mirror_cpu = kv_dtype, mirror_cpu
-        mm = {n: MatMul(t, act_rounder(gm.types.get(n)) if mirror_cpu else None)
+        self.kv_dtype, self.mirror = kv_dtype, mirror
+        mm = {n: MatMul(t, act_rounder(gm.types.get(n), mirror) if mirror else None)
               for n, t in w.items() if t.dim() == 2}
         self.embd_w, self.norm_w = w["token_embd.weight"], w["output_norm.weight"]
         self.out = mm["token_embd.weight"] if gm.tied else mm["output.weight"]
@@ -237,7 +237,7 @@ class Qwen2(nn.Module):
     def describe(self) -> dict:
         return {"source": "torch", "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "kv_dtype": str(self.kv_dtype).replace("torch.", "") if self.kv_dtype else None,
-                "mirror_cpu": self.mirror_cpu,
+                "mirror": self.mirror,
                 "weight_type": self.gguf.weight_type, "gguf": os.path.basename(self.gguf.path)}
 
 
@@ -245,7 +245,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def load_model(path, device: str = "cpu", dtype: str | torch.dtype = "float32",
-               kv_dtype: torch.dtype | None = None, mirror_cpu: bool = False,
+               kv_dtype: torch.dtype | None = None, mirror: str | None = None,
                torch_dequant: bool | None = None) -> Qwen2:
     """A Qwen2 built from a qwen2 GGUF (see harness.gguf_io for the errors it raises).
     ``torch_dequant`` (default: on for CUDA) dequantizes the weights on ``device``."""
@@ -253,4 +253,4 @@ def load_model(path, device: str = "cpu", dtype: str | torch.dtype = "float32",
     if torch_dequant is None:
         torch_dequant = str(device).startswith("cuda")
     gm = load_gguf(path, device=device, dtype=dt, torch_dequant=torch_dequant)
-    return Qwen2(gm, kv_dtype=kv_dtype, mirror_cpu=mirror_cpu)
+    return Qwen2(gm, kv_dtype=kv_dtype, mirror=mirror)

@@ -50,8 +50,14 @@ def round_q8_k(x: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(x.shape).to(x.dtype)
 
 
-def act_rounder(weight_type: str | None) -> Rounder | None:
+def act_rounder(weight_type: str | None, backend: str = "cpu") -> Rounder | None:
+    """The activation rounding llama.cpp applies before a matmul with this weight type.
+    On CUDA only the quantized path is mirrored: MMQ/MMVQ quantize activations to Q8_1 (blocks
+    of 32, d = amax/127 stored as F16: the values of Q8_0); F16/F32 weights go through cuBLAS,
+    whose internal precision is not mirrored (the calibrated tolerance absorbs it)."""
     t = (weight_type or "F32").upper()
+    if backend == "cuda":
+        return round_q8_0 if t in _Q8_0 or t in _Q8_K else None
     if t == "F16":
         return lambda x: x.half().to(x.dtype)
     if t == "BF16":

@@ -58,11 +58,11 @@ def run_ours(model: Qwen2, ref: Trace, faults=(), filt: SiteFilter | None = None
 
 
 def model_for(req: DiffRequest, ref: Trace) -> Qwen2:
-    """Our model set up to mirror the reference's numerics where we know them: its F16 KV cache,
-    and on llama.cpp's CPU backend the activation rounding of its matmul kernels."""
+    """Our model set up to mirror the reference's numerics where we know them: its F16 KV cache
+    and the activation rounding of its backend's matmul kernels."""
     kv = torch.float16 if ref.meta.get("kv_type", "f16") == "f16" else None
-    mirror = ref.meta.get("source") == "llama.cpp" and ref.meta.get("backend") == "cpu"
-    return load_model(req.gguf, device=req.device, dtype=req.dtype, kv_dtype=kv, mirror_cpu=mirror)
+    mirror = ref.meta.get("backend") if ref.meta.get("source") == "llama.cpp" else None
+    return load_model(req.gguf, device=req.device, dtype=req.dtype, kv_dtype=kv, mirror=mirror)
 
 
 def diff_gguf(req: DiffRequest, model: Qwen2 | None = None, ref: Trace | None = None) -> DiffResult:
