@@ -136,9 +136,33 @@ def _dequantize(t, path: str) -> np.ndarray:
     return arr.reshape(tuple(int(n) for n in reversed(t.shape)))
 
 
+# --- opt-in torch dequantization (harness.dequant_torch), bit-exact with the numpy path ---
+def _dequantize_torch(t, path: str, shape: tuple[int, ...], device) -> torch.Tensor | None:
+    """``t`` dequantized on ``device`` from its raw bytes; None where torch lacks the type."""
+    import warnings
+    from gguf import GGMLQuantizationType
+    from .dequant_torch import dequantize
+    qtype = GGMLQuantizationType(t.tensor_type)
+    raw_np = np.asarray(t.data).view(np.uint8)  # typed (F32/F16) or uint8 rows, on the memmap
+    with warnings.catch_warnings():  # read-only memmap: only read, never written
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(raw_np).to(device)
+    try:
+        return dequantize(raw, qtype, shape)  # always a fresh tensor, never a view of the memmap
+    except NotImplementedError:
+        return None
+    except ValueError as e:
+        raise GGUFError(f"{path}: tensor {t.name} ({qtype.name}) is corrupt ({type(e).__name__}: {e})") from None
+# --- end torch dequantization ---
+
+
 def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32) -> GGUFModel:
-    """Config and every weight of a qwen2 GGUF, dequantized to ``dtype`` on ``device``."""
+              dtype: torch.dtype = torch.float32, torch_dequant: bool = False) -> GGUFModel:
+    """Config and every weight of a qwen2 GGUF, dequantized to ``dtype`` on ``device``.
+
+    ``torch_dequant``: move each tensor's raw bytes to ``device`` and dequantize there
+    (:mod:`harness.dequant_torch`, bit-exact with gguf's numpy); numpy for types it lacks.
+    """
     path = os.fspath(path)
     reader = _open_reader(path)
     cfg = read_config(reader, path)
@@ -156,8 +180,11 @@ def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
         if found != want:
             raise GGUFError(f"{path}: tensor {name} has shape {list(found)}, expected {list(want)} "
                             "(rows, cols)")
-        arr = np.array(_dequantize(t, path), dtype=np.float32, order="C", copy=True)  # off the memmap
-        weights[name] = torch.from_numpy(arr).to(device=device, dtype=dtype)
+        w = _dequantize_torch(t, path, found, device) if torch_dequant else None
+        if w is None:
+            arr = np.array(_dequantize(t, path), dtype=np.float32, order="C", copy=True)  # off the memmap
+            w = torch.from_numpy(arr)
+        weights[name] = w.to(device=device, dtype=dtype)
         types[name] = t.tensor_type.name
     return GGUFModel(path=path, config=cfg, weights=weights, types=types, tied=tied)
 

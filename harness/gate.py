@@ -1,0 +1,247 @@
+"""The CI gate: re-run a candidate against a recorded reference run and say pass or fail.
+
+``run_gate`` takes a reference run (see :mod:`harness.runs`) and a candidate: ``"torch"`` (our
+PyTorch model on the recorded tokens, built from the GGUF the run was recorded on, found next to
+the recorded path or given explicitly, and checked by sha256) or the path of another trace. For
+the torch candidate it also measures local errors by anchoring every op on the recorded
+reference's inputs, exactly as ``llamadiff report`` does against a live llama.cpp, so the verdict
+names the op at fault. Outputs for CI systems: :func:`junit_xml` (one test case per layer,
+plus the global sites, each failure carrying its first failing row) and :func:`markdown_summary`.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from .compare import Comparison, step_label
+from .runs import Run, RunError, _SYNTH_RE, _sha256, check_compatible, compare_runs, load_run
+
+
+@dataclass
+class Group:
+    name: str                       # "embd", "blk.0", ..., "output_norm", "logits"
+    n: int
+    failed: int
+    first_failure: dict | None      # the group's first failing table row
+    worst_rel: float
+    worst_local_rel: float | None
+
+
+@dataclass
+class GateResult:
+    run: Run
+    comparison: Comparison
+    candidate: str                  # "torch float32 (faults: ...)" or the candidate trace's path
+    gguf: str | None
+    faults: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.comparison.diverged
+
+    @property
+    def decisive(self) -> str:
+        """The table column that decides: local errors when measured, else end to end."""
+        t = self.comparison.table
+        return "local_passed" if "local_passed" in t and t["local_passed"].notna().any() else "passed"
+
+    def groups(self) -> list[Group]:
+        t, col = self.comparison.table, self.decisive
+        if t.empty:
+            return []
+        key = t["layer"].map(lambda x: f"blk.{int(x)}" if pd.notna(x) else None).fillna(t["site"])
+        out = []
+        for name, part in t.groupby(key, sort=False):
+            bad = part[part[col] == False]  # noqa: E712  (NA rows are not failures)
+            local = part["local_rel_l2"].astype(float) if "local_rel_l2" in part else None
+            out.append(Group(str(name), len(part), len(bad), bad.iloc[0].to_dict() if len(bad) else None,
+                             float(part["rel_l2"].max()),
+                             float(local.max()) if local is not None and local.notna().any() else None))
+        return out
+
+
+# -- finding the model -------------------------------------------------------------------------
+def regenerate_hint(run: Run) -> str:
+    g = run.manifest.get("gguf") or {}
+    m = _SYNTH_RE.match(str(g.get("general_name", "")))
+    if not m:
+        return ""
+    preset, wtype, seed, tied = m.groups()
+    target = g.get("path") or g.get("file")
+    return (f"; it is a synthetic fixture: regenerate it with 'llamadiff synth {target} --preset {preset} "
+            f"--type {wtype} --seed {seed}{' --tied' if tied else ''}'")
+
+
+def locate_gguf(run: Run, model: str | None = None) -> str:
+    """The GGUF the run was recorded on: ``model`` if given, else the recorded path (relative to
+    the working directory or to the folder holding the runs' folder), else next to the run;
+    its sha256 must match the manifest's."""
+    g = run.manifest.get("gguf") if isinstance(run.manifest.get("gguf"), dict) else {}
+    want = g.get("sha256")
+    if model is not None:
+        if not os.path.isfile(model):
+            raise RunError(f"--model {model}: no such file")
+        candidates = [model]
+    else:
+        if not g.get("path") and not g.get("file"):
+            raise RunError(f"{run.path}: the manifest names no GGUF; pass --model PATH")
+        run_dir = os.path.abspath(run.path)
+        root = os.path.dirname(os.path.dirname(run_dir))
+        candidates = []
+        if g.get("path"):
+            p = g["path"]
+            candidates += [p] if os.path.isabs(p) else [p, os.path.join(root, p)]
+        if g.get("file"):
+            candidates += [os.path.join(run_dir, g["file"]), os.path.join(os.path.dirname(run_dir), g["file"])]
+        seen, existing = set(), []
+        for c in candidates:
+            r = os.path.realpath(c)
+            if r not in seen and os.path.isfile(r):
+                seen.add(r)
+                existing.append(c)
+        if not existing:
+            looked = ", ".join(dict.fromkeys(os.path.relpath(c) for c in candidates))
+            raise RunError(f"{run.path}: GGUF {g.get('file') or g.get('path')} not found (looked at {looked}); "
+                           f"pass --model PATH{regenerate_hint(run)}")
+        candidates = existing
+    if not want:
+        return candidates[0]
+    got = [_sha256(c) for c in candidates]
+    for c, h in zip(candidates, got):
+        if h == want:
+            return c
+    raise RunError(f"{candidates[0]}: sha256 {got[0][:16]}... does not match the run's GGUF ({want[:16]}...): "
+                   f"the run was recorded on a different file{regenerate_hint(run)}")
+
+
+# -- the gate ----------------------------------------------------------------------------------
+def run_gate(run_path, candidate: str = "torch", model: str | None = None, faults=(), device: str = "cpu",
+             dtype: str = "float32") -> GateResult:
+    """Compare ``candidate`` with the reference run at ``run_path``; RunError on input problems."""
+    t0 = time.time()
+    run = load_run(run_path)
+    faults = list(faults)
+    if candidate != "torch":
+        if faults:
+            raise RunError("--inject works on the torch candidate only")
+        cand = load_run(candidate)
+        cmp = compare_runs(run, cand)
+        return GateResult(run, cmp, cand.path, None, [], time.time() - t0)
+
+    from .pipeline import DiffRequest, model_for, run_ours
+    from .sites import SiteFilter, all_sites
+    gguf = locate_gguf(run, model)
+    ref = run.trace
+    req = DiffRequest(gguf, tokens=ref.tokens[:ref.n_prompt], steps=ref.n_steps, device=device, dtype=dtype,
+                      faults=faults, kv_type=run.engine.get("kv_type", "f16"))
+    net = model_for(req, ref)
+    cfg = net.config
+    if cfg.n_layer != ref.n_layer:
+        raise RunError(f"{gguf} has {cfg.n_layer} layers, the run {ref.n_layer}")
+    if max(ref.tokens) >= cfg.n_vocab:
+        raise RunError(f"the run's token {max(ref.tokens)} is outside {gguf}'s vocabulary ({cfg.n_vocab})")
+    sites = ref.sites()
+    filt = None if len(sites) == len(all_sites(ref.n_layer)) else SiteFilter(",".join(sites))
+    ours = run_ours(net, ref, faults, filt)
+    check_compatible(ref, ours, run.path, "our model")
+    local = run_ours(net, ref, faults, filt, anchor=ref)
+    cmp = compare_runs(run, ours, local, dtype=dtype)
+    cmp.meta["faults"] = [f.name for f in faults]
+    desc = f"torch {dtype} on {device}" + (f" with faults {', '.join(cmp.meta['faults'])}" if faults else "")
+    return GateResult(run, cmp, desc, gguf, cmp.meta["faults"], time.time() - t0)
+
+
+# -- CI outputs --------------------------------------------------------------------------------
+def _num(x) -> str:
+    try:
+        return f"{float(x):.3g}"
+    except (TypeError, ValueError):
+        return "-"
+
+
+def failure_line(row: dict, decisive: str) -> str:
+    """One line for a failing row: where, which error, against which tolerance."""
+    where = f"{row['site']} at {step_label(int(row['step']))}"
+    if decisive == "local_passed":
+        return (f"{where}: local rel_l2 {_num(row.get('local_rel_l2'))} (tolerance {_num(row.get('local_tol_rel'))}), "
+                f"max {_num(row.get('local_max_norm'))} (tolerance {_num(row.get('local_tol_max'))}), worst "
+                f"{row.get('local_worst')}: ours {_num(row.get('local_ours'))}, reference {_num(row.get('local_ref'))}")
+    return (f"{where}: rel_l2 {_num(row['rel_l2'])} (tolerance {_num(row['tol_rel'])}), max {_num(row['max_norm'])} "
+            f"(tolerance {_num(row['tol_max'])}), worst {row['worst']}: ours {_num(row['ours'])}, "
+            f"reference {_num(row['ref'])}")
+
+
+def junit_xml(res: GateResult) -> str:
+    """JUnit XML: one suite per gate, one test case per site group (layer or global site)."""
+    groups, col = res.groups(), res.decisive
+    failures = sum(1 for g in groups if g.failed)
+    cls = f"llamadiff.gate.{res.run.name}"
+    suites = ET.Element("testsuites", name="llamadiff gate", tests=str(len(groups)), failures=str(failures),
+                        errors="0", time=f"{res.seconds:.3f}")
+    suite = ET.SubElement(suites, "testsuite", name=cls, tests=str(len(groups)), failures=str(failures),
+                          errors="0", skipped="0", time=f"{res.seconds:.3f}",
+                          timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
+    props = ET.SubElement(suite, "properties")
+    pol = res.comparison.meta.get("policy", {})
+    for k, v in (("reference", res.run.path), ("candidate", res.candidate), ("gguf", res.gguf or ""),
+                 ("policy", f"{pol.get('regime')} (calibrated from {pol.get('calibrated_from')})"),
+                 ("storage_dtype", res.run.storage), ("decided_by", col.replace("_passed", "") or "e2e")):
+        ET.SubElement(props, "property", name=k, value=str(v))
+    t = res.comparison.table
+    for g in groups:
+        case = ET.SubElement(suite, "testcase", classname=cls, name=g.name, time="0")
+        if g.first_failure is None:
+            continue
+        key = t["layer"].map(lambda x: f"blk.{int(x)}" if pd.notna(x) else None).fillna(t["site"])
+        bad = t[(key == g.name) & (t[col] == False)]  # noqa: E712
+        lines = [failure_line(r, col) for r in bad.head(20).to_dict("records")]
+        if len(bad) > 20:
+            lines.append(f"... {len(bad) - 20} more")
+        f = ET.SubElement(case, "failure", type="divergence",
+                          message=f"{g.failed} of {g.n} site tensors out of tolerance; first: "
+                                  f"{failure_line(g.first_failure, col)}")
+        f.text = "\n".join(lines)
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def markdown_summary(res: GateResult) -> str:
+    """A short markdown page (e.g. for $GITHUB_STEP_SUMMARY)."""
+    from .render import render_markdown, verdict_line
+    cmp, run, col = res.comparison, res.run, res.decisive
+    m, ref = run.manifest, run.trace
+    pol = cmp.meta.get("policy", {})
+    eng = run.engine
+    status = "PASS" if res.passed else "FAIL"
+    lines = [f"## llamadiff gate `{run.name}`: **{status}**", "",
+             "| | |", "|---|---|",
+             f"| reference | `{run.path}`: {eng.get('name', '?')} {eng.get('backend', '')} "
+             f"(KV {eng.get('kv_type', '?')}, "
+             f"flash attention {'on' if eng.get('flash_attn') else 'off'}), weights {run.weight_type or '?'}, "
+             f"{ref.n_prompt}-token prompt + {ref.n_steps} decode steps, stored {run.storage} |",
+             f"| candidate | {res.candidate} |"]
+    if res.gguf:
+        lines.append(f"| model | `{res.gguf}` (sha256 {str((m.get('gguf') or {}).get('sha256', '?'))[:16]}...) |")
+    lines += [f"| compared | {cmp.meta.get('compared')} site tensors; verdict from "
+              f"{'local' if col == 'local_passed' else 'end-to-end'} errors |",
+              f"| tolerance | regime {pol.get('regime')} (calibrated from {pol.get('calibrated_from')}), policy "
+              f"version {pol.get('version')}, storage {pol.get('storage_dtype', 'float32')} |", "",
+              f"**{verdict_line(cmp)}**", ""]
+    groups = res.groups()
+    if groups:
+        lines += ["| group | site tensors | failed | worst rel (e2e) | worst rel (local) | first failure |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for g in groups:
+            first = failure_line(g.first_failure, col) if g.first_failure else ""
+            lines.append(f"| {g.name} | {g.n} | {g.failed} | {_num(g.worst_rel)} | {_num(g.worst_local_rel)} | "
+                         f"{first} |")
+        lines.append("")
+    report = render_markdown(cmp).replace("# llamadiff report", "### full report", 1)
+    lines += ["<details><summary>full report</summary>", "", report, "</details>", ""]
+    return "\n".join(lines)
