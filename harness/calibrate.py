@@ -18,7 +18,8 @@ from .synth import default_fixture
 from .tolerance import TABLE_PATH, Policy, build_table
 
 SEEDS = (1, 2, 3)
-PROMPTS = ([1, 2, 3, 4, 5, 6, 7], [900, 17, 4, 250, 33, 1000, 7, 61, 5, 88, 123, 9, 77, 2, 640, 31, 8, 11, 300], list(range(40, 72)))  # 7, 19, 32 tokens
+PROMPTS = ([1, 2, 3, 4, 5, 6, 7], [900, 17, 4, 250, 33, 1000, 7, 61, 5, 88, 123, 9, 77, 2, 640, 31, 8, 11, 300],
+           list(range(40, 72)), list(range(5, 995, 3)))  # 7, 19, 32, 330 tokens
 STEPS = 6
 WCLASS = {"f32": "f32", "f16": "f16", "q8_0": "q8", "q4_k_m": "q4"}
 

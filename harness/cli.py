@@ -153,6 +153,77 @@ def cmd_gate(args) -> int:
     return EXIT_OK if res.passed else EXIT_DIVERGED
 
 
+def _probe_inputs(args) -> dict:
+    """Shared checks of zoo/probe: tokens or prompt (neither: a default prompt), steps."""
+    if args.prompt is not None and args.tokens is not None:
+        raise UsageError("give at most one of --prompt TEXT or --tokens 1,2,3")
+    if args.steps < 0:
+        raise UsageError("--steps must be >= 0")
+    return dict(tokens=parse_tokens(args.tokens) if args.tokens else None, prompt=args.prompt, steps=args.steps)
+
+
+def _fault_specs(values: list[str] | None) -> list[str]:
+    from probes.faults import split_specs
+    return [s for v in values or [] for s in split_specs(v)]
+
+
+def cmd_zoo(args) -> int:
+    from probes.render_probes import render_zoo
+    from probes.zoo import run_zoo
+    res = run_zoo(args.model, faults=_fault_specs(args.faults) or None, device=args.device, **_probe_inputs(args))
+    emit(render_zoo(res, args.format, color=args.out is None and sys.stdout.isatty()), args.out)
+    return EXIT_OK if res.ok else EXIT_DIVERGED
+
+
+def cmd_probe(args) -> int:
+    from probes.checks import CheckError, probe
+    from probes.render_probes import render_probes
+    checks = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else None
+    try:
+        summary, records, meta = probe(args.model, source=args.source, faults=_fault_specs(args.inject),
+                                       checks=checks, device=args.device, **_probe_inputs(args))
+    except CheckError as e:
+        raise UsageError(str(e)) from None
+    emit(render_probes(summary, records, meta, args.format, color=args.out is None and sys.stdout.isatty()), args.out)
+    return EXIT_DIVERGED if any(s["fired"] for s in summary) else EXIT_OK
+
+
+def cmd_faults(args) -> int:
+    from probes.faults import REGISTRY
+    from probes.render_probes import render_faults
+    emit(render_faults(REGISTRY.values(), args.format, color=sys.stdout.isatty()), None)
+    return EXIT_OK
+
+
+def _add_probe_commands(sub) -> None:
+    """The fault zoo, the reference-free probes and the fault list (probes/)."""
+    def inputs(x, steps_help):
+        x.add_argument("model", help="qwen2 GGUF file")
+        x.add_argument("--prompt", help="prompt text (default: a fixed English sentence)")
+        x.add_argument("--tokens", help="prompt as comma-separated token ids")
+        x.add_argument("--steps", type=int, default=3, help=steps_help)
+        x.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        x.add_argument("--format", default="table", choices=["table", "markdown", "json"])
+        x.add_argument("--out", help="write the output here instead of stdout")
+
+    z = sub.add_parser("zoo", help="inject every named fault; check each is found at its expected op (exit 1 on a miss)")
+    inputs(z, "decode steps after the prefill (default 3; decode-only faults need >= 1)")
+    z.add_argument("--faults", action="append", metavar="A,B",
+                   help="only these faults (names from 'llamadiff faults', or module:function@sites)")
+    z.set_defaults(fn=cmd_zoo)
+
+    pr = sub.add_parser("probe", help="reference-free checks on one trace (exit 1 if any probe fires)")
+    inputs(pr, "decode steps after the prefill (default 3)")
+    pr.add_argument("--source", default="torch", choices=["torch", "llama"], help="whose trace (default torch)")
+    pr.add_argument("--inject", action="append", metavar="FAULT", help="inject a fault (torch source only)")
+    pr.add_argument("--checks", help="only these probes, comma-separated (default: all)")
+    pr.set_defaults(fn=cmd_probe)
+
+    fl = sub.add_parser("faults", help="list the named faults and where each must be found")
+    fl.add_argument("--format", default="table", choices=["table", "markdown", "json"])
+    fl.set_defaults(fn=cmd_faults)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llamadiff", description="Diff a Qwen2 GGUF, op by op, against llama.cpp")
     sub = p.add_subparsers(dest="command", required=True)
@@ -216,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", default="table", choices=["table", "markdown", "json"])
     g.add_argument("--out", help="write the report here instead of stdout")
     g.set_defaults(fn=cmd_gate)
+    _add_probe_commands(sub)
     return p
 
 

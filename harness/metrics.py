@@ -20,32 +20,33 @@ class PairStats:
 
 
 def pair_stats(ours: torch.Tensor, ref: torch.Tensor) -> PairStats:
-    """Metrics of ``ours`` against ``ref`` (same shape); computed in float64 on their device."""
+    """Metrics of ``ours`` against ``ref`` (same shape), computed in float64 on ``ours``'s device
+    and brought to the host in one transfer (one synchronisation per pair on a GPU)."""
     if tuple(ours.shape) != tuple(ref.shape):
         raise ValueError(f"shape mismatch: ours {tuple(ours.shape)} vs reference {tuple(ref.shape)}")
+    if ours.numel() == 0:
+        return PairStats(0.0, 0.0, 0.0, 1.0, 0.0, (), 0.0, 0.0, 0)
     a, b = ours.detach().double(), ref.detach().to(ours.device).double()
     both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)        # masked -inf on both sides agrees
     bad = ~(torch.isfinite(a) & torch.isfinite(b)) & ~both_inf
-    a, b = torch.where(both_inf, 0.0, a), torch.where(both_inf, 0.0, b)
-    diff = torch.where(bad, torch.inf, a - b).abs()
-    nonfinite = int(bad.sum())
-    flat = int(diff.flatten().argmax()) if diff.numel() else 0
-    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.numel() else ()
-    fa, fb = torch.where(bad, 0.0, a), torch.where(bad, 0.0, b)
+    fa, fb = torch.where(bad | both_inf, 0.0, a), torch.where(bad | both_inf, 0.0, b)
     d = fa - fb
-    nb, na = float(fb.norm()), float(fa.norm())
-    rms = nb / max(b.numel(), 1) ** 0.5
+    diff = torch.where(bad, torch.inf, d.abs())
+    flat = diff.flatten().argmax()
+    vals = torch.stack([flat.double(), diff.flatten()[flat], d.norm(), fb.norm(), fa.norm(), (fa * fb).sum(),
+                        bad.sum().double(), ours.detach().flatten()[flat].double(),
+                        ref.detach().to(ours.device).flatten()[flat].double()]).tolist()
+    flat_i, max_abs, nd, nb, na, dot, nonfinite, ov, rv = vals
     tiny = 1e-30
-    rel = float(d.norm()) / max(nb, tiny) if nb > tiny or float(d.norm()) > 0 else 0.0
-    cos = float((fa * fb).sum()) / max(na * nb, tiny) if na > tiny and nb > tiny else float(na == nb)
-    max_abs = float(diff.max()) if diff.numel() else 0.0
+    rms = nb / b.numel() ** 0.5
+    rel = nd / max(nb, tiny) if nb > tiny or nd > 0 else 0.0
+    cos = dot / max(na * nb, tiny) if na > tiny and nb > tiny else float(na == nb)
     if nonfinite:
         rel, max_abs = float("inf"), float("inf")
-    return PairStats(
-        max_abs=max_abs, rel_l2=rel, max_norm=max_abs / max(rms, tiny) if max_abs else 0.0, cosine=cos,
-        ref_rms=rms, worst_index=idx,
-        ours_value=float(ours.reshape(-1)[flat]) if ours.numel() else 0.0,
-        ref_value=float(ref.reshape(-1)[flat]) if ref.numel() else 0.0, nonfinite=nonfinite)
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(int(flat_i)), diff.shape))
+    return PairStats(max_abs=max_abs, rel_l2=rel, max_norm=max_abs / max(rms, tiny) if max_abs else 0.0,
+                     cosine=cos, ref_rms=rms, worst_index=idx, ours_value=ov, ref_value=rv,
+                     nonfinite=int(nonfinite))
 
 
 def _robust_z(x: torch.Tensor) -> torch.Tensor:

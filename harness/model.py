@@ -25,12 +25,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y * weight if weight is not None else y
 
 
-def rope_neox(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
+def rope_angles(pos: torch.Tensor, half: int, base: float, mirror: str | None = None) -> torch.Tensor:
+    """Rotation angles (T, Dh/2): pos * base^(-2j/Dh). Exact (float64) unless ``mirror`` names a
+    llama.cpp backend, whose float32 arithmetic is then reproduced: the CPU cache multiplies
+    theta by theta_scale once per pair (ggml_rope_cache_init); CUDA computes
+    pos * powf(theta_scale, j). At position 2048 the two differ from exact by ~1e-4 rad."""
+    if mirror is None:
+        theta = base ** (-torch.arange(half, dtype=torch.float64, device=pos.device) * 2 / (2 * half))
+        return pos.to(torch.float64)[:, None] * theta[None, :]
+    f32 = torch.float32
+    scale = torch.tensor(base, dtype=f32) ** torch.tensor(-2.0 / (2 * half), dtype=f32)
+    p = pos.to(f32)
+    if mirror == "cuda":
+        j = torch.arange(half, dtype=f32, device=pos.device)
+        return p[:, None] * scale.to(pos.device) ** j[None, :]
+    out, theta = [], p
+    for _ in range(half):
+        out.append(theta)
+        theta = theta * scale.to(pos.device)
+    return torch.stack(out, dim=-1)
+
+
+def rope_neox(x: torch.Tensor, pos: torch.Tensor, base: float, mirror: str | None = None) -> torch.Tensor:
     """RoPE with NEOX pairing (dim j rotates with j + Dh/2), as llama.cpp does for qwen2.
-    x: (T, nh, Dh), pos: (T,). Angles in float64, applied in x's dtype."""
+    x: (T, nh, Dh), pos: (T,). Applied in x's dtype."""
     half = x.shape[-1] // 2
-    theta = base ** (-torch.arange(half, dtype=torch.float64, device=x.device) * 2 / x.shape[-1])
-    ang = pos.to(torch.float64)[:, None] * theta[None, :]                # (T, Dh/2)
+    ang = rope_angles(pos, half, base, mirror)                             # (T, Dh/2)
     cos, sin = ang.cos().to(x.dtype)[:, None, :], ang.sin().to(x.dtype)[:, None, :]
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -67,9 +87,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Qwen2Config, w: dict, mm: dict, i: int, hp):
+    def __init__(self, cfg: Qwen2Config, w: dict, mm: dict, i: int, hp, mirror: str | None = None):
         super().__init__()
-        self.cfg, self.i, self.hp = cfg, i, hp
+        self.cfg, self.i, self.hp, self.mirror = cfg, i, hp, mirror
         p = f"blk.{i}."
         self.mq, self.bq = mm[p + "attn_q.weight"], w[p + "attn_q.bias"]
         self.mk, self.bk = mm[p + "attn_k.weight"], w[p + "attn_k.bias"]
@@ -87,8 +107,9 @@ class Attention(nn.Module):
         q = self._qkv(x, "q", self.mq, self.bq, H)                             # (T, H, Dh)
         k = self._qkv(x, "k", self.mk, self.bk, Hkv)                           # (T, Hkv, Dh)
         v = self._qkv(x, "v", self.mv, self.bv, Hkv)                           # (T, Hkv, Dh)
-        q = hp["q_rope"](rope_neox(q, pos, cfg.rope_base), x=q, pos=pos, base=cfg.rope_base)
-        k = hp["k_rope"](rope_neox(k, pos, cfg.rope_base), x=k, pos=pos, base=cfg.rope_base)
+        m = self.mirror
+        q = hp["q_rope"](rope_neox(q, pos, cfg.rope_base, m), x=q, pos=pos, base=cfg.rope_base, mirror=m)
+        k = hp["k_rope"](rope_neox(k, pos, cfg.rope_base, m), x=k, pos=pos, base=cfg.rope_base, mirror=m)
         K, V = cache.update(self.i, k, v)                                      # (P, Hkv, Dh)
         rq, rk, rv = (cache._round(t) for t in (q, K, V))   # F16 cache: llama.cpp's dot operands
         g = H // Hkv
@@ -117,12 +138,13 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Qwen2Config, w: dict, mm: dict, i: int, manager: HookManager):
+    def __init__(self, cfg: Qwen2Config, w: dict, mm: dict, i: int, manager: HookManager,
+                 mirror: str | None = None):
         super().__init__()
         self.hp = nn.ModuleDict({k: HookPoint(site_name(k, i), i, manager) for k in LAYER_KEYS})
         p, self.eps = f"blk.{i}.", cfg.rms_eps
         self.attn_norm_w, self.ffn_norm_w = w[p + "attn_norm.weight"], w[p + "ffn_norm.weight"]
-        self.attn = Attention(cfg, w, mm, i, self.hp)
+        self.attn = Attention(cfg, w, mm, i, self.hp, mirror)
         self.ffn = FeedForward(mm, i, self.hp)
 
     def forward(self, x, pos, cache, mask):                                   # x (T, D)
@@ -148,7 +170,7 @@ class Qwen2(nn.Module):
               for n, t in w.items() if t.dim() == 2}
         self.embd_w, self.norm_w = w["token_embd.weight"], w["output_norm.weight"]
         self.out = mm["token_embd.weight"] if gm.tied else mm["output.weight"]
-        self.blocks = nn.ModuleList(Block(cfg, w, mm, i, self.manager) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, w, mm, i, self.manager, mirror) for i in range(cfg.n_layer))
         self.hp = nn.ModuleDict({k: HookPoint(k, None, self.manager) for k in ("embd", "output_norm", "logits")})
 
     @property

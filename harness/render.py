@@ -135,7 +135,8 @@ def _logit_lines(cmp: Comparison) -> list[str]:
 def render_text_table(cmp: Comparison, width: int = 120, color: bool = False) -> str:
     """The rich report as text (ANSI colours when ``color``)."""
     buf = io.StringIO()
-    con = Console(file=buf, width=width, force_terminal=color, color_system="standard" if color else None)
+    con = Console(file=buf, width=width, force_terminal=color, color_system="standard" if color else None,
+                  force_jupyter=False)   # in Jupyter, rich would display instead of writing to buf
     for line in _header(cmp):
         con.print(line, highlight=False)
     con.print(Text(verdict_line(cmp), style="bold red" if cmp.diverged else "bold green"))
