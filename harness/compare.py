@@ -50,6 +50,13 @@ def _describe_index(site: str, idx: tuple[int, ...]) -> str:
     return " ".join(f"{names[d]} {i}" for d, i in zip(layout, idx))
 
 
+def _rows_like(ours, ref, spec):
+    """Our last rows when the reference kept only its output rows (token-major layouts)."""
+    if spec.layout[0] == "T" and ours.dim() == ref.dim() and ref.shape[0] < ours.shape[0]:
+        return ours[-ref.shape[0]:]
+    return ours
+
+
 class Comparator:
     """Builds a Comparison one tensor pair at a time, so tensors can be dropped as they are
     compared (the streaming GPU path) or fed from whole traces (:func:`compare`)."""
@@ -64,6 +71,7 @@ class Comparator:
     def add(self, step: int, site: str, ours, ref) -> None:
         """End-to-end pair: our tensor and the reference's at (step, site)."""
         layer, spec = parse_site(site)
+        ours = _rows_like(ours, ref, spec)
         s = pair_stats(ours, ref)
         tol = self.policy.tolerance(spec.family, "e2e")
         row = self.rows.setdefault((step, site), {})
@@ -80,7 +88,7 @@ class Comparator:
     def add_local(self, step: int, site: str, local, ref) -> None:
         """Local pair: our op recomputed on the reference's inputs, and the reference's output."""
         self.has_local = True
-        ls = pair_stats(local, ref)
+        ls = pair_stats(_rows_like(local, ref, parse_site(site)[1]), ref)
         lt = self.policy.tolerance(parse_site(site)[1].family, "local")
         self.rows.setdefault((step, site), {}).update(
             local_rel_l2=ls.rel_l2, local_max_norm=ls.max_norm, local_worst=_describe_index(site, ls.worst_index),

@@ -67,8 +67,9 @@ _LAYER_TENSORS = {  # suffix -> shape in torch order, symbolic
 }
 
 
-def _open_reader(path: str):
-    from gguf import GGUFReader
+def open_gguf(path: str):
+    """The header (metadata and tensor records) of a GGUF file, checked against the file size."""
+    from .gguf_header import HeaderError, scan
     if not os.path.isfile(path):
         raise GGUFError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -76,37 +77,43 @@ def _open_reader(path: str):
     if magic != GGUF_MAGIC:
         raise GGUFError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # gguf-py raises assorted errors on damaged headers
+        hdr = scan(path)
+    except (HeaderError, ValueError, OverflowError, MemoryError) as e:
         raise GGUFError(f"{path}: corrupt or truncated GGUF header ({type(e).__name__}: {e})") from None
     size = os.path.getsize(path)
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
+    for t in hdr.tensors:
+        if t.offset + t.nbytes > size:
             raise GGUFError(f"{path}: truncated file: tensor {t.name} ends at byte "
-                            f"{t.data_offset + t.n_bytes} but the file has {size} bytes")
-    return reader
+                            f"{t.offset + t.nbytes} but the file has {size} bytes")
+    return hdr
 
 
-def _field(reader, key: str, path: str, kind=None):
-    f = reader.fields.get(key)
-    if f is None:
+_open_reader = open_gguf   # older name, kept for callers
+
+
+def tensor_types(hdr) -> dict[str, str]:
+    """GGUF tensor name -> type name ("Q4_K", "F32", ...)."""
+    from gguf import GGMLQuantizationType
+    return {t.name: GGMLQuantizationType(t.type).name for t in hdr.tensors}
+
+
+def _field(hdr, key: str, path: str, kind=None):
+    if key not in hdr.fields:
         raise GGUFError(f"{path}: missing metadata key {key}")
+    value = hdr.fields[key]
     try:
-        value = f.contents()
-    except Exception as e:
+        return kind(value) if kind else value
+    except (TypeError, ValueError) as e:
         raise GGUFError(f"{path}: unreadable metadata key {key} ({e})") from None
-    return kind(value) if kind else value
 
 
-def read_config(reader, path: str) -> Qwen2Config:
-    arch = _field(reader, "general.architecture", path, str)
+def read_config(hdr, path: str) -> Qwen2Config:
+    arch = _field(hdr, "general.architecture", path, str)
     if arch != "qwen2":
         raise GGUFError(f"{path}: architecture {arch!r} is not supported (llamadiff models qwen2)")
-    values = {name: _field(reader, f"qwen2.{suffix}", path, kind) for name, (suffix, kind) in _META.items()}
-    tok = reader.fields.get("tokenizer.ggml.tokens")
-    if tok is None:
-        raise GGUFError(f"{path}: missing metadata key tokenizer.ggml.tokens")
-    cfg = Qwen2Config(n_vocab=len(tok.data), **values)
+    values = {name: _field(hdr, f"qwen2.{suffix}", path, kind) for name, (suffix, kind) in _META.items()}
+    tok = _field(hdr, "tokenizer.ggml.tokens", path)
+    cfg = Qwen2Config(n_vocab=len(tok), **values)
     if cfg.d_model % cfg.n_head or cfg.n_head % cfg.n_head_kv:
         raise GGUFError(f"{path}: inconsistent heads: embedding_length {cfg.d_model}, "
                         f"head_count {cfg.n_head}, head_count_kv {cfg.n_head_kv}")
@@ -123,76 +130,83 @@ def expected_shapes(cfg: Qwen2Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _dequantize(t, path: str) -> np.ndarray:
+def _raw(t, path: str) -> np.ndarray:
+    from .gguf_header import HeaderError, read_tensor_bytes
+    try:
+        return read_tensor_bytes(path, t)
+    except HeaderError as e:
+        raise GGUFError(f"{path}: {e}") from None
+
+
+def _dequantize(t, raw: np.ndarray, path: str) -> np.ndarray:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
-    qtype = GGMLQuantizationType(t.tensor_type)
+    qtype = GGMLQuantizationType(t.type)
     try:
-        arr = dequantize(t.data, qtype)
+        arr = dequantize(raw, qtype)
     except NotImplementedError:
         raise GGUFError(f"{path}: tensor {t.name} has type {qtype.name}, which gguf cannot dequantize") from None
     except Exception as e:
         raise GGUFError(f"{path}: tensor {t.name} ({qtype.name}) is corrupt ({type(e).__name__}: {e})") from None
-    return arr.reshape(tuple(int(n) for n in reversed(t.shape)))
+    return arr.reshape(t.shape)
 
 
-# --- opt-in torch dequantization (harness.dequant_torch), bit-exact with the numpy path ---
-def _dequantize_torch(t, path: str, shape: tuple[int, ...], device) -> torch.Tensor | None:
-    """``t`` dequantized on ``device`` from its raw bytes; None where torch lacks the type."""
-    import warnings
+def _dequantize_torch(t, raw: np.ndarray, path: str, device) -> torch.Tensor | None:
+    """``t`` dequantized on ``device`` from its raw bytes (harness.dequant_torch, bit-exact with
+    the numpy path); None where torch lacks the type."""
     from gguf import GGMLQuantizationType
     from .dequant_torch import dequantize
-    qtype = GGMLQuantizationType(t.tensor_type)
-    raw_np = np.asarray(t.data).view(np.uint8)  # typed (F32/F16) or uint8 rows, on the memmap
-    with warnings.catch_warnings():  # read-only memmap: only read, never written
-        warnings.simplefilter("ignore", UserWarning)
-        raw = torch.from_numpy(raw_np).to(device)
+    qtype = GGMLQuantizationType(t.type)
     try:
-        return dequantize(raw, qtype, shape)  # always a fresh tensor, never a view of the memmap
+        return dequantize(torch.from_numpy(raw).to(device), qtype, t.shape)
     except NotImplementedError:
         return None
     except ValueError as e:
         raise GGUFError(f"{path}: tensor {t.name} ({qtype.name}) is corrupt ({type(e).__name__}: {e})") from None
-# --- end torch dequantization ---
 
 
 def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32, torch_dequant: bool = False) -> GGUFModel:
     """Config and every weight of a qwen2 GGUF, dequantized to ``dtype`` on ``device``.
 
-    ``torch_dequant``: move each tensor's raw bytes to ``device`` and dequantize there
-    (:mod:`harness.dequant_torch`, bit-exact with gguf's numpy); numpy for types it lacks.
+    Tensors are read one at a time with plain reads (no memory map), so host memory holds at most
+    one raw tensor. ``torch_dequant``: move each tensor's raw bytes to ``device`` and dequantize
+    there (:mod:`harness.dequant_torch`); numpy (gguf-py) for types it lacks.
     """
     path = os.fspath(path)
-    reader = _open_reader(path)
-    cfg = read_config(reader, path)
-    by_name = {t.name: t for t in reader.tensors}
+    hdr = open_gguf(path)
+    cfg = read_config(hdr, path)
+    by_name = {t.name: t for t in hdr.tensors}
     shapes = expected_shapes(cfg)
     tied = "output.weight" not in by_name
     if not tied:
         shapes["output.weight"] = (cfg.n_vocab, cfg.d_model)
-    weights, types = {}, {}
+    types = tensor_types(hdr)
+    weights = {}
     for name, want in shapes.items():
         t = by_name.get(name)
         if t is None:
             raise GGUFError(f"{path}: missing tensor {name}")
-        found = tuple(int(n) for n in reversed(t.shape))
-        if found != want:
-            raise GGUFError(f"{path}: tensor {name} has shape {list(found)}, expected {list(want)} "
+        if t.shape != want:
+            raise GGUFError(f"{path}: tensor {name} has shape {list(t.shape)}, expected {list(want)} "
                             "(rows, cols)")
-        w = _dequantize_torch(t, path, found, device) if torch_dequant else None
+        raw = _raw(t, path)
+        w = _dequantize_torch(t, raw, path, device) if torch_dequant else None
         if w is None:
-            arr = np.array(_dequantize(t, path), dtype=np.float32, order="C", copy=True)  # off the memmap
-            w = torch.from_numpy(arr)
+            w = torch.from_numpy(np.ascontiguousarray(_dequantize(t, raw, path), dtype=np.float32))
         weights[name] = w.to(device=device, dtype=dtype)
-        types[name] = t.tensor_type.name
-    return GGUFModel(path=path, config=cfg, weights=weights, types=types, tied=tied)
+    return GGUFModel(path=path, config=cfg, weights=weights, types={n: types[n] for n in shapes}, tied=tied)
 
 
 def read_tokens(path: str | os.PathLike) -> list[str]:
     """The tokenizer's token strings (index = token id), for labelling reports."""
+    from .gguf_header import HeaderError, scan
     path = os.fspath(path)
-    f = _open_reader(path).fields.get("tokenizer.ggml.tokens")
-    if f is None:
+    open_gguf(path)
+    try:
+        tokens = scan(path, keep_strings=("tokenizer.ggml.tokens",)).fields.get("tokenizer.ggml.tokens")
+    except HeaderError as e:
+        raise GGUFError(f"{path}: corrupt GGUF header ({e})") from None
+    if tokens is None:
         raise GGUFError(f"{path}: missing metadata key tokenizer.ggml.tokens")
-    return [bytes(f.parts[i]).decode("utf-8", "replace") for i in f.data]
+    return list(tokens)

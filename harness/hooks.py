@@ -72,7 +72,11 @@ class HookManager:
         if self.anchor is not None:
             ref = self.anchor(self.step, name)
             if ref is not None:
-                x = ref.to(device=x.device, dtype=x.dtype).reshape(x.shape)
+                ref = ref.to(device=x.device, dtype=x.dtype)
+                if ref.dim() == x.dim() and ref.shape[0] < x.shape[0]:   # reference kept only its last rows
+                    x = torch.cat([x[:x.shape[0] - ref.shape[0]], ref])
+                else:
+                    x = ref.reshape(x.shape)
         return x
 
 

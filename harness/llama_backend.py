@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .ggml_struct import GGMLFuncs, gpu_device_names, tensor_at, to_torch_device
-from .gguf_io import GGUFError, _open_reader, read_config
+from .gguf_io import GGUFError, open_gguf, read_config, tensor_types
 from .llama_lib import LlamaUnavailable, llama, versions
 from .sites import BY_KEY, SITES, SiteFilter, all_sites, parse_site, shape_of, site_name
 from .trace import Sink, Trace
@@ -57,6 +57,9 @@ class LlamaOptions:
     n_ctx: int | None = None    # default: what the run needs; rounded up to a multiple of 256
     n_threads: int | None = None  # default: every CPU core
     keep_on_device: bool = False  # CUDA: hand the sink torch tensors on the GPU (no host copy)
+    all_outputs: bool = True      # logits for every token; False: only the last token of each step
+                                  # (saves T x V floats of host memory; the last layer's sites from
+                                  # ffn_inp on then hold only that row: llama.cpp drops the others)
 
 
 # (graph name without "-{i}", ggml op) -> site key; op None matches any op.
@@ -76,6 +79,15 @@ def _node_site(name: str, op: str) -> str | None:
     if key is None or BY_KEY[key].per_layer != (layer is not None):
         return None
     return site_name(key, layer)
+
+
+_REDUCED = {"ffn_inp", "ffn_norm", "ffn_gate", "ffn_up", "ffn_act", "ffn_out", "l_out", "output_norm",
+            "logits"}
+
+
+def spec_rows_reduced(site: str, numel: int, dims: dict) -> bool:
+    """Whether a last-layer/output site holds only the output row (outputs for the last token only)."""
+    return parse_site(site)[1].key in _REDUCED and numel == math.prod(shape_of(site, dict(dims, T=1)))
 
 
 class _Capture:
@@ -173,6 +185,8 @@ class _Capture:
             if arr.numel() % (H * T) or arr.numel() // (H * T) < P:
                 raise ValueError(f"{site}: llama.cpp tensor {tuple(arr.shape)[::-1]} does not hold {P} KV cells")
             arr = arr.reshape(H, T, -1)[..., :P]
+        if arr.numel() != math.prod(shape) and spec_rows_reduced(site, arr.numel(), self.dims):
+            shape = shape_of(site, dict(self.dims, T=1))        # only the output row survives
         if arr.numel() != math.prod(shape):
             raise ValueError(f"{site}: llama.cpp tensor with ne {list(arr.shape)[::-1]} does not fit "
                              f"the layout {shape}")
@@ -193,11 +207,11 @@ def _lib():
 def _read_gguf(path: str):
     """Config and matrix weight type of a qwen2 GGUF, as LlamaError when unusable."""
     try:
-        reader = _open_reader(path)
-        cfg = read_config(reader, path)
+        hdr = open_gguf(path)
+        cfg = read_config(hdr, path)
     except GGUFError as e:
         raise LlamaError(str(e)) from None
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    types = tensor_types(hdr)
     return cfg, types.get("blk.0.ffn_down.weight") or types.get("token_embd.weight", "?")
 
 
@@ -244,6 +258,7 @@ class LlamaRunner:
     def _load_model(self):
         mp = self.lc.llama_model_default_params()
         mp.n_gpu_layers = -1 if self.gpu else 0
+        mp.use_mmap = not self.gpu      # offloaded weights: stream them, don't map the file into RSS
         model = self.lc.llama_model_load_from_file(self.path.encode(), mp)
         if not model:
             raise LlamaError(f"{self.path}: llama.cpp could not load this GGUF "
@@ -339,13 +354,14 @@ class LlamaRunner:
         b = self._batch
         b.n_tokens = len(feed)
         for i, tok in enumerate(feed):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos0 + i, 1, 1
+            out = self.options.all_outputs or i == len(feed) - 1
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos0 + i, 1, int(out)
             b.seq_id[i][0] = 0
         rc = self.lc.llama_decode(ctx, b)
         self._raise_capture_error(step)
         if rc != 0:
             raise LlamaError(f"llama_decode failed at step {step} (returned {rc})")
-        row = self.lc.llama_get_logits_ith(ctx, len(feed) - 1)
+        row = self.lc.llama_get_logits_ith(ctx, -1)
         return np.ctypeslib.as_array(row, shape=(self.n_vocab,)).copy()
 
     def _raise_capture_error(self, step: int) -> None:

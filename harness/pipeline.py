@@ -30,6 +30,7 @@ class DiffRequest:
     kv_type: str = "f16"                # llama.cpp KV cache type (its default is F16)
     flash_attn: bool = False
     local: bool = True                  # also measure each op on the reference's inputs
+    all_outputs: bool = True            # False: llama.cpp outputs the last token only (less host memory)
 
 
 @dataclass
@@ -90,7 +91,8 @@ def diff_on_device(req: DiffRequest, model: Qwen2 | None = None, runner: LlamaRu
     memory holds only the table. Same table as :func:`diff_gguf`; ``ours``/``local`` are None."""
     filt = SiteFilter(req.sites) if req.sites else None
     if ref is None:
-        opts = LlamaOptions(device="cuda", flash_attn=req.flash_attn, kv_type=req.kv_type, keep_on_device=True)
+        opts = LlamaOptions(device="cuda", flash_attn=req.flash_attn, kv_type=req.kv_type, keep_on_device=True,
+                            all_outputs=req.all_outputs)
         own = runner is None
         runner = runner or LlamaRunner(req.gguf, opts, n_ctx_needed=_ctx_needed(req))
         try:

@@ -377,9 +377,9 @@ def _gguf_info(path: str, weight_type: str) -> dict:
     info = {"file": os.path.basename(path), "path": path, "bytes": os.path.getsize(path),
             "sha256": _sha256(path), "weight_type": weight_type}
     try:
-        f = _open_reader(path).fields.get("general.name")
-        if f is not None:
-            info["general_name"] = bytes(f.parts[f.data[0]]).decode()
+        name = _open_reader(path).fields.get("general.name")
+        if name is not None:
+            info["general_name"] = str(name)
     except Exception:
         pass
     return info

@@ -3,6 +3,7 @@ ours and llama.cpp's, on every weight type; the probe command keeps its exit cod
 import json
 
 import pytest
+import torch
 
 from harness.cli import main
 from probes.checks import CHECKS, fired, probe_trace, run_checks, summarize
@@ -25,10 +26,19 @@ TARGETS = [  # (probe, the zoo fault it must catch)
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: intra-op threads only add overhead, and on a busy 2-core runner they spin
+    against each other (measured 3x slower). Restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def torch_model(tiny_f32):
     from harness.model import load_model
-    import torch
     return load_model(tiny_f32, kv_dtype=torch.float16)
 
 

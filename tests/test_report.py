@@ -89,3 +89,18 @@ def test_site_filter_limits_the_report(tiny_f32):
     assert set(res.comparison.table["site"]) == {f"blk.1.{k}" for k in
                                                  res.comparison.table["op"] if k != "logits"} | {"logits"}
     assert all(s.startswith("blk.1.") or s == "logits" for s in res.comparison.table["site"])
+
+
+def test_last_token_outputs_only(tiny_f32):
+    """With llama.cpp asked for the last token's logits only, the last layer's sites from ffn_inp
+    on hold one row; both the clean verdict and a fault's location survive."""
+    from harness.llama_backend import LlamaOptions, LlamaRunner
+    with LlamaRunner(tiny_f32, LlamaOptions(device="cpu", all_outputs=False), 64) as r:
+        ref = r.run(PROMPT, 2)
+    assert ref[0, "blk.2.l_out"].shape == (1, 256) and ref[0, "blk.2.attn_out"].shape == (8, 256)
+    assert ref[0, "blk.1.l_out"].shape == (8, 256) and ref[0, "logits"].shape == (1, 1024)
+    req = DiffRequest(tiny_f32, tokens=PROMPT, steps=2)
+    assert not diff_gguf(req, ref=ref).comparison.diverged
+    req.faults = [REGISTRY["lm_head_transpose"]]
+    first = diff_gguf(req, ref=ref).comparison.first
+    assert (first.step, first.site) == (0, "logits")
