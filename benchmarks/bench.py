@@ -6,6 +6,7 @@ For each model and prompt length it measures (median of repeats, warm):
   cap_dev   the same with every site captured into GPU memory (no host copy)
   report    the full divergence report: capture + our model + our model anchored on the
             reference (local errors) + every site compared, streaming on the GPU; model load excluded
+All llama.cpp runs output logits for the last token of each step only (``all_outputs=False``).
   loads     llama.cpp model+context load, and our GGUF load (dequantized on the GPU)
   peak host RSS of the report process, and peak GPU memory (device-wide, from cudaMemGetInfo)
 Each is also given as a ratio to ``plain``, the number that travels between machines.
@@ -54,7 +55,8 @@ def _setup(gguf: str, T: int, steps: int):
     cfg = read_config(_open_reader(gguf), gguf)
     prompt = np.random.default_rng(0).integers(300, min(cfg.n_vocab, 100000), T).tolist()
     t0 = time.perf_counter()
-    runner = LlamaRunner(gguf, LlamaOptions(device="cuda", keep_on_device=True), n_ctx_needed=T + steps + 1)
+    opts = LlamaOptions(device="cuda", keep_on_device=True, all_outputs=False)
+    runner = LlamaRunner(gguf, opts, n_ctx_needed=T + steps + 1)
     llama_load = time.perf_counter() - t0
     runner.logits_plain(prompt, steps)     # greedy picks fix the decode tokens for every repeat
     tokens = [int(l.argmax()) for l in runner.last_logits[:-1]]
@@ -78,7 +80,7 @@ def child_report(gguf: str, T: int, steps: int, repeats: int) -> dict:
     gpu.sample()
     runner, prompt, toks, llama_load = _setup(gguf, T, steps)
     gpu.sample()
-    req = DiffRequest(gguf, tokens=prompt, steps=steps, device="cuda")
+    req = DiffRequest(gguf, tokens=prompt, steps=steps, device="cuda", all_outputs=False)
     t0 = time.perf_counter()
     model = model_for(req, runner.run(prompt, 0, sink=lambda *a: None, filt=None, capture=False))
     torch.cuda.synchronize()
@@ -87,8 +89,7 @@ def child_report(gguf: str, T: int, steps: int, repeats: int) -> dict:
     holder = {}
 
     def once():
-        holder["res"] = diff_on_device(DiffRequest(gguf, tokens=prompt, steps=steps, device="cuda"),
-                                       model=model, runner=runner)
+        holder["res"] = diff_on_device(req, model=model, runner=runner)
         torch.cuda.synchronize()
         gpu.sample()
 

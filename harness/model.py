@@ -245,8 +245,8 @@ class Qwen2(nn.Module):
 
         def recorder(step, name, x):
             if filt is None or filt.wants(step, name):
-                y = x.detach().float()
-                keep(step, name, y.cpu() if to_cpu else y.clone())
+                y = x.detach().float()          # our ops never write in place: no copy needed
+                keep(step, name, y.cpu() if to_cpu else y)
 
         def anchor_fn(step, name):
             return anchor.tensors.get((step, name))
