@@ -10,7 +10,7 @@ fix() { python -c "from harness.synth import default_fixture as d; print(d('$2',
 run() { echo "\$ $*"; timeout "${LIMIT:-300}" "$@"; echo "[exit $?]"; }
 for phase in "$@"; do case $phase in
 calibrate)
-  run python -m harness.calibrate --device cuda --preset tiny,qwen2.5-0.5b
+  LIMIT=560 run python -m harness.calibrate --device cuda --preset tiny,qwen2.5-0.5b
   cp harness/tolerances.json "$OUT/tolerances.json" ;;
 tests)
   run python -m pytest tests/test_gpu.py tests/test_dequant_torch.py -q -rs -p no:cacheprovider ;;
@@ -24,8 +24,11 @@ zoo)
   run python -m harness.cli zoo "$(fix qwen2.5-0.5b q4_k_m)" --device cuda ;;
 gate)
   m=$(fix qwen2.5-0.5b f16)
-  run python -m harness.cli record "$m" --prompt "The quick brown fox" --steps 3 --device cuda --name qwen05b-f16-cuda --out-dir "$OUT/runs" --float16
-  run python -m harness.cli gate "$OUT/runs/qwen05b-f16-cuda" --model "$m" --device cuda --junit "$OUT/junit.xml" --summary "$OUT/summary.md" ;;
+  run python -m harness.cli record "$m" --prompt "The quick brown fox" --steps 3 --device cuda --name qwen05b-f16-cuda --out-dir "$OUT/runs"
+  du -sh "$OUT/runs/qwen05b-f16-cuda"
+  run python -m harness.cli gate "$OUT/runs/qwen05b-f16-cuda" --model "$m" --device cuda --junit "$OUT/junit.xml" --summary "$OUT/summary.md"
+  run python -m harness.cli gate "$OUT/runs/qwen05b-f16-cuda" --model "$m" --device cuda --inject drop_qkv_bias --format markdown
+  rm -rf "$OUT/runs" ;;
 bench)
   LIMIT=560 run python benchmarks/bench.py --out "$OUT" ;;
 bench7b)
