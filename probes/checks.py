@@ -197,7 +197,8 @@ def _angles(zi: torch.Tensor, zo: torch.Tensor):
     of the pairs whose input is large enough to measure it."""
     c = (zi.conj() * zo).sum(1)                                               # (T, half)
     wgt = zi.abs().pow(2).sum(1)
-    ok = wgt > 1e-6 * float(wgt.max()) if wgt.numel() and float(wgt.max()) > 0 else torch.zeros_like(wgt, dtype=torch.bool)
+    top = float(wgt.max()) if wgt.numel() else 0.0
+    ok = wgt > 1e-6 * top if top > 0 else torch.zeros_like(wgt, dtype=torch.bool)
     return c.angle(), ok & torch.isfinite(c.real) & torch.isfinite(c.imag)
 
 
@@ -296,7 +297,8 @@ def check_logit_spikes(trace, pc: ProbeContext) -> list[dict]:
             continue
         x = lg.double()
         if not bool(torch.isfinite(x).all()):
-            out.append(_rec("logit_spikes", site, step, math.inf, SPIKE_Z, f"{int((~torch.isfinite(x)).sum())} non-finite logits"))
+            n = int((~torch.isfinite(x)).sum())
+            out.append(_rec("logit_spikes", site, step, math.inf, SPIKE_Z, f"{n} non-finite logits"))
             continue
         med = x.median(-1, keepdim=True).values
         mad = (x - med).abs().median(-1, keepdim=True).values * 1.4826
@@ -358,7 +360,7 @@ def check_residual_adds(trace, pc: ProbeContext) -> list[dict]:
     for step, layer, site, r in _layer_sites(trace, "ffn_inp"):
         g = trace.tensors.get
         x_in = g((step, "embd" if layer == 0 else f"blk.{layer - 1}.l_out"))
-        a, f, lo = g((step, f"blk.{layer}.attn_out")), g((step, f"blk.{layer}.ffn_out")), g((step, f"blk.{layer}.l_out"))
+        a, f, lo = (g((step, f"blk.{layer}.{k}")) for k in ("attn_out", "ffn_out", "l_out"))
         errs = []
         if x_in is not None and a is not None:
             errs.append((float((r.double() - x_in.double() - a.double()).norm() / r.double().norm().clamp_min(1e-30)),

@@ -1,0 +1,131 @@
+"""The fault zoo: inject every named fault, diff against llama.cpp, check where it was found.
+
+``run_zoo`` captures llama.cpp's reference trace once, loads our model once, then runs one
+clean comparison and one comparison per fault (``diff_gguf(req, model=model, ref=ref)``: two
+PyTorch runs each, the ordinary one and the local one anchored on the reference). It returns
+plain data (:class:`ZooResult`: one record per fault); ``probes.render_probes`` turns it into
+text. A fault is a *hit* when the first divergence is exactly its expected (step, layer, site),
+or when it cannot show in this run (expected None) and nothing diverges; the clean run must
+find nothing (else: *false alarm*). User faults without an expected location are *unscored*.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from harness.compare import step_label
+from harness.gguf_io import _open_reader, read_config
+from harness.pipeline import DiffRequest, capture_reference, diff_gguf, model_for
+from harness.sites import validate_pattern
+
+from .checks import DEFAULT_PROMPT
+from .faults import REGISTRY, Fault, RunInfo, get_fault
+
+CLEAN_NAME = "(clean)"
+OK_STATUSES = ("hit", "clean", "unscored")
+
+
+def format_location(loc) -> str:
+    """``(0, 0, "blk.0.q")`` -> ``"prefill blk.0.q"``; None -> ``"none"``."""
+    if loc is None:
+        return "none"
+    step, _, site = loc
+    return f"{step_label(step)} {site}"
+
+
+@dataclass
+class ZooResult:
+    rows: list[dict]                         # one per fault, the clean run first
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """No miss and no false alarm."""
+        return all(r["status"] in OK_STATUSES for r in self.rows)
+
+    @property
+    def failures(self) -> list[dict]:
+        return [r for r in self.rows if r["status"] not in OK_STATUSES]
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows)
+
+
+def _found(cmp):
+    f = cmp.first
+    return None if f is None else (f.step, f.layer, f.site)
+
+
+def _status(expected, found, known: bool) -> str:
+    if not known:
+        return "unscored"
+    return "hit" if expected == found else "miss"
+
+
+def _record(name: str, fault: Fault | None, expected, known: bool, res, seconds: float) -> dict:
+    cmp = res.comparison
+    found = _found(cmp)
+    if fault is None:
+        status = "clean" if found is None else "false alarm"
+    else:
+        status = _status(expected, found, known)
+    row = cmp.first.row if cmp.first is not None else {}
+    return dict(
+        fault=name, expected=format_location(expected) if known else "?", found=format_location(found),
+        status=status, expected_loc=expected if known else None, found_loc=found,
+        local_rel_l2=row.get("local_rel_l2"), tol_rel=row.get("local_tol_rel"),
+        explanation=cmp.first.explanation if cmp.first is not None else "no divergence",
+        where_doc=fault.where_doc if fault is not None else "", seconds=round(seconds, 3))
+
+
+def resolve_faults(faults=None) -> list[Fault]:
+    """Fault records from names, ``module:function@pattern`` specs or Fault objects (all
+    registered faults when None)."""
+    if faults is None:
+        return list(REGISTRY.values())
+    return [get_fault(f) for f in faults]
+
+
+def run_zoo(gguf: str, tokens: list[int] | None = None, prompt: str | None = None, steps: int = 3,
+            faults=None, device: str = "cpu", dtype: str = "float32", kv_type: str = "f16",
+            ref=None, model=None, progress=None) -> ZooResult:
+    """Clean run + every fault in ``faults`` (default: the whole registry) on one GGUF.
+
+    ``ref``/``model`` may be passed in to reuse a capture and a loaded model (they must belong
+    to the same GGUF and tokens). Neither ``tokens`` nor ``prompt``: DEFAULT_PROMPT, tokenized by
+    llama.cpp. ``progress(name)`` is called before each run."""
+    todo = resolve_faults(faults)
+    if tokens is None and prompt is None:
+        prompt = DEFAULT_PROMPT
+    req = DiffRequest(gguf, prompt=prompt, tokens=tokens, steps=steps, device=device, dtype=dtype,
+                      kv_type=kv_type)
+    cfg = read_config(_open_reader(str(gguf)), str(gguf))
+    for f in todo:
+        validate_pattern(f.patterns, cfg.n_layer)             # a user fault's typo: SiteError, before any work
+    t0 = time.perf_counter()
+    ref = ref if ref is not None else capture_reference(req)
+    t_ref = time.perf_counter() - t0
+    model = model if model is not None else model_for(req, ref)
+    run = RunInfo(model.config, n_prompt=ref.n_prompt, n_steps=ref.n_steps, ref=ref, gguf=str(gguf))
+    rows = []
+    for fault in [None] + todo:
+        name = CLEAN_NAME if fault is None else fault.name
+        if progress is not None:
+            progress(name)
+        expected, known = None, True
+        if fault is not None:
+            known = fault.known
+            expected = fault.where(run) if known else None
+        t = time.perf_counter()
+        res = diff_gguf(DiffRequest(gguf, prompt=prompt, tokens=tokens, steps=steps, device=device, dtype=dtype,
+                                    kv_type=kv_type, faults=[] if fault is None else [fault]),
+                        model=model, ref=ref)
+        rows.append(_record(name, fault, expected, known, res, time.perf_counter() - t))
+        if fault is None:
+            clean_policy = res.comparison.meta.get("policy", {})
+    meta = dict(gguf=str(gguf), weight_type=model.gguf.weight_type, tokens=list(ref.tokens),
+                n_prompt=ref.n_prompt, steps=ref.n_steps, policy=clean_policy,
+                reference_seconds=round(t_ref, 3), total_seconds=round(time.perf_counter() - t0, 3))
+    return ZooResult(rows, meta)
