@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pandas as pd
+import torch
 
-from .metrics import logit_stats, pair_stats
+from .metrics import finish_stats, logit_stats, pair_stats, stats_vector
 from .sites import input_sites, parse_site
 from .tolerance import Policy
 from .trace import Trace
@@ -67,35 +68,58 @@ class Comparator:
         self.logit_rows: list[dict] = []
         self.spikes: list[dict] = []
         self.has_local = False
+        self.pending: list = []   # (row builder, step, site, shape, stats on the GPU)
 
     def add(self, step: int, site: str, ours, ref) -> None:
-        """End-to-end pair: our tensor and the reference's at (step, site)."""
+        """End-to-end pair: our tensor and the reference's at (step, site). On a GPU the
+        reductions are queued and brought to the host together in :meth:`result`."""
         layer, spec = parse_site(site)
         ours = _rows_like(ours, ref, spec)
-        s = pair_stats(ours, ref)
-        tol = self.policy.tolerance(spec.family, "e2e")
-        row = self.rows.setdefault((step, site), {})
-        row.update(step=step, layer=layer, site=site, op=spec.key, family=spec.family, shape=tuple(ref.shape),
-                   max_abs=s.max_abs, rel_l2=s.rel_l2, max_norm=s.max_norm, cosine=s.cosine,
-                   worst=_describe_index(site, s.worst_index), worst_index=s.worst_index,
-                   ours=s.ours_value, ref=s.ref_value, nonfinite=s.nonfinite,
-                   tol_rel=tol.rel, tol_max=tol.max, passed=tol.passes(s.rel_l2, s.max_norm))
         if site == "logits":
             lr, sp = logit_stats(ours, ref)
             self.logit_rows += [dict(step=step, **x) for x in lr]
             self.spikes += [dict(step=step, **x) for x in sp]
+        if ours.is_cuda:
+            self.pending.append((self._e2e_row, step, site, tuple(ref.shape), stats_vector(ours, ref)))
+        else:
+            self._e2e_row(step, site, tuple(ref.shape), pair_stats(ours, ref))
+
+    def _e2e_row(self, step: int, site: str, shape: tuple, s) -> None:
+        layer, spec = parse_site(site)
+        tol = self.policy.tolerance(spec.family, "e2e")
+        row = self.rows.setdefault((step, site), {})
+        row.update(step=step, layer=layer, site=site, op=spec.key, family=spec.family, shape=shape,
+                   max_abs=s.max_abs, rel_l2=s.rel_l2, max_norm=s.max_norm, cosine=s.cosine,
+                   worst=_describe_index(site, s.worst_index), worst_index=s.worst_index,
+                   ours=s.ours_value, ref=s.ref_value, nonfinite=s.nonfinite,
+                   tol_rel=tol.rel, tol_max=tol.max, passed=tol.passes(s.rel_l2, s.max_norm))
 
     def add_local(self, step: int, site: str, local, ref) -> None:
         """Local pair: our op recomputed on the reference's inputs, and the reference's output."""
         self.has_local = True
-        ls = pair_stats(_rows_like(local, ref, parse_site(site)[1]), ref)
+        local = _rows_like(local, ref, parse_site(site)[1])
+        if local.is_cuda:
+            self.pending.append((self._local_row, step, site, tuple(ref.shape), stats_vector(local, ref)))
+        else:
+            self._local_row(step, site, tuple(ref.shape), pair_stats(local, ref))
+
+    def _local_row(self, step: int, site: str, shape: tuple, ls) -> None:
         lt = self.policy.tolerance(parse_site(site)[1].family, "local")
         self.rows.setdefault((step, site), {}).update(
             local_rel_l2=ls.rel_l2, local_max_norm=ls.max_norm, local_worst=_describe_index(site, ls.worst_index),
             local_ours=ls.ours_value, local_ref=ls.ref_value, local_tol_rel=lt.rel, local_tol_max=lt.max,
             local_passed=lt.passes(ls.rel_l2, ls.max_norm))
 
+    def flush(self) -> None:
+        """Bring every queued GPU reduction to the host in one transfer and fill the rows."""
+        if self.pending:
+            values = torch.stack([p[4] for p in self.pending]).tolist()
+            for (build, step, site, shape, _), vals in zip(self.pending, values):
+                build(step, site, shape, finish_stats(vals, shape))
+            self.pending = []
+
     def result(self, ours_meta: dict, ref: Trace) -> Comparison:
+        self.flush()
         keys = [k for k in ref.keys() if k in self.rows and "rel_l2" in self.rows[k]]
         table = pd.DataFrame([self.rows[k] for k in keys])
         if len(table) and "local_passed" not in table:

@@ -19,34 +19,50 @@ class PairStats:
     nonfinite: int          # elements that are NaN/inf on exactly one side, or differ in inf sign
 
 
-def pair_stats(ours: torch.Tensor, ref: torch.Tensor) -> PairStats:
-    """Metrics of ``ours`` against ``ref`` (same shape), computed in float64 on ``ours``'s device
-    and brought to the host in one transfer (one synchronisation per pair on a GPU)."""
+def stats_vector(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The raw reductions behind :class:`PairStats`, as one float64 tensor on ``ours``'s device
+    (no host synchronisation: a GPU caller can queue many and transfer them together)."""
     if tuple(ours.shape) != tuple(ref.shape):
         raise ValueError(f"shape mismatch: ours {tuple(ours.shape)} vs reference {tuple(ref.shape)}")
-    if ours.numel() == 0:
-        return PairStats(0.0, 0.0, 0.0, 1.0, 0.0, (), 0.0, 0.0, 0)
     a, b = ours.detach().double(), ref.detach().to(ours.device).double()
+    if a.numel() == 0:
+        return torch.zeros(9, dtype=torch.float64, device=a.device)
     both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)        # masked -inf on both sides agrees
     bad = ~(torch.isfinite(a) & torch.isfinite(b)) & ~both_inf
     fa, fb = torch.where(bad | both_inf, 0.0, a), torch.where(bad | both_inf, 0.0, b)
     d = fa - fb
-    diff = torch.where(bad, torch.inf, d.abs())
-    flat = diff.flatten().argmax()
-    vals = torch.stack([flat.double(), diff.flatten()[flat], d.norm(), fb.norm(), fa.norm(), (fa * fb).sum(),
-                        bad.sum().double(), ours.detach().flatten()[flat].double(),
-                        ref.detach().to(ours.device).flatten()[flat].double()]).tolist()
+    diff = torch.where(bad, torch.inf, d.abs()).flatten()
+    flat = diff.argmax()
+    return torch.stack([flat.double(), diff[flat], d.norm(), fb.norm(), fa.norm(), (fa * fb).sum(),
+                        bad.sum().double(), a.flatten()[flat], b.flatten()[flat]])
+
+
+def finish_stats(vals: list[float], shape: tuple[int, ...]) -> PairStats:
+    """PairStats from a :func:`stats_vector` brought to the host."""
     flat_i, max_abs, nd, nb, na, dot, nonfinite, ov, rv = vals
+    n = 1
+    for s in shape:
+        n *= s
+    if n == 0:
+        return PairStats(0.0, 0.0, 0.0, 1.0, 0.0, (), 0.0, 0.0, 0)
     tiny = 1e-30
-    rms = nb / b.numel() ** 0.5
+    rms = nb / n ** 0.5
     rel = nd / max(nb, tiny) if nb > tiny or nd > 0 else 0.0
     cos = dot / max(na * nb, tiny) if na > tiny and nb > tiny else float(na == nb)
     if nonfinite:
         rel, max_abs = float("inf"), float("inf")
-    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(int(flat_i)), diff.shape))
+    idx, rest = [], int(flat_i)
+    for s in reversed(shape):
+        idx.append(rest % s)
+        rest //= s
     return PairStats(max_abs=max_abs, rel_l2=rel, max_norm=max_abs / max(rms, tiny) if max_abs else 0.0,
-                     cosine=cos, ref_rms=rms, worst_index=idx, ours_value=ov, ref_value=rv,
+                     cosine=cos, ref_rms=rms, worst_index=tuple(reversed(idx)), ours_value=ov, ref_value=rv,
                      nonfinite=int(nonfinite))
+
+
+def pair_stats(ours: torch.Tensor, ref: torch.Tensor) -> PairStats:
+    """Metrics of ``ours`` against ``ref`` (same shape), computed in float64 on ``ours``'s device."""
+    return finish_stats(stats_vector(ours, ref).tolist(), tuple(ref.shape))
 
 
 def _robust_z(x: torch.Tensor) -> torch.Tensor:
