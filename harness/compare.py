@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from .metrics import finish_stats, logit_stats, pair_stats, stats_vector
+from .metrics import batch_stats, finish_stats, logit_stats, pair_stats
 from .sites import input_sites, parse_site
 from .tolerance import Policy
 from .trace import Trace
@@ -68,7 +68,9 @@ class Comparator:
         self.logit_rows: list[dict] = []
         self.spikes: list[dict] = []
         self.has_local = False
-        self.pending: list = []   # (row builder, step, site, shape, stats on the GPU)
+        self.batch: list = []     # GPU pairs waiting to be reduced together
+        self.batch_numel = 0
+        self.pending: list = []   # ([(row builder, step, site, shape)], (N, 9) stats on the GPU)
 
     def add(self, step: int, site: str, ours, ref) -> None:
         """End-to-end pair: our tensor and the reference's at (step, site). On a GPU the
@@ -80,7 +82,7 @@ class Comparator:
             self.logit_rows += [dict(step=step, **x) for x in lr]
             self.spikes += [dict(step=step, **x) for x in sp]
         if ours.is_cuda:
-            self.pending.append((self._e2e_row, step, site, tuple(ref.shape), stats_vector(ours, ref)))
+            self._queue(self._e2e_row, step, site, ours, ref)
         else:
             self._e2e_row(step, site, tuple(ref.shape), pair_stats(ours, ref))
 
@@ -99,7 +101,7 @@ class Comparator:
         self.has_local = True
         local = _rows_like(local, ref, parse_site(site)[1])
         if local.is_cuda:
-            self.pending.append((self._local_row, step, site, tuple(ref.shape), stats_vector(local, ref)))
+            self._queue(self._local_row, step, site, local, ref)
         else:
             self._local_row(step, site, tuple(ref.shape), pair_stats(local, ref))
 
@@ -110,11 +112,28 @@ class Comparator:
             local_ours=ls.ours_value, local_ref=ls.ref_value, local_tol_rel=lt.rel, local_tol_max=lt.max,
             local_passed=lt.passes(ls.rel_l2, ls.max_norm))
 
+    BATCH_NUMEL = 1 << 25
+
+    def _queue(self, build, step, site, ours, ref) -> None:
+        """Hold a GPU pair until a batch is full (bounded memory), then reduce the batch at once."""
+        self.batch.append((build, step, site, tuple(ref.shape), ours, ref))
+        self.batch_numel += ref.numel()
+        if self.batch_numel >= self.BATCH_NUMEL or len(self.batch) >= 512:
+            self._reduce_batch()
+
+    def _reduce_batch(self) -> None:
+        if self.batch:
+            stats = batch_stats([p[4] for p in self.batch], [p[5] for p in self.batch])
+            self.pending.append(([p[:4] for p in self.batch], stats))
+            self.batch, self.batch_numel = [], 0
+
     def flush(self) -> None:
-        """Bring every queued GPU reduction to the host in one transfer and fill the rows."""
+        """Reduce what is queued and bring every GPU result to the host in one transfer."""
+        self._reduce_batch()
         if self.pending:
-            values = torch.stack([p[4] for p in self.pending]).tolist()
-            for (build, step, site, shape, _), vals in zip(self.pending, values):
+            values = torch.cat([p[1] for p in self.pending]).tolist()
+            keys = [k for p in self.pending for k in p[0]]
+            for (build, step, site, shape), vals in zip(keys, values):
                 build(step, site, shape, finish_stats(vals, shape))
             self.pending = []
 

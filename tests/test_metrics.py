@@ -60,3 +60,15 @@ def test_local_error_names_the_op_not_the_drift():
     assert cmp.first_e2e == (0, "blk.0.attn_norm")
     assert (cmp.first.step, cmp.first.layer, cmp.first.site, cmp.first.kind) == (0, 0, "blk.0.q", "local")
     assert cmp.first.inputs[0]["site"] == "blk.0.q_proj" and cmp.first.inputs[0]["local_passed"]
+
+
+def test_batched_stats_equal_per_pair_stats():
+    from harness.metrics import batch_stats, stats_vector
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.randn(3, 4, generator=g), torch.randn(7, generator=g), torch.randn(2, 5, 6, generator=g)]
+    refs = [x + 0.01 * torch.randn(x.shape, generator=g) for x in ours]
+    per_pair = torch.stack([stats_vector(a, b) for a, b in zip(ours, refs)])
+    assert torch.allclose(batch_stats(ours, refs), per_pair, rtol=1e-12, atol=1e-12)
+    ours[1][3] = float("nan")                      # falls back to the per-pair path, still exact
+    per_pair = torch.stack([stats_vector(a, b) for a, b in zip(ours, refs)])
+    assert torch.allclose(batch_stats(ours, refs), per_pair, equal_nan=True)
