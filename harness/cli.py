@@ -24,6 +24,7 @@ def write_atomic(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)        # mkstemp makes it owner-only; a report is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -88,7 +89,8 @@ def cmd_report(args) -> int:
     fmt = args.format
     if fmt == "html":
         from .html_report import render_html
-        text = render_html(res)
+        from .gguf_io import read_tokens
+        text = render_html(res, vocab=read_tokens(args.model))
     else:
         text = render(res.comparison, fmt, color=args.out is None and sys.stdout.isatty())
     emit(text, args.out)
@@ -296,7 +298,8 @@ def _known_errors() -> tuple[type, ...]:
     from .sites import SiteError
     errs: list[type] = [UsageError, GGUFError, SiteError, FileNotFoundError]
     for mod, name in (("harness.llama_backend", "LlamaError"), ("harness.llama_lib", "LlamaUnavailable"),
-                      ("harness.synth", "SynthError"), ("probes.faults", "FaultError")):
+                      ("harness.synth", "SynthError"), ("probes.faults", "FaultError"),
+                      ("harness.runs", "RunError")):
         try:
             errs.append(getattr(__import__(mod, fromlist=[name]), name))
         except Exception:

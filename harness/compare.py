@@ -77,6 +77,9 @@ class Comparator:
         reductions are queued and brought to the host together in :meth:`result`."""
         layer, spec = parse_site(site)
         ours = _rows_like(ours, ref, spec)
+        if tuple(ours.shape) != tuple(ref.shape):
+            self._shape_mismatch(step, site, ours, ref)
+            return
         if site == "logits":
             lr, sp = logit_stats(ours, ref)
             self.logit_rows += [dict(step=step, **x) for x in lr]
@@ -96,10 +99,28 @@ class Comparator:
                    ours=s.ours_value, ref=s.ref_value, nonfinite=s.nonfinite,
                    tol_rel=tol.rel, tol_max=tol.max, passed=tol.passes(s.rel_l2, s.max_norm))
 
+    def _shape_mismatch(self, step: int, site: str, ours, ref) -> None:
+        """A tensor of the wrong shape is a divergence at that site (e.g. a KV cache that does
+        not grow), reported as a failing row rather than a crash."""
+        layer, spec = parse_site(site)
+        inf = float("inf")
+        self.rows.setdefault((step, site), {}).update(
+            step=step, layer=layer, site=site, op=spec.key, family=spec.family, shape=tuple(ref.shape),
+            max_abs=inf, rel_l2=inf, max_norm=inf, cosine=0.0,
+            worst=f"shape {tuple(ours.shape)} instead of {tuple(ref.shape)}", worst_index=(),
+            ours=float("nan"), ref=float("nan"), nonfinite=0, tol_rel=0.0, tol_max=0.0, passed=False)
+
     def add_local(self, step: int, site: str, local, ref) -> None:
         """Local pair: our op recomputed on the reference's inputs, and the reference's output."""
         self.has_local = True
         local = _rows_like(local, ref, parse_site(site)[1])
+        if tuple(local.shape) != tuple(ref.shape):
+            self.rows.setdefault((step, site), {}).update(
+                local_rel_l2=float("inf"), local_max_norm=float("inf"),
+                local_worst=f"shape {tuple(local.shape)} instead of {tuple(ref.shape)}",
+                local_ours=float("nan"), local_ref=float("nan"), local_tol_rel=0.0, local_tol_max=0.0,
+                local_passed=False)
+            return
         if local.is_cuda:
             self._queue(self._local_row, step, site, local, ref)
         else:

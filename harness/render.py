@@ -115,7 +115,8 @@ def _first_lines(cmp: Comparison) -> list[str]:
                    f"from upstream, the op at fault is {f.site}")
     if f.also_failing_locally:
         more = ", ".join(f"{n}@{s}" for s, n in f.also_failing_locally[:6])
-        out.append(f"  {len(f.also_failing_locally)} more ops fail locally: {more}"
+        how = "locally" if f.kind == "local" else "end to end"
+        out.append(f"  {len(f.also_failing_locally)} more ops fail {how}: {more}"
                    f"{' ...' if len(f.also_failing_locally) > 6 else ''}")
     return out
 

@@ -72,3 +72,20 @@ def test_batched_stats_equal_per_pair_stats():
     ours[1][3] = float("nan")                      # falls back to the per-pair path, still exact
     per_pair = torch.stack([stats_vector(a, b) for a, b in zip(ours, refs)])
     assert torch.allclose(batch_stats(ours, refs), per_pair, equal_nan=True)
+
+
+def test_shape_mismatch_is_a_divergence_not_a_crash():
+    """A foreign engine whose KV cache does not grow dumps kq with P=1 at decode: that site fails."""
+    ref = Trace(n_layer=1, tokens=[1, 2, 3], n_prompt=2, meta={"source": "llama.cpp"})
+    ours = Trace(n_layer=1, tokens=[1, 2, 3], n_prompt=2, meta={"source": "engine"})
+    g = torch.Generator().manual_seed(2)
+    for step, P in ((0, 2), (1, 3)):
+        T = 2 if step == 0 else 1
+        q = torch.randn(T, 4, 8, generator=g)
+        ref(step, "blk.0.q_rope", q)
+        ours(step, "blk.0.q_rope", q.clone())
+        ref(step, "blk.0.kq", torch.randn(4, T, P, generator=g))
+        ours(step, "blk.0.kq", ref[step, "blk.0.kq"].clone() if step == 0 else torch.randn(4, 1, 1, generator=g))
+    cmp = compare(ours, ref, Policy("cpu", "F32", table={"regimes": {}}))
+    assert (cmp.first.step, cmp.first.site) == (1, "blk.0.kq")
+    assert "shape (4, 1, 1) instead of (4, 1, 3)" in cmp.first.row["worst"]
