@@ -437,7 +437,7 @@ def check_matmul_layout(trace, pc: ProbeContext) -> list[dict]:
             layer, in_site, wname = None, "output_norm", "token_embd.weight" if gm.tied else "output.weight"
         elif site.startswith("blk.") and site.rsplit(".", 1)[1] in MATMULS:
             layer = int(site.split(".")[1])
-            key, (ik, suffix) = site.rsplit(".", 1)[1], MATMULS[site.rsplit(".", 1)[1]]
+            ik, suffix = MATMULS[site.rsplit(".", 1)[1]]
             in_site, wname = f"blk.{layer}.{ik}", f"blk.{layer}.{suffix}"
         else:
             continue

@@ -7,25 +7,16 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import re
 
 from rich.console import Console
 from rich.table import Table
 
-from harness.render import _jsonable
+from harness.render import _f, _jsonable
 
 from .zoo import ZooResult
 
 _STATUS_STYLE = {"hit": "green", "clean": "green", "unscored": "yellow", "miss": "bold red", "false alarm": "bold red"}
-
-
-def _f(x, nd=3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, float):
-        return "inf" if math.isinf(x) else f"{x:.{nd}g}"
-    return str(x)
 
 
 def _table_text(title: str, columns: list[str], rows: list[list[str]], styles: list[str | None],

@@ -1,5 +1,6 @@
 """Shared fixtures: synthetic tiny qwen2 GGUFs, written once per test session into a tmp dir."""
 import pytest
+import torch
 
 from harness.synth import WEIGHT_TYPES, SynthError, default_fixture
 
@@ -48,3 +49,13 @@ def tiny_tied_f32(synth_dir):
 def tiny_gguf(request, synth_dir):
     """Path of the tiny preset (seed 0, untied) in each weight type; ``request.param`` is the type."""
     return _fixture(synth_dir, request.param)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models: intra-op threads only add overhead, and on a busy 2-core runner they spin
+    against each other (measured 3x slower in the zoo tests). Restored at the end."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

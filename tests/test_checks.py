@@ -26,16 +26,6 @@ TARGETS = [  # (probe, the zoo fault it must catch)
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: intra-op threads only add overhead, and on a busy 2-core runner they spin
-    against each other (measured 3x slower). Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def torch_model(tiny_f32):
     from harness.model import load_model

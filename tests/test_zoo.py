@@ -18,16 +18,6 @@ ISSUE_FAULTS = {"drop_qkv_bias", "lm_head_transpose", "kv_pos_stuck", "q_registe
                 "decode_pos_off_by_one", "fp16_softmax_overflow", "vocab_tail_garbage"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: intra-op threads only add overhead, and on a busy 2-core runner they spin
-    against each other (measured 3x slower). Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _misses(res):
     return "\n".join(f"{r['fault']}: expected {r['expected']}, found {r['found']} ({r['explanation']})"
                      for r in res.failures)
