@@ -43,8 +43,7 @@ class DiffResult:
 
 def capture_reference(req: DiffRequest) -> Trace:
     opts = LlamaOptions(device=req.device, flash_attn=req.flash_attn, kv_type=req.kv_type)
-    n_prompt = len(req.tokens) if req.tokens else max(len(req.prompt or "") + 8, 16)
-    with LlamaRunner(req.gguf, opts, n_ctx_needed=n_prompt + req.steps + 1) as runner:
+    with LlamaRunner(req.gguf, opts, n_ctx_needed=_ctx_needed(req)) as runner:
         prompt = list(req.tokens) if req.tokens else runner.tokenize(req.prompt or "")
         return runner.run(prompt, req.steps, filt=SiteFilter(req.sites) if req.sites else None)
 
@@ -80,6 +79,7 @@ def diff_gguf(req: DiffRequest, model: Qwen2 | None = None, ref: Trace | None = 
 
 
 def _ctx_needed(req: DiffRequest) -> int:
+    """Context cells a request needs; a text prompt's bytes bound its byte-level BPE token count."""
     n = len(req.tokens) if req.tokens else len((req.prompt or "").encode()) + 8
     return n + req.steps + 1
 
