@@ -226,6 +226,16 @@ def _add_probe_commands(sub) -> None:
     fl.set_defaults(fn=cmd_faults)
 
 
+def _add_run_args(p: argparse.ArgumentParser, device_help: str) -> None:
+    """The model, prompt, steps and device arguments shared by report and record."""
+    p.add_argument("model", help="qwen2 GGUF file")
+    p.add_argument("--prompt", help="prompt text (tokenized by llama.cpp with the GGUF's tokenizer)")
+    p.add_argument("--tokens", help="prompt as comma-separated token ids")
+    p.add_argument("--steps", type=int, default=4, help="decode steps after the prefill, teacher-forced "
+                   "on llama.cpp's greedy picks (default 4)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help=device_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llamadiff", description="Diff a Qwen2 GGUF, op by op, against llama.cpp")
     sub = p.add_subparsers(dest="command", required=True)
@@ -239,11 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_synth)
 
     r = sub.add_parser("report", help="divergence report of our PyTorch Qwen2 against llama.cpp")
-    r.add_argument("model", help="qwen2 GGUF file")
-    r.add_argument("--prompt", help="prompt text (tokenized by llama.cpp with the GGUF's tokenizer)")
-    r.add_argument("--tokens", help="prompt as comma-separated token ids")
-    r.add_argument("--steps", type=int, default=4, help="decode steps after the prefill (default 4)")
-    r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    _add_run_args(r, "where both sides run")
     r.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     r.add_argument("--sites", help="site glob(s), comma-separated, e.g. 'blk.*.q,logits'")
     r.add_argument("--format", default="table", choices=["table", "markdown", "json", "html"])
@@ -254,11 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_report)
 
     rec = sub.add_parser("record", help="record llama.cpp's tensors at every site into a reference run")
-    rec.add_argument("model", help="qwen2 GGUF file")
-    rec.add_argument("--prompt", help="prompt text (tokenized by llama.cpp with the GGUF's tokenizer)")
-    rec.add_argument("--tokens", help="prompt as comma-separated token ids")
-    rec.add_argument("--steps", type=int, default=4, help="greedy decode steps after the prefill (default 4)")
-    rec.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="llama.cpp backend")
+    _add_run_args(rec, "llama.cpp backend")
     rec.add_argument("--name", required=True, help="run name: the run is written to OUT_DIR/NAME")
     rec.add_argument("--sites", help="record only these site glob(s), e.g. 'blk.*.q,logits'")
     rec.add_argument("--layers", help="record only these layers, e.g. 0,1 (global sites are kept)")
