@@ -58,9 +58,10 @@ class HookManager:
     def fire(self, name: str, layer: int | None, x: torch.Tensor, inputs: dict) -> torch.Tensor:
         if self.idle:
             return x
-        ctx = HookContext(name, layer, self.step, self.pos, inputs, self.model)
+        ctx = None
         for match, fn in self.hooks:
             if match(name):
+                ctx = ctx or HookContext(name, layer, self.step, self.pos, inputs, self.model)
                 out = fn(x, ctx)
                 if out is not None:
                     if out.shape != x.shape:
@@ -72,7 +73,8 @@ class HookManager:
         if self.anchor is not None:
             ref = self.anchor(self.step, name)
             if ref is not None:
-                ref = ref.to(device=x.device, dtype=x.dtype)
+                if ref.device != x.device or ref.dtype != x.dtype:
+                    ref = ref.to(device=x.device, dtype=x.dtype)
                 if ref.dim() == x.dim() and ref.shape[0] < x.shape[0]:   # reference kept only its last rows
                     x = torch.cat([x[:x.shape[0] - ref.shape[0]], ref])
                 else:

@@ -24,7 +24,8 @@ def stats_vector(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     (no host synchronisation: a GPU caller can queue many and transfer them together)."""
     if tuple(ours.shape) != tuple(ref.shape):
         raise ValueError(f"shape mismatch: ours {tuple(ours.shape)} vs reference {tuple(ref.shape)}")
-    a, b = ours.detach().double().flatten(), ref.detach().to(ours.device).double().flatten()
+    ref = ref if ref.device == ours.device else ref.to(ours.device)
+    a, b = ours.detach().double().flatten(), ref.detach().double().flatten()
     if a.numel() == 0:
         return torch.zeros(9, dtype=torch.float64, device=a.device)
     if ours.is_cuda and bool(torch.isfinite(a).all() & torch.isfinite(b).all()):

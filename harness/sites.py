@@ -23,6 +23,7 @@ it is the operand of the ``ffn_inp-{i}`` ADD that is not the residual (see ``lla
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from dataclasses import dataclass
 
@@ -95,6 +96,7 @@ def site_name(key: str, layer: int | None = None) -> str:
     return f"blk.{layer}.{key}" if layer is not None else key
 
 
+@functools.lru_cache(maxsize=None)
 def parse_site(name: str) -> tuple[int | None, SiteSpec]:
     """``"blk.3.q_rope"`` -> ``(3, SPEC)``; ``"logits"`` -> ``(None, SPEC)``."""
     m = _NAME_RE.match(name)
