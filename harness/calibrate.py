@@ -15,13 +15,12 @@ import sys
 
 from .pipeline import DiffRequest, diff_gguf
 from .synth import default_fixture
-from .tolerance import TABLE_PATH, Policy, build_table
+from .tolerance import TABLE_PATH, Policy, build_table, weight_class
 
 SEEDS = (1, 2, 3)
 PROMPTS = ([1, 2, 3, 4, 5, 6, 7], [900, 17, 4, 250, 33, 1000, 7, 61, 5, 88, 123, 9, 77, 2, 640, 31, 8, 11, 300],
            list(range(40, 72)), list(range(5, 995, 3)))  # 7, 19, 32, 330 tokens
 STEPS = 6
-WCLASS = {"f32": "f32", "f16": "f16", "q8_0": "q8", "q4_k_m": "q4"}
 
 
 def _worst(observed: dict, regime: str, kind: str, table, rel_col: str, max_col: str) -> None:
@@ -42,7 +41,8 @@ def measure(device: str, wtypes, preset: str = "tiny", cache_dir: str | None = N
             for prompt in PROMPTS:
                 res = diff_gguf(DiffRequest(path, tokens=prompt, steps=STEPS, device=device))
 
-                regime = f"{res.ref.meta.get('backend', device)}/{WCLASS[wtype]}/float32"
+                # the regime the policy will look up for this file (harness.tolerance.weight_class)
+                regime = f"{res.ref.meta.get('backend', device)}/{weight_class(res.ref.meta['weight_type'])}/float32"
                 t = res.comparison.table
                 _worst(observed, regime, "e2e", t, "rel_l2", "max_norm")
                 _worst(observed, regime, "local", t, "local_rel_l2", "local_max_norm")

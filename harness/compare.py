@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from .metrics import batch_stats, finish_stats, logit_stats, pair_stats, stats_vector
-from .sites import input_sites, parse_site
+from .sites import DIM_NAMES, input_sites, parse_site
 from .tolerance import Policy
 from .trace import Trace
 
@@ -46,9 +46,7 @@ class Comparison:
 
 def _describe_index(site: str, idx: tuple[int, ...]) -> str:
     layout = parse_site(site)[1].layout
-    names = {"T": "token", "H": "head", "Hkv": "kv head", "Dh": "dim", "P": "pos", "D": "dim", "F": "dim",
-             "V": "vocab"}
-    return " ".join(f"{names[d]} {i}" for d, i in zip(layout, idx))
+    return " ".join(f"{DIM_NAMES[d].replace('_', ' ')} {i}" for d, i in zip(layout, idx))
 
 
 def _rows_like(ours, ref, spec):

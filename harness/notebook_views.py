@@ -10,13 +10,11 @@ import torch
 
 from .compare import FirstDivergence, step_label
 from .html_report import CSS, esc, first_html, frame_html
-from .sites import input_sites, order_key, parse_site
+from .sites import DIM_NAMES, input_sites, order_key, parse_site
 
 if TYPE_CHECKING:
     from .notebook import Run
 
-DIM_NAMES = {"T": "token", "H": "head", "Hkv": "kv_head", "Dh": "dim", "P": "pos", "D": "dim", "F": "dim",
-             "V": "vocab"}
 # Columns of a one-row summary of a site (SitePair display).
 DISPLAY_COLUMNS = ("step", "site", "shape", "rel_l2", "max_abs", "cosine", "worst", "ours", "ref", "tol_rel",
                    "passed", "local_rel_l2", "local_tol_rel", "local_passed", "local_worst")

@@ -28,6 +28,11 @@ import re
 from dataclasses import dataclass
 
 
+# What each layout dimension indexes, for naming elements ("token 3 head 1 dim 8") and columns.
+DIM_NAMES = {"T": "token", "H": "head", "Hkv": "kv_head", "Dh": "dim", "P": "pos", "D": "dim", "F": "dim",
+             "V": "vocab"}
+
+
 @dataclass(frozen=True)
 class SiteSpec:
     key: str                 # "q_rope"; full name "blk.3.q_rope" for per-layer sites
