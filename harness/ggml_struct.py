@@ -1,4 +1,4 @@
-"""ctypes view of ``struct ggml_tensor`` and copies of graph tensors into numpy.
+"""ctypes view of ``struct ggml_tensor``, the ggml functions the capture calls, a CUDA copy.
 
 The layout follows ``ggml/include/ggml.h`` of the llama.cpp vendored by llama-cpp-python 0.3.36
 (GGML_MAX_DIMS 4, GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10, GGML_MAX_NAME 64). Functions are
@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import ctypes
 
-import numpy as np
 
 GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16 = 0, 1, 30
-_NP_TYPES = {GGML_TYPE_F32: np.float32, GGML_TYPE_F16: np.float16}
 
 
 class GGMLTensor(ctypes.Structure):
@@ -60,24 +58,6 @@ class GGMLFuncs:
             name = self._op_names[op] = self.lib.ggml_op_name(op).decode()
         return name
 
-    def to_numpy(self, addr: int, t: GGMLTensor | None = None) -> np.ndarray:
-        """A float32 copy of the tensor at ``addr``, numpy shape = reversed ``ne`` (4-D), honouring
-        the byte strides ``nb`` (views and permutes are read as they are laid out)."""
-        t = t or tensor_at(addr)
-        dtype = _NP_TYPES.get(t.type)
-        if dtype is None:
-            raise TypeError(f"tensor {t.name.decode()!r} has type "
-                            f"{self.lib.ggml_type_name(t.type).decode()}, expected F32 or F16")
-        if not t.buffer or not t.data:
-            raise ValueError(f"tensor {t.name.decode()!r} has no backend buffer")
-        nbytes = self.lib.ggml_nbytes(addr)
-        raw = np.empty(nbytes, dtype=np.uint8)
-        self.lib.ggml_backend_tensor_get(addr, raw.ctypes.data, 0, nbytes)
-        shape = tuple(int(n) for n in reversed(t.ne))
-        strides = tuple(int(s) for s in reversed(t.nb))
-        view = np.lib.stride_tricks.as_strided(raw.view(dtype), shape=shape, strides=strides)
-        return np.array(view, dtype=np.float32)   # copy, contiguous
-
 
 def gpu_device_names(lib) -> list[str]:
     """Descriptions of the GPU devices the ggml backend registry knows (empty on a CPU build)."""
@@ -94,29 +74,22 @@ def gpu_device_names(lib) -> list[str]:
     return names
 
 
-class _DeviceArray:
-    """A CUDA pointer dressed with ``__cuda_array_interface__`` so torch can view it without a copy."""
+def cuda_copier(stream: int = 0):
+    """``copy(dst, src, nbytes)``: a device-to-device copy through the CUDA driver API, finished
+    when it returns (llama.cpp reuses a node's memory as soon as the eval callback returns).
+    The driver is the one library every CUDA runtime in the process (llama.cpp's and torch's)
+    shares, so pointers from either work. ``stream``: a CUstream handle (0: the legacy default)."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        raise RuntimeError(f"cannot load the CUDA driver library libcuda.so.1: {e}") from None
+    memcpy, sync = lib.cuMemcpyDtoDAsync_v2, lib.cuStreamSynchronize
+    memcpy.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+    sync.argtypes = [ctypes.c_void_p]
+    memcpy.restype = sync.restype = ctypes.c_int
 
-    def __init__(self, t: GGMLTensor, typestr: str):
-        self.__cuda_array_interface__ = {
-            "shape": tuple(int(n) for n in reversed(t.ne)), "typestr": typestr,
-            "strides": tuple(int(s) for s in reversed(t.nb)), "data": (int(t.data), False), "version": 3}
-
-
-def to_torch_device(funcs: GGMLFuncs, addr: int, t: GGMLTensor | None = None):
-    """A float32 torch copy, made on the GPU, of a tensor living in a CUDA buffer (None when the
-    tensor is in host memory). The copy is finished before returning: llama.cpp may reuse the
-    buffer as soon as the eval callback returns."""
-    import torch
-    t = t or tensor_at(addr)
-    if not t.buffer or not t.data or funcs.lib.ggml_backend_buffer_is_host(t.buffer):
-        return None
-    typestr = {GGML_TYPE_F32: "<f4", GGML_TYPE_F16: "<f2"}.get(t.type)
-    if typestr is None:
-        raise TypeError(f"tensor {t.name.decode()!r} has type "
-                        f"{funcs.lib.ggml_type_name(t.type).decode()}, expected F32 or F16")
-    view = torch.as_tensor(_DeviceArray(t, typestr), device="cuda")
-    out = view.to(torch.float32, copy=True).contiguous()
-    torch.cuda.current_stream().synchronize()
-    return out
-
+    def copy(dst: int, src: int, nbytes: int) -> None:
+        rc = memcpy(dst, src, nbytes, stream) or sync(stream)
+        if rc:
+            raise RuntimeError(f"CUDA device-to-device copy of {nbytes} bytes failed (CUresult {rc})")
+    return copy

@@ -1,42 +1,25 @@
 """Capture every hook site of :mod:`harness.sites` from llama.cpp, through llama-cpp-python.
 
-llama.cpp's scheduler calls an *eval callback* (``llama_context_params.cb_eval``) for every graph
-node: first with ``ask=True`` ("do you want to see this node?"), then, for the nodes we said yes
-to, with ``ask=False`` right after the node is computed. We answer yes only for the nodes a
-:class:`SiteFilter` wants (fewer yeses = fewer graph splits), copy each one out immediately (the
-allocator reuses buffers and some ops run in place), convert it to the canonical layout and hand
-it to a sink. Graph nodes are matched by name *and* op (``Qcur-0`` labels a MUL_MAT, an ADD, a
-RESHAPE and a ROPE), see the ``llama_name``/``llama_op`` columns of the sites table.
-
-Two graph facts of llama.cpp (as vendored by llama-cpp-python 0.3.36) this relies on:
-
-* ``attn_out`` (the output projection) is an unnamed MUL_MAT (``node_<n>``). It is copied when
-  computed and resolved when the ``ffn_inp-{i}`` ADD arrives: the stashed MUL_MAT that is one of
-  its operands (in the last layer through a GET_ROWS that keeps the output rows; we request
-  logits for every token, so no row is dropped).
-* ``kq``/``kq_soft_max`` span every KV cell of the (padded, >= 256) cache view; only the first
-  P cells hold positions of this run (the cache is cleared at the start of every run).
-  With flash attention on they do not exist: they are reported in ``meta["unavailable"]``.
-
-The callback is a context parameter, so a runner holds the capturing context and, only when
-asked for plain logits (the observer check), a second context without any callback.
-A Python exception inside the callback never crosses into C: the first one is recorded, every
-later node is declined, and :meth:`LlamaRunner.run` raises it as a :class:`LlamaError`.
+A :class:`LlamaRunner` holds a loaded model and a context whose eval callback
+(:class:`harness.llama_capture.Capture`) copies out the graph nodes a :class:`SiteFilter` wants
+(fewer nodes = fewer graph splits), converts them to the canonical layouts and hands them to a
+sink after each step's ``llama_decode``. The callback is a context parameter, so a runner holds
+the capturing context and, only when asked for plain logits (the observer check), a second
+context without any callback. With ``keep_on_device`` on a CUDA build, nodes are copied on the
+GPU and the sink gets CUDA tensors (no host copy).
 """
 from __future__ import annotations
 
-import math
 import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from .ggml_struct import GGMLFuncs, gpu_device_names, tensor_at, to_torch_device
+from .ggml_struct import GGMLFuncs, gpu_device_names
 from .gguf_io import GGUFError, open_gguf, read_config, tensor_types
 from .llama_lib import LlamaUnavailable, llama, versions
-from .sites import BY_KEY, SITES, SiteFilter, all_sites, parse_site, shape_of, site_name
+from .llama_capture import FLASH_MISSING, NOTHING, Capture
+from .sites import SiteFilter, all_sites, parse_site
 from .trace import Sink, Trace
 
 
@@ -46,7 +29,6 @@ class LlamaError(Exception):
 
 KV_TYPES = {"f32": 0, "f16": 1}          # GGML_TYPE_F32, GGML_TYPE_F16
 DEVICES = ("auto", "cpu", "cuda")
-FLASH_MISSING = ("kq", "attn_weights")   # fused away by FLASH_ATTN_EXT
 
 
 @dataclass
@@ -60,140 +42,6 @@ class LlamaOptions:
     all_outputs: bool = True      # logits for every token; False: only the last token of each step
                                   # (saves T x V floats of host memory; the last layer's sites from
                                   # ffn_inp on then hold only that row: llama.cpp drops the others)
-
-
-# (graph name without "-{i}", ggml op) -> site key; op None matches any op.
-_NODE_SITES: dict[tuple[str, str | None], str] = {
-    (s.llama_name, s.llama_op): s.key for s in SITES if s.llama_name}
-_LAYER_RE = re.compile(r"^(.+)-(\d+)$")
-_UNNAMED_RE = re.compile(r"^(node_\d+)?$")
-_WEIGHT_LAYER_RE = re.compile(rb"^blk\.(\d+)\.")
-_NOTHING = SiteFilter(steps=frozenset())
-
-
-def _node_site(name: str, op: str) -> str | None:
-    """Canonical site name of a graph node, or None."""
-    m = _LAYER_RE.match(name)
-    base, layer = (m.group(1), int(m.group(2))) if m else (name, None)
-    key = _NODE_SITES.get((base, op)) or _NODE_SITES.get((base, None))
-    if key is None or BY_KEY[key].per_layer != (layer is not None):
-        return None
-    return site_name(key, layer)
-
-
-_REDUCED = {"ffn_inp", "ffn_norm", "ffn_gate", "ffn_up", "ffn_act", "ffn_out", "l_out", "output_norm",
-            "logits"}
-
-
-def spec_rows_reduced(site: str, numel: int, dims: dict) -> bool:
-    """Whether a last-layer/output site holds only the output row (outputs for the last token only)."""
-    return parse_site(site)[1].key in _REDUCED and numel == math.prod(shape_of(site, dict(dims, T=1)))
-
-
-class _Capture:
-    """The eval callback and its per-run state."""
-
-    def __init__(self, g: GGMLFuncs, cfg, lc, on_device: bool = False):
-        self.g, self.cfg, self.on_device = g, cfg, on_device
-        self.cb = lc.ggml_backend_sched_eval_callback(self._callback)  # keep alive with the runner
-        self.start(_NOTHING, lambda *a: None)
-
-    def start(self, filt: SiteFilter, sink: Sink) -> None:
-        self.filt, self.sink = filt, sink
-        self.step, self.dims = 0, self.cfg.dims()
-        self.stash: dict[int, torch.Tensor] = {}
-        self.captured: set[tuple[int, str]] = set()
-        self.error: BaseException | None = None
-        self.error_node = ""
-        self.attn_out_layers: set[int] = set()
-
-    def begin_step(self, step: int, T: int, P: int) -> None:
-        self.step, self.dims = step, self.cfg.dims(T, P)
-        self.stash.clear()
-        self.attn_out_layers = {i for i in range(self.cfg.n_layer)
-                                if self.filt.wants(step, site_name("attn_out", i))}
-
-    def _callback(self, addr, ask, _user) -> bool:
-        if self.error is not None:
-            return False
-        try:
-            return self._ask(addr) if ask else self._observe(addr)
-        except BaseException as e:  # noqa: BLE001 - nothing may cross the ctypes boundary
-            self.error = e
-            try:
-                self.error_node = tensor_at(addr).name.decode(errors="replace")
-            except Exception:
-                pass
-            return False
-
-    def _classify(self, t) -> tuple[str | None, bool]:
-        """(site, is_unnamed_matmul) of a node."""
-        op = self.g.op_name(t.op)
-        name = t.name.decode(errors="replace")
-        if op == "MUL_MAT" and _UNNAMED_RE.match(name):
-            return None, True
-        return _node_site(name, op), False
-
-    def _ask(self, addr) -> bool:
-        t = tensor_at(addr)
-        site, unnamed_mm = self._classify(t)
-        if unnamed_mm:   # attn_out candidate; its weight's name tells the layer when it is a plain one
-            m = _WEIGHT_LAYER_RE.match(tensor_at(t.src[0]).name) if t.src[0] else None
-            return bool(self.attn_out_layers) if m is None else int(m.group(1)) in self.attn_out_layers
-        if site is None:
-            return False
-        layer, spec = parse_site(site)
-        return self.filt.wants(self.step, site) or (spec.key == "ffn_inp" and layer in self.attn_out_layers)
-
-    def _observe(self, addr) -> bool:
-        t = tensor_at(addr)
-        site, unnamed_mm = self._classify(t)
-        if unnamed_mm:
-            self.stash[addr] = self._read(addr, t)
-            return True
-        layer, spec = parse_site(site)
-        if spec.key == "ffn_inp" and layer in self.attn_out_layers:
-            self._resolve_attn_out(t, layer)
-        if self.filt.wants(self.step, site):
-            self._emit(site, self._read(addr, t))
-        return True
-
-    def _read(self, addr, t) -> torch.Tensor:
-        """The node's data as a torch tensor shaped like reversed ``ne``: on the GPU when the node
-        lives there and on_device is set, else a host copy."""
-        if self.on_device:
-            x = to_torch_device(self.g, addr, t)
-            # nodes llama.cpp keeps on the host (the embedding lookup) join the rest on the GPU
-            return x if x is not None else torch.from_numpy(self.g.to_numpy(addr, t)).cuda()
-        return torch.from_numpy(self.g.to_numpy(addr, t))
-
-    def _resolve_attn_out(self, t, layer: int) -> None:
-        """Emit the stashed MUL_MAT that is an operand of ffn_inp (maybe through a GET_ROWS)."""
-        for src in t.src[:2]:
-            s = tensor_at(src) if src else None
-            if s is not None and self.g.op_name(s.op) == "GET_ROWS" and s.src[0]:
-                src = s.src[0]
-            if src in self.stash:
-                self._emit(site_name("attn_out", layer), self.stash[src])
-                break
-        self.stash.clear()
-
-    def _emit(self, site: str, arr: torch.Tensor) -> None:
-        shape = shape_of(site, self.dims)
-        if parse_site(site)[1].key in FLASH_MISSING:      # (1, H, T, n_kv): keep cached cells
-            H, T, P = shape
-            if arr.numel() % (H * T) or arr.numel() // (H * T) < P:
-                raise ValueError(f"{site}: llama.cpp tensor {tuple(arr.shape)[::-1]} does not hold {P} KV cells")
-            arr = arr.reshape(H, T, -1)[..., :P]
-        if arr.numel() != math.prod(shape) and spec_rows_reduced(site, arr.numel(), self.dims):
-            shape = shape_of(site, dict(self.dims, T=1))        # only the output row survives
-        if arr.numel() != math.prod(shape):
-            raise ValueError(f"{site}: llama.cpp tensor with ne {list(arr.shape)[::-1]} does not fit "
-                             f"the layout {shape}")
-        if (self.step, site) in self.captured:
-            raise ValueError(f"{site} computed twice in one step (the step was split into several graphs)")
-        self.captured.add((self.step, site))
-        self.sink(self.step, site, arr.contiguous().reshape(shape))
 
 
 def _lib():
@@ -238,7 +86,7 @@ class LlamaRunner:
         o = self.options
         self.g = GGMLFuncs(self.lc.llama_cpp._lib)
         self.gpu = self._use_gpu()
-        self._capture = _Capture(self.g, self.config, self.lc, on_device=o.keep_on_device and self.gpu)
+        self._capture = Capture(self.g, self.config, self.lc, on_device=o.keep_on_device and self.gpu)
         self.model = self._load_model()
         self.n_vocab = self.lc.llama_vocab_n_tokens(self.lc.llama_model_get_vocab(self.model))
         self.ctx = self._new_context(o.n_ctx or max(int(n_ctx_needed), 1), self._capture.cb)
@@ -358,6 +206,8 @@ class LlamaRunner:
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos0 + i, 1, int(out)
             b.seq_id[i][0] = 0
         rc = self.lc.llama_decode(ctx, b)
+        if ctx is self.ctx and self._capture.error is None:
+            self._capture.finish_step()      # the step's copies -> canonical tensors -> sink
         self._raise_capture_error(step)
         if rc != 0:
             raise LlamaError(f"llama_decode failed at step {step} (returned {rc})")
@@ -394,14 +244,14 @@ class LlamaRunner:
         ``decode_tokens`` (greedy where not given), capturing the sites ``filt`` keeps."""
         prompt = self._check(prompt, steps, decode_tokens)
         trace = Trace(self.config.n_layer, meta=dict(self.meta))
-        filt = (filt or SiteFilter()) if capture else _NOTHING
+        filt = (filt or SiteFilter()) if capture else NOTHING
         cap = self._capture
         cap.start(filt, sink or trace)
         try:
             tokens = self._generate(self.ctx, prompt, steps, decode_tokens, cap.begin_step)
             captured = cap.captured
         finally:
-            cap.start(_NOTHING, lambda *a: None)     # drop references to the sink
+            cap.start(NOTHING, lambda *a: None)     # drop references to the sink
         trace.tokens, trace.n_prompt = tokens, len(prompt)
         trace.meta.update(self._unavailable(filt, steps, captured))
         return trace
