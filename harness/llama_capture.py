@@ -29,11 +29,12 @@ import re
 import torch
 
 from .ggml_struct import GGML_TYPE_F16, GGML_TYPE_F32, GGMLFuncs, GGMLTensor, cuda_copier
-from .sites import SITES, BY_KEY, SiteFilter, all_sites, parse_site, shape_of, site_name
+from .sites import BY_KEY, SITES, SiteFilter, all_sites, parse_site, shape_of, site_name
 from .trace import Sink
 
 FLASH_MISSING = ("kq", "attn_weights")   # fused away by FLASH_ATTN_EXT
 _TORCH_TYPES = {GGML_TYPE_F32: torch.float32, GGML_TYPE_F16: torch.float16}
+_ITEMSIZE = {GGML_TYPE_F32: 4, GGML_TYPE_F16: 2}
 _NODE_SITES: dict[tuple[str, str | None], str] = {
     (s.llama_name, s.llama_op): s.key for s in SITES if s.llama_name}
 _LAYER_RE = re.compile(r"^(.+)-(\d+)$")
@@ -59,6 +60,38 @@ def spec_rows_reduced(site: str, numel: int, dims: dict) -> bool:
     return parse_site(site)[1].key in _REDUCED and numel == math.prod(shape_of(site, dict(dims, T=1)))
 
 
+class _Arena:
+    """Bump allocation of copy destinations in large chunks (one allocation per chunk instead
+    of one per node); the tensors handed out are views, which keep their chunk alive."""
+    CHUNK = 32 << 20
+
+    def __init__(self, device: str):
+        self.device, self.chunk, self.used = device, None, 0
+
+    def take(self, nbytes: int) -> tuple[torch.Tensor, int, int]:
+        """(chunk, byte offset, address) of ``nbytes`` fresh bytes, 256-byte aligned."""
+        size = -(-nbytes // 256) * 256
+        if size > self.CHUNK:
+            chunk = torch.empty(size, dtype=torch.uint8, device=self.device)
+            return chunk, 0, chunk.data_ptr()
+        if self.chunk is None or self.used + size > self.CHUNK:
+            self.chunk, self.used = torch.empty(self.CHUNK, dtype=torch.uint8, device=self.device), 0
+            self.base = self.chunk.data_ptr()
+        off, self.used = self.used, self.used + size
+        return self.chunk, off, self.base + off
+
+    def release(self) -> None:
+        """Start a new chunk next time (the current one lives on through its views)."""
+        self.chunk = None
+
+
+def _view(chunk: torch.Tensor, off: int, dtype: torch.dtype, ne, nb) -> torch.Tensor:
+    """The copied node as a tensor shaped like reversed ``ne``, honouring its byte strides."""
+    el = dtype.itemsize
+    size, stride = tuple(reversed(ne)), tuple(b // el for b in reversed(nb))
+    return chunk.view(dtype).as_strided(size, stride, off // el)
+
+
 class Capture:
     """The eval callback and its per-run state."""
 
@@ -70,6 +103,7 @@ class Capture:
         self._weights = {f"blk.{i}.attn_output.weight".encode(): site_name("attn_out", i)
                          for i in range(cfg.n_layer)}
         self._copy = None
+        self._gpu, self._cpu = _Arena("cuda"), _Arena("cpu")
         self.start(NOTHING, lambda *a: None)
 
     def start(self, filt: SiteFilter, sink: Sink) -> None:
@@ -88,6 +122,11 @@ class Capture:
         self.step, self.dims = step, self.cfg.dims(T, P)
         self.records = []
         self.want = frozenset(n for n in all_sites(self.cfg.n_layer) if self.filt.wants(step, n))
+        self._layouts = {}
+        for spec in SITES:       # per site kind: shape, contiguous strides, numel, no slicing needed
+            shape = tuple(self.dims[d] for d in spec.layout)
+            strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+            self._layouts[spec.key] = (shape, strides, math.prod(shape), spec.key not in FLASH_MISSING)
 
     # -- inside llama_decode: one call per node, keep it short ---------------------------------
     def _callback(self, addr, ask, _user) -> bool:
@@ -124,25 +163,26 @@ class Capture:
 
     def _observe(self, addr) -> bool:
         t = GGMLTensor.from_address(addr)
-        dtype = _TORCH_TYPES.get(t.type)
-        if dtype is None:
+        el = _ITEMSIZE.get(t.type)
+        if el is None:
             raise TypeError(f"tensor {t.name.decode()!r} has type "
                             f"{self.g.lib.ggml_type_name(t.type).decode()}, expected F32 or F16")
-        if not t.buffer or not t.data:
+        buffer, data, ne, nb = t.buffer, t.data, t.ne[:], t.nb[:]
+        if not buffer or not data:
             raise ValueError(f"tensor {t.name.decode()!r} has no backend buffer")
-        nbytes = self.g.lib.ggml_nbytes(addr)
-        host = self._host_buffers.get(t.buffer)
+        nbytes = el + sum((n - 1) * b for n, b in zip(ne, nb))      # ggml_nbytes of F32/F16
+        host = self._host_buffers.get(buffer)
         if host is None:
-            host = self._host_buffers[t.buffer] = bool(self.g.lib.ggml_backend_buffer_is_host(t.buffer))
-        device = "cuda" if self.on_device and not host else "cpu"
-        buf = torch.empty(-(-nbytes // dtype.itemsize), dtype=dtype, device=device)
-        if device == "cuda":
-            self._copy(buf.data_ptr(), t.data, nbytes)
+            host = self._host_buffers[buffer] = bool(self.g.lib.ggml_backend_buffer_is_host(buffer))
+        on_gpu = self.on_device and not host
+        chunk, off, ptr = (self._gpu if on_gpu else self._cpu).take(nbytes)
+        if on_gpu:
+            self._copy(ptr, data, nbytes)
         elif host:
-            ctypes.memmove(buf.data_ptr(), t.data, nbytes)
+            ctypes.memmove(ptr, data, nbytes)
         else:
-            self.g.lib.ggml_backend_tensor_get(addr, buf.data_ptr(), 0, nbytes)
-        self.records.append((self.asked, t.name, buf, tuple(t.ne), tuple(t.nb)))
+            self.g.lib.ggml_backend_tensor_get(addr, ptr, 0, nbytes)
+        self.records.append((self.asked, t.name, chunk, off, t.type, ne, nb))
         return True
 
     # -- after llama_decode ----------------------------------------------------------------------
@@ -150,19 +190,36 @@ class Capture:
         """Hand the step's copies to the sink as canonical float32 tensors (on the GPU when
         ``on_device``: nodes llama.cpp kept on the host, the embedding lookup, join them)."""
         records, self.records = self.records, []
-        for site, node, buf, ne, nb in records:
+        typed: dict[int, torch.Tensor] = {}
+        for site, node, chunk, off, typ, ne, nb in records:
             try:
-                size = tuple(reversed(ne))
-                stride = tuple(s // buf.element_size() for s in reversed(nb))
-                x = buf.as_strided(size, stride).float()
-                if self.on_device and not x.is_cuda:
-                    x = x.cuda()
+                x = self._fast_view(site, chunk, off, typ, ne, nb, typed)
+                if x is None:
+                    x = _view(chunk, off, _TORCH_TYPES[typ], ne, nb).float()
+                    if self.on_device and not x.is_cuda:
+                        x = x.cuda()
+                    x = self._canonical(site, x)
                 self._emit(site, x)
             except Exception as e:
                 self.error, self.error_node = e, f"{node.decode(errors='replace')} ({site})"
                 return
+        self._gpu.release()
+        self._cpu.release()
 
-    def _emit(self, site: str, arr: torch.Tensor) -> None:
+    def _fast_view(self, site, chunk, off, typ, ne, nb, typed) -> torch.Tensor | None:
+        """The common case in one view op: a contiguous F32 node, already on the right device,
+        holding exactly the site's elements. None otherwise (the general path handles it)."""
+        shape, strides, numel, plain = self._layouts[parse_site(site)[1].key]
+        if (typ != GGML_TYPE_F32 or not plain or ne[0] * ne[1] * ne[2] * ne[3] != numel
+                or nb[0] != 4 or nb[1] != 4 * ne[0] or nb[2] != nb[1] * ne[1] or nb[3] != nb[2] * ne[2]
+                or (self.on_device and not chunk.is_cuda)):
+            return None
+        base = typed.get(id(chunk))
+        if base is None:
+            base = typed[id(chunk)] = chunk.view(torch.float32)
+        return base.as_strided(shape, strides, off // 4)
+
+    def _canonical(self, site: str, arr: torch.Tensor) -> torch.Tensor:
         shape = shape_of(site, self.dims)
         if parse_site(site)[1].key in FLASH_MISSING:      # (1, H, T, n_kv): keep cached cells
             H, T, P = shape
@@ -174,7 +231,10 @@ class Capture:
         if arr.numel() != math.prod(shape):
             raise ValueError(f"{site}: llama.cpp tensor with ne {list(arr.shape)[::-1]} does not fit "
                              f"the layout {shape}")
+        return arr.contiguous().reshape(shape)
+
+    def _emit(self, site: str, x: torch.Tensor) -> None:
         if (self.step, site) in self.captured:
             raise ValueError(f"{site} computed twice in one step (the step was split into several graphs)")
         self.captured.add((self.step, site))
-        self.sink(self.step, site, arr.contiguous().reshape(shape))
+        self.sink(self.step, site, x)
