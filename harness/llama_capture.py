@@ -62,7 +62,8 @@ def spec_rows_reduced(site: str, numel: int, dims: dict) -> bool:
 
 class _Arena:
     """Bump allocation of copy destinations in large chunks (one allocation per chunk instead
-    of one per node); the tensors handed out are views, which keep their chunk alive."""
+    of one per node). The tensors handed out are views, which keep their chunk alive; a chunk is
+    filled across steps and runs (never rewritten), so at most one chunk is slack."""
     CHUNK = 32 << 20
 
     def __init__(self, device: str):
@@ -79,10 +80,6 @@ class _Arena:
             self.base = self.chunk.data_ptr()
         off, self.used = self.used, self.used + size
         return self.chunk, off, self.base + off
-
-    def release(self) -> None:
-        """Start a new chunk next time (the current one lives on through its views)."""
-        self.chunk = None
 
 
 def _view(chunk: torch.Tensor, off: int, dtype: torch.dtype, ne, nb) -> torch.Tensor:
@@ -203,8 +200,6 @@ class Capture:
             except Exception as e:
                 self.error, self.error_node = e, f"{node.decode(errors='replace')} ({site})"
                 return
-        self._gpu.release()
-        self._cpu.release()
 
     def _fast_view(self, site, chunk, off, typ, ne, nb, typed) -> torch.Tensor | None:
         """The common case in one view op: a contiguous F32 node, already on the right device,
