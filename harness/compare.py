@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from .metrics import batch_stats, finish_stats, logit_stats, pair_stats, stats_vector
-from .sites import DIM_NAMES, input_sites, parse_site
-from .tolerance import Policy
+from .metrics import PairStats, batch_stats, finish_many, logit_stats, pair_stats, stats_vector
+from .sites import DIM_NAMES, SITES, SiteSpec, input_sites, parse_site
+from .tolerance import Policy, Tol
 from .trace import Trace
 
 
@@ -44,9 +44,16 @@ class Comparison:
         return self.first is not None
 
 
-def _describe_index(site: str, idx: tuple[int, ...]) -> str:
-    layout = parse_site(site)[1].layout
-    return " ".join(f"{DIM_NAMES[d].replace('_', ' ')} {i}" for d, i in zip(layout, idx))
+_LABELS = {spec.key: tuple(DIM_NAMES[d].replace("_", " ") for d in spec.layout) for spec in SITES}
+_FORMATS = {key: " ".join(f"{n} {{}}" for n in labels) for key, labels in _LABELS.items()}
+
+
+def _describe_index(spec: SiteSpec, idx: tuple[int, ...]) -> str:
+    """``(3, 1, 8)`` at a (T, H, Dh) site -> "token 3 head 1 dim 8"."""
+    labels = _LABELS[spec.key]
+    if len(idx) == len(labels):
+        return _FORMATS[spec.key].format(*idx)
+    return " ".join([f"{n} {i}" for n, i in zip(labels, idx)])
 
 
 def _rows_like(ours, ref, spec):
@@ -56,46 +63,67 @@ def _rows_like(ours, ref, spec):
     return ours
 
 
+def _values(s: PairStats) -> tuple:
+    """What a table row takes from a PairStats, in the order :func:`finish_many`'s columns zip to."""
+    return s.max_abs, s.rel_l2, s.max_norm, s.cosine, s.worst_index, s.ours_value, s.ref_value, s.nonfinite
+
+
 class Comparator:
     """Builds a Comparison one tensor pair at a time, so tensors can be dropped as they are
-    compared (the streaming GPU path) or fed from whole traces (:func:`compare`)."""
+    compared (the streaming GPU path) or fed from whole traces (:func:`compare`).
 
-    def __init__(self, policy: Policy):
-        self.policy = policy
+    ``batched``: queue pairs and reduce them in segmented batches, brought to the host together
+    in :meth:`result`; None (default) does so for GPU tensors and compares CPU pairs at once."""
+
+    BATCH_NUMEL = 1 << 22
+    LARGE = 1 << 18
+
+    def __init__(self, policy: Policy, batched: bool | None = None):
+        self.policy, self.batched = policy, batched
         self.rows: dict[tuple[int, str], dict] = {}
         self.logit_rows: list[dict] = []
         self.spikes: list[dict] = []
         self.has_local = False
-        self.batch: list = []     # GPU pairs waiting to be reduced together
+        self.batch: list = []     # pairs waiting to be reduced together
         self.batch_numel = 0
-        self.pending: list = []   # ([(row builder, step, site, shape)], (N, 9) stats on the GPU)
+        self.pending: list = []   # ([(kind, step, site, shape)], (N, 9) stats on the device)
+        self._tols: dict[tuple[str, str], Tol] = {}
+
+    def _tol(self, family: str, kind: str) -> Tol:
+        tol = self._tols.get((family, kind))
+        if tol is None:
+            tol = self._tols[(family, kind)] = self.policy.tolerance(family, kind)
+        return tol
+
+    def _defer(self, t) -> bool:
+        return t.is_cuda if self.batched is None else self.batched
 
     def add(self, step: int, site: str, ours, ref) -> None:
-        """End-to-end pair: our tensor and the reference's at (step, site). On a GPU the
-        reductions are queued and brought to the host together in :meth:`result`."""
-        layer, spec = parse_site(site)
-        ours = _rows_like(ours, ref, spec)
-        if tuple(ours.shape) != tuple(ref.shape):
-            self._shape_mismatch(step, site, ours, ref)
-            return
+        """End-to-end pair: our tensor and the reference's at (step, site)."""
+        spec = parse_site(site)[1]                  # (cached) raises SiteError for a bad name now
+        if ours.shape != ref.shape:
+            ours = _rows_like(ours, ref, spec)
+            if ours.shape != ref.shape:
+                self._shape_mismatch(step, site, ours, ref)
+                return
         if site == "logits":
             lr, sp = logit_stats(ours, ref)
             self.logit_rows += [dict(step=step, **x) for x in lr]
             self.spikes += [dict(step=step, **x) for x in sp]
-        if ours.is_cuda:
-            self._queue(self._e2e_row, step, site, ours, ref)
+        if self._defer(ours):
+            self._queue("e2e", step, site, ours, ref)
         else:
-            self._e2e_row(step, site, tuple(ref.shape), pair_stats(ours, ref))
+            self._e2e_row(step, site, tuple(ref.shape), _values(pair_stats(ours, ref)))
 
-    def _e2e_row(self, step: int, site: str, shape: tuple, s) -> None:
+    def _e2e_row(self, step: int, site: str, shape: tuple, v: tuple) -> None:
+        max_abs, rel, max_norm, cos, widx, ov, rv, nonfinite = v
         layer, spec = parse_site(site)
-        tol = self.policy.tolerance(spec.family, "e2e")
-        row = self.rows.setdefault((step, site), {})
-        row.update(step=step, layer=layer, site=site, op=spec.key, family=spec.family, shape=shape,
-                   max_abs=s.max_abs, rel_l2=s.rel_l2, max_norm=s.max_norm, cosine=s.cosine,
-                   worst=_describe_index(site, s.worst_index), worst_index=s.worst_index,
-                   ours=s.ours_value, ref=s.ref_value, nonfinite=s.nonfinite,
-                   tol_rel=tol.rel, tol_max=tol.max, passed=tol.passes(s.rel_l2, s.max_norm))
+        tol = self._tol(spec.family, "e2e")
+        self.rows.setdefault((step, site), {}).update(
+            step=step, layer=layer, site=site, op=spec.key, family=spec.family, shape=shape,
+            max_abs=max_abs, rel_l2=rel, max_norm=max_norm, cosine=cos, worst=_describe_index(spec, widx),
+            worst_index=widx, ours=ov, ref=rv, nonfinite=nonfinite,
+            tol_rel=tol.rel, tol_max=tol.max, passed=tol.passes(rel, max_norm))
 
     def _shape_mismatch(self, step: int, site: str, ours, ref) -> None:
         """A tensor of the wrong shape is a divergence at that site (e.g. a KV cache that does
@@ -111,38 +139,40 @@ class Comparator:
     def add_local(self, step: int, site: str, local, ref) -> None:
         """Local pair: our op recomputed on the reference's inputs, and the reference's output."""
         self.has_local = True
-        local = _rows_like(local, ref, parse_site(site)[1])
-        if tuple(local.shape) != tuple(ref.shape):
+        spec = parse_site(site)[1]
+        if local.shape != ref.shape:
+            local = _rows_like(local, ref, spec)
+        if local.shape != ref.shape:
             self.rows.setdefault((step, site), {}).update(
                 local_rel_l2=float("inf"), local_max_norm=float("inf"),
                 local_worst=f"shape {tuple(local.shape)} instead of {tuple(ref.shape)}",
                 local_ours=float("nan"), local_ref=float("nan"), local_tol_rel=0.0, local_tol_max=0.0,
                 local_passed=False)
             return
-        if local.is_cuda:
-            self._queue(self._local_row, step, site, local, ref)
+        if self._defer(local):
+            self._queue("local", step, site, local, ref)
         else:
-            self._local_row(step, site, tuple(ref.shape), pair_stats(local, ref))
+            self._local_row(step, site, tuple(ref.shape), _values(pair_stats(local, ref)))
 
-    def _local_row(self, step: int, site: str, shape: tuple, ls) -> None:
-        lt = self.policy.tolerance(parse_site(site)[1].family, "local")
+    def _local_row(self, step: int, site: str, shape: tuple, v: tuple) -> None:
+        _, rel, max_norm, _, widx, ov, rv, _ = v
+        spec = parse_site(site)[1]
+        lt = self._tol(spec.family, "local")
         self.rows.setdefault((step, site), {}).update(
-            local_rel_l2=ls.rel_l2, local_max_norm=ls.max_norm, local_worst=_describe_index(site, ls.worst_index),
-            local_ours=ls.ours_value, local_ref=ls.ref_value, local_tol_rel=lt.rel, local_tol_max=lt.max,
-            local_passed=lt.passes(ls.rel_l2, ls.max_norm))
+            local_rel_l2=rel, local_max_norm=max_norm, local_worst=_describe_index(spec, widx),
+            local_ours=ov, local_ref=rv, local_tol_rel=lt.rel, local_tol_max=lt.max,
+            local_passed=lt.passes(rel, max_norm))
 
-    BATCH_NUMEL = 1 << 22
-    LARGE = 1 << 18
-
-    def _queue(self, build, step, site, ours, ref) -> None:
-        """Hold a small GPU pair until a batch is full (bounded memory), then reduce the batch at
+    def _queue(self, kind: str, step: int, site: str, ours, ref) -> None:
+        """Hold a small pair until a batch is full (bounded memory), then reduce the batch at
         once; a large pair is reduced on its own (segmented reductions with float64 atomics are
         slow on big tensors: measured 69 s instead of 9 s at 2048 tokens)."""
-        if ref.numel() >= self.LARGE:
-            self.pending.append(([(build, step, site, tuple(ref.shape))], stats_vector(ours, ref)[None]))
+        n = ref.numel()
+        if n >= self.LARGE:
+            self.pending.append(([(kind, step, site, tuple(ref.shape))], stats_vector(ours, ref)[None]))
             return
-        self.batch.append((build, step, site, tuple(ref.shape), ours, ref))
-        self.batch_numel += ref.numel()
+        self.batch.append((kind, step, site, tuple(ref.shape), ours, ref))
+        self.batch_numel += n
         if self.batch_numel >= self.BATCH_NUMEL or len(self.batch) >= 512:
             self._reduce_batch()
 
@@ -153,14 +183,18 @@ class Comparator:
             self.batch, self.batch_numel = [], 0
 
     def flush(self) -> None:
-        """Reduce what is queued and bring every GPU result to the host in one transfer."""
+        """Reduce what is queued, bring every result to the host in one transfer, fill the rows."""
         self._reduce_batch()
-        if self.pending:
-            values = torch.cat([p[1] for p in self.pending]).tolist()
-            keys = [k for p in self.pending for k in p[0]]
-            for (build, step, site, shape), vals in zip(keys, values):
-                build(step, site, shape, finish_stats(vals, shape))
-            self.pending = []
+        if not self.pending:
+            return
+        vals = torch.cat([p[1] for p in self.pending]).cpu().numpy()
+        keys = [k for p in self.pending for k in p[0]]
+        self.pending = []
+        c = finish_many(vals, [k[3] for k in keys])
+        values = zip(c["max_abs"], c["rel_l2"], c["max_norm"], c["cosine"], c["worst_index"], c["ours_value"],
+                     c["ref_value"], c["nonfinite"])
+        for (kind, step, site, shape), v in zip(keys, values):
+            (self._e2e_row if kind == "e2e" else self._local_row)(step, site, shape, v)
 
     def result(self, ours_meta: dict, ref: Trace) -> Comparison:
         self.flush()
@@ -175,9 +209,11 @@ class Comparator:
                           _first(table, "passed"), meta)
 
 
-def compare(ours: Trace, ref: Trace, policy: Policy, local: Trace | None = None) -> Comparison:
-    """Divergence table of ``ours`` against ``ref`` over the (step, site) pairs both hold."""
-    c = Comparator(policy)
+def compare(ours: Trace, ref: Trace, policy: Policy, local: Trace | None = None,
+            batched: bool | None = None) -> Comparison:
+    """Divergence table of ``ours`` against ``ref`` over the (step, site) pairs both hold
+    (``batched``: see :class:`Comparator`)."""
+    c = Comparator(policy, batched)
     for key, r in ref.items():
         if key in ours:
             c.add(*key, ours[key], r)

@@ -41,7 +41,9 @@ def site_matcher(pattern: str | Callable[[str], bool]) -> Callable[[str], bool]:
 
 
 class HookManager:
-    """Per-model dispatch state. Plain object (not a Module), shared by all hook points."""
+    """Per-model dispatch state. Plain object (not a Module), shared by all hook points. Set only
+    through :meth:`install` (which ``Qwen2.hooks`` calls), so ``active`` and the per-site match
+    cache always agree with what is installed."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -50,18 +52,29 @@ class HookManager:
         self.anchor: Callable[[int, str], "torch.Tensor | None"] | None = None
         self.step = 0
         self.pos = 0
+        self.active = False                          # anything installed: hook points call fire()
+        self._matched: dict[str, list[Hook]] = {}    # site -> the installed hooks that match it
 
     @property
     def idle(self) -> bool:
-        return not self.hooks and self.recorder is None and self.anchor is None
+        return not self.active
+
+    def install(self, hooks: list, recorder, anchor) -> None:
+        self.hooks, self.recorder, self.anchor = hooks, recorder, anchor
+        self.active = bool(hooks) or recorder is not None or anchor is not None
+        self._matched = {}
+
+    def _hooks_for(self, name: str) -> list[Hook]:
+        fns = self._matched.get(name)
+        if fns is None:
+            fns = self._matched[name] = [fn for match, fn in self.hooks if match(name)]
+        return fns
 
     def fire(self, name: str, layer: int | None, x: torch.Tensor, inputs: dict) -> torch.Tensor:
-        if self.idle:
-            return x
-        ctx = None
-        for match, fn in self.hooks:
-            if match(name):
-                ctx = ctx or HookContext(name, layer, self.step, self.pos, inputs, self.model)
+        fns = self._hooks_for(name) if self.hooks else ()
+        if fns:
+            ctx = HookContext(name, layer, self.step, self.pos, inputs, self.model)
+            for fn in fns:
                 out = fn(x, ctx)
                 if out is not None:
                     if out.shape != x.shape:
@@ -73,17 +86,24 @@ class HookManager:
         if self.anchor is not None:
             ref = self.anchor(self.step, name)
             if ref is not None:
-                if ref.device != x.device or ref.dtype != x.dtype:
-                    ref = ref.to(device=x.device, dtype=x.dtype)
-                if ref.dim() == x.dim() and ref.shape[0] < x.shape[0]:   # reference kept only its last rows
-                    x = torch.cat([x[:x.shape[0] - ref.shape[0]], ref])
-                else:
-                    x = ref.reshape(x.shape)
+                x = _anchored(x, ref)
         return x
 
 
+def _anchored(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The reference's value in place of ours (same device and dtype as ours)."""
+    if ref.device != x.device or ref.dtype != x.dtype:
+        ref = ref.to(device=x.device, dtype=x.dtype)
+    if ref.dim() == x.dim() and ref.shape[0] < x.shape[0]:   # reference kept only its last rows
+        return torch.cat([x[:x.shape[0] - ref.shape[0]], ref])
+    return ref if ref.shape == x.shape else ref.reshape(x.shape)
+
+
 class HookPoint(nn.Module):
-    """Identity at one site; ``hp(x, **inputs)`` runs the manager's hooks for that site."""
+    """Identity at one site; ``hp(x, **inputs)`` runs the manager's hooks for that site.
+
+    A module (so it shows in the model tree), but called without ``nn.Module.__call__``: a
+    hook point never has module hooks, and with nothing installed it returns ``x`` at once."""
 
     def __init__(self, name: str, layer: int | None, manager: HookManager):
         super().__init__()
@@ -91,5 +111,8 @@ class HookPoint(nn.Module):
         self.layer = layer
         object.__setattr__(self, "_manager", manager)   # not a submodule: avoids a reference cycle
 
-    def forward(self, value: torch.Tensor, **inputs) -> torch.Tensor:
-        return self._manager.fire(self.name, self.layer, value, inputs)
+    def __call__(self, value: torch.Tensor, **inputs) -> torch.Tensor:
+        m = self._manager
+        return m.fire(self.name, self.layer, value, inputs) if m.active else value
+
+    forward = __call__

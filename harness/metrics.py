@@ -1,8 +1,10 @@
 """Error metrics between two tensors of one site, and logit-specific checks. Pure functions."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -21,54 +23,81 @@ class PairStats:
 
 def stats_vector(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """The raw reductions behind :class:`PairStats`, as one float64 tensor on ``ours``'s device
-    (no host synchronisation: a GPU caller can queue many and transfer them together)."""
+    (a GPU caller can queue many and transfer them together). On a GPU the finiteness check
+    synchronises once: worth it for the large pairs that come here (the finite path runs fewer
+    kernels over less memory); :func:`batch_stats` reduces small pairs without a sync."""
     if tuple(ours.shape) != tuple(ref.shape):
         raise ValueError(f"shape mismatch: ours {tuple(ours.shape)} vs reference {tuple(ref.shape)}")
     ref = ref if ref.device == ours.device else ref.to(ours.device)
-    a, b = ours.detach().double().flatten(), ref.detach().double().flatten()
+    a = ours.detach().to(torch.float64, copy=True).flatten()      # fresh copies: the same memory
+    b = ref.detach().to(torch.float64, copy=True).flatten()       # layout whichever path runs
     if a.numel() == 0:
         return torch.zeros(9, dtype=torch.float64, device=a.device)
-    if ours.is_cuda and bool(torch.isfinite(a).all() & torch.isfinite(b).all()):
-        # the common case, in few kernels (a GPU pays per launch): every value finite
+    if bool(torch.isfinite(a).all() & torch.isfinite(b).all()):
+        # the common case, in fewer ops: nothing to mask. A GPU takes a @ b (one kernel); the
+        # CPU the masked path's sum, so its values do not depend on the path taken
         d = a - b
         flat = d.abs().argmax()
-        return torch.stack([flat.double(), d[flat].abs(), d.norm(), b.norm(), a.norm(), a @ b,
+        dot = a @ b if a.is_cuda else (a * b).sum()
+        return torch.stack([flat.double(), d[flat].abs(), d.norm(), b.norm(), a.norm(), dot,
                             torch.zeros((), dtype=torch.float64, device=a.device), a[flat], b[flat]])
-    both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)        # masked -inf on both sides agrees
+    return _masked_stats(a, b)
+
+
+def _masked(a: torch.Tensor, b: torch.Tensor):
+    """Elementwise part of the reductions: an inf equal on both sides is ignored (masked -inf
+    agrees), any other non-finite element is ``bad`` and its error inf. Returns
+    (bad, fa, fb, d, diff): both kinds zeroed in fa and fb, d = fa - fb, diff = |d| or inf."""
+    both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
     bad = ~(torch.isfinite(a) & torch.isfinite(b)) & ~both_inf
-    fa, fb = torch.where(bad | both_inf, 0.0, a), torch.where(bad | both_inf, 0.0, b)
+    skip = bad | both_inf
+    fa, fb = torch.where(skip, 0.0, a), torch.where(skip, 0.0, b)
     d = fa - fb
-    diff = torch.where(bad, torch.inf, d.abs())
+    return bad, fa, fb, d, torch.where(bad, torch.inf, d.abs())
+
+
+def _masked_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """stats_vector of flat float64 ``a``, ``b`` with non-finite values (see :func:`_masked`)."""
+    bad, fa, fb, d, diff = _masked(a, b)
     flat = diff.argmax()
     return torch.stack([flat.double(), diff[flat], d.norm(), fb.norm(), fa.norm(), (fa * fb).sum(),
                         bad.sum().double(), a[flat], b[flat]])
 
 
+def _segments(ours: list[torch.Tensor], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment id of every element of the concatenated pairs, and each segment's start, made on
+    ``dev`` without a blocking host->device copy (the lengths travel from pinned memory)."""
+    sizes = [o.numel() for o in ours]
+    lens = torch.tensor(sizes)
+    if dev.type == "cuda":
+        lens = lens.pin_memory().to(dev, non_blocking=True)
+    seg = torch.repeat_interleave(torch.arange(len(sizes), device=dev), lens, output_size=sum(sizes))
+    return seg, torch.cumsum(lens, 0) - lens
+
+
 def batch_stats(ours: list[torch.Tensor], refs: list[torch.Tensor]) -> torch.Tensor:
     """:func:`stats_vector` of many pairs at once, as an (N, 9) tensor on their device: the pairs
     are concatenated and reduced per segment, so a GPU runs a dozen kernels for the whole batch
-    instead of a dozen per pair. Falls back to one pair at a time when a value is not finite."""
+    instead of a dozen per pair, with no host synchronisation. Non-finite values are handled as
+    :func:`stats_vector` does (an inf equal on both sides is ignored; any other non-finite
+    element counts in ``nonfinite`` and makes its pair's worst error inf)."""
     dev = ours[0].device
     if any(o.numel() == 0 for o in ours):
         return torch.stack([stats_vector(o, r) for o, r in zip(ours, refs)])
     a = torch.cat([o.detach().reshape(-1) for o in ours]).double()
     b = torch.cat([r.detach().to(dev).reshape(-1) for r in refs]).double()
-    if not bool((torch.isfinite(a) & torch.isfinite(b)).all()):
-        return torch.stack([stats_vector(o, r) for o, r in zip(ours, refs)])
-    n = len(ours)
-    lens = torch.tensor([o.numel() for o in ours], device=dev)
-    starts = torch.cumsum(lens, 0) - lens
-    seg = torch.repeat_interleave(torch.arange(n, device=dev), lens)
-    d = a - b
-    ad = d.abs()
+    n, total = len(ours), a.numel()
+    seg, starts = _segments(ours, dev)
+    bad, fa, fb, d, diff = _masked(a, b)
     zeros = torch.zeros(n, dtype=torch.float64, device=dev)
-    mx = zeros.scatter_reduce(0, seg, ad, "amax", include_self=False)
-    pos = torch.arange(a.numel(), device=dev)
-    first = torch.full((n,), a.numel(), device=dev).scatter_reduce(
-        0, seg, torch.where(ad == mx[seg], pos, a.numel()), "amin", include_self=True)
-    sums = torch.zeros(4, n, dtype=torch.float64, device=dev).index_add_(1, seg, torch.stack([d * d, b * b, a * a, a * b]))
+    mx = zeros.scatter_reduce(0, seg, diff, "amax", include_self=False)
+    pos = torch.arange(total, device=dev)
+    first = torch.full((n,), total, device=dev).scatter_reduce(
+        0, seg, torch.where(diff == mx[seg], pos, total), "amin", include_self=True)
+    sums = torch.zeros(5, n, dtype=torch.float64, device=dev).index_add_(
+        1, seg, torch.stack([d * d, fb * fb, fa * fa, fa * fb, bad.double()]))
     return torch.stack([(first - starts).double(), mx, sums[0].sqrt(), sums[1].sqrt(), sums[2].sqrt(), sums[3],
-                        zeros, a[first], b[first]], dim=1)
+                        sums[4], a[first], b[first]], dim=1)
 
 
 def finish_stats(vals: list[float], shape: tuple[int, ...]) -> PairStats:
@@ -92,6 +121,44 @@ def finish_stats(vals: list[float], shape: tuple[int, ...]) -> PairStats:
     return PairStats(max_abs=max_abs, rel_l2=rel, max_norm=max_abs / max(rms, tiny) if max_abs else 0.0,
                      cosine=cos, ref_rms=rms, worst_index=tuple(reversed(idx)), ours_value=ov, ref_value=rv,
                      nonfinite=int(nonfinite))
+
+
+def finish_many(vals: np.ndarray, shapes: list[tuple[int, ...]]) -> dict[str, list]:
+    """:func:`finish_stats` of many :func:`stats_vector` rows (an (N, 9) float64 array) at once,
+    as columns named like PairStats' fields. The same float64 arithmetic, so the same values."""
+    flat_i, max_abs, nd, nb, na, dot, nonfinite, ov, rv = vals.T
+    sizes = [math.prod(s) for s in shapes]
+    roots = {n: n ** 0.5 for n in set(sizes)}
+    tiny, inf = 1e-30, float("inf")
+    with np.errstate(all="ignore"):
+        rms = nb / np.array([roots[n] for n in sizes], dtype=np.float64)
+        rel = np.where((nb > tiny) | (nd > 0), nd / np.maximum(nb, tiny), 0.0)
+        cos = np.where((na > tiny) & (nb > tiny), dot / np.maximum(na * nb, tiny), (na == nb).astype(np.float64))
+        bad = nonfinite != 0
+        rel, max_abs = np.where(bad, inf, rel), np.where(bad, inf, max_abs)
+        max_norm = np.where(max_abs != 0, max_abs / np.maximum(rms, tiny), 0.0)
+    empty = np.array([n == 0 for n in sizes], dtype=bool)
+    cols = dict(max_abs=max_abs, rel_l2=rel, max_norm=max_norm, cosine=cos, ref_rms=rms, ours_value=ov,
+                ref_value=rv)
+    out = {k: np.where(empty, 1.0 if k == "cosine" else 0.0, v).tolist() for k, v in cols.items()}
+    out["nonfinite"] = np.where(empty, 0, nonfinite).astype(np.int64).tolist()
+    out["worst_index"] = _unravel_all(flat_i, shapes, empty)
+    return out
+
+
+def _unravel_all(flat: np.ndarray, shapes: list[tuple[int, ...]], empty: np.ndarray) -> list[tuple[int, ...]]:
+    """Each row's flat index as a tuple of Python ints in its shape (``()`` for an empty one),
+    one numpy call per distinct shape."""
+    rows: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(shapes):
+        rows.setdefault(s, []).append(i)
+    out: list = [()] * len(shapes)
+    for shape, idx in rows.items():
+        if shape and not empty[idx[0]]:                      # a scalar's index is ()
+            coords = np.unravel_index(flat[idx].astype(np.int64), shape)
+            for i, t in zip(idx, zip(*[c.tolist() for c in coords])):
+                out[i] = t
+    return out
 
 
 def pair_stats(ours: torch.Tensor, ref: torch.Tensor) -> PairStats:

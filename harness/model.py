@@ -25,35 +25,55 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y * weight if weight is not None else y
 
 
-def rope_angles(pos: torch.Tensor, half: int, base: float, mirror: str | None = None) -> torch.Tensor:
+def rope_scale(half: int, base: float) -> torch.Tensor:
+    """ggml's theta_scale = base^(-2/Dh), computed in float32 as llama.cpp does (a CPU scalar)."""
+    f32 = torch.float32
+    return torch.tensor(base, dtype=f32) ** torch.tensor(-2.0 / (2 * half), dtype=f32)
+
+
+def rope_angles(pos: torch.Tensor, half: int, base: float, mirror: str | None = None,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
     """Rotation angles (T, Dh/2): pos * base^(-2j/Dh). Exact (float64) unless ``mirror`` names a
     llama.cpp backend, whose float32 arithmetic is then reproduced: the CPU cache multiplies
     theta by theta_scale once per pair (ggml_rope_cache_init); CUDA computes
-    pos * powf(theta_scale, j). At position 2048 the two differ from exact by ~1e-4 rad."""
+    pos * powf(theta_scale, j). At position 2048 the two differ from exact by ~1e-4 rad.
+    ``scale`` is :func:`rope_scale` already on ``pos``'s device (saves a host->device copy)."""
     if mirror is None:
         theta = base ** (-torch.arange(half, dtype=torch.float64, device=pos.device) * 2 / (2 * half))
         return pos.to(torch.float64)[:, None] * theta[None, :]
     f32 = torch.float32
-    scale = torch.tensor(base, dtype=f32) ** torch.tensor(-2.0 / (2 * half), dtype=f32)
+    scale = (rope_scale(half, base) if scale is None else scale).to(pos.device)
     p = pos.to(f32)
     if mirror == "cuda":
         j = torch.arange(half, dtype=f32, device=pos.device)
-        return p[:, None] * scale.to(pos.device) ** j[None, :]
+        return p[:, None] * scale ** j[None, :]
     out, theta = [], p
     for _ in range(half):
         out.append(theta)
-        theta = theta * scale.to(pos.device)
+        theta = theta * scale
     return torch.stack(out, dim=-1)
 
 
-def rope_neox(x: torch.Tensor, pos: torch.Tensor, base: float, mirror: str | None = None) -> torch.Tensor:
+def rope_tables(pos: torch.Tensor, half: int, base: float, mirror: str | None = None,
+                dtype: torch.dtype = torch.float32, scale: torch.Tensor | None = None):
+    """What :func:`rope_neox` multiplies by, each (T, 1, Dh) in ``dtype``: [cos, cos] and
+    [-sin, sin] of :func:`rope_angles`."""
+    ang = rope_angles(pos, half, base, mirror, scale)                      # (T, Dh/2)
+    cos, sin = ang.cos().to(dtype)[:, None, :], ang.sin().to(dtype)[:, None, :]
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def rope_neox(x: torch.Tensor, pos: torch.Tensor, base: float, mirror: str | None = None,
+              tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """RoPE with NEOX pairing (dim j rotates with j + Dh/2), as llama.cpp does for qwen2.
-    x: (T, nh, Dh), pos: (T,). Applied in x's dtype."""
+    x: (T, nh, Dh), pos: (T,). Applied in x's dtype. ``tables``: :func:`rope_tables` of these
+    positions, when the caller has them (the model computes them once per step).
+    Elementwise [x1 cos - x2 sin, x2 cos + x1 sin], in 4 ops instead of 7 (a - b == a + -b)."""
     half = x.shape[-1] // 2
-    ang = rope_angles(pos, half, base, mirror)                             # (T, Dh/2)
-    cos, sin = ang.cos().to(x.dtype)[:, None, :], ang.sin().to(x.dtype)[:, None, :]
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    if tables is None or tables[0].dtype != x.dtype:
+        tables = rope_tables(pos, half, base, mirror, x.dtype)
+    cos, sin = tables                                                      # (T, 1, Dh)
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 class MatMul:
@@ -61,9 +81,10 @@ class MatMul:
 
     def __init__(self, weight: torch.Tensor, rounder=None):
         self.weight, self.rounder = weight, rounder
+        self.weight_t = weight.T                                               # the view, made once
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.rounder(x) if self.rounder is not None else x) @ self.weight.T
+        return (self.rounder(x) if self.rounder is not None else x) @ self.weight_t
 
 
 class KVCache:
@@ -77,6 +98,12 @@ class KVCache:
 
     def _round(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.store_dtype).to(t.dtype) if self.store_dtype is not None else t
+
+    def reround(self, t: torch.Tensor) -> torch.Tensor:
+        """``_round`` of what :meth:`update` returned: skipped where rounding again provably
+        changes nothing (the model dtype holds every value of the store dtype exactly)."""
+        exact = self.store_dtype in (None, t.dtype) or t.dtype in (torch.float32, torch.float64)
+        return t if exact else self._round(t)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self._round(k), self._round(v)
@@ -101,17 +128,17 @@ class Attention(nn.Module):
         proj = self.hp[f"{name}_proj"](mat(x).view(T, nh, Dh), x=x, weight=mat.weight)  # (T, nh, Dh)
         return self.hp[name](proj + bias.view(nh, Dh), x=proj, bias=bias)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, mask: torch.Tensor):
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, mask: torch.Tensor, rope: tuple):
         cfg, hp, T = self.cfg, self.hp, x.shape[0]
         H, Hkv = cfg.n_head, cfg.n_head_kv
         q = self._qkv(x, "q", self.mq, self.bq, H)                             # (T, H, Dh)
         k = self._qkv(x, "k", self.mk, self.bk, Hkv)                           # (T, Hkv, Dh)
         v = self._qkv(x, "v", self.mv, self.bv, Hkv)                           # (T, Hkv, Dh)
-        m = self.mirror
-        q = hp["q_rope"](rope_neox(q, pos, cfg.rope_base, m), x=q, pos=pos, base=cfg.rope_base, mirror=m)
-        k = hp["k_rope"](rope_neox(k, pos, cfg.rope_base, m), x=k, pos=pos, base=cfg.rope_base, mirror=m)
+        m, base = self.mirror, cfg.rope_base
+        q = hp["q_rope"](rope_neox(q, pos, base, m, rope), x=q, pos=pos, base=base, mirror=m)
+        k = hp["k_rope"](rope_neox(k, pos, base, m, rope), x=k, pos=pos, base=base, mirror=m)
         K, V = cache.update(self.i, k, v)                                      # (P, Hkv, Dh)
-        rq, rk, rv = (cache._round(t) for t in (q, K, V))   # F16 cache: llama.cpp's dot operands
+        rq, rk, rv = cache._round(q), cache.reround(K), cache.reround(V)  # F16 cache: llama.cpp's dot operands
         g = H // Hkv
         kq = torch.einsum("thd,phd->htp", rq, rk.repeat_interleave(g, dim=1))  # (H, T, P)
         kq = hp["kq"](kq, q=q, k=K, group=g)
@@ -147,10 +174,10 @@ class Block(nn.Module):
         self.attn = Attention(cfg, w, mm, i, self.hp, mirror)
         self.ffn = FeedForward(mm, i, self.hp)
 
-    def forward(self, x, pos, cache, mask):                                   # x (T, D)
+    def forward(self, x, pos, cache, mask, rope):                             # x (T, D)
         hp = self.hp
         h = hp["attn_norm"](rms_norm(x, self.attn_norm_w, self.eps), x=x, weight=self.attn_norm_w, eps=self.eps)
-        a = self.attn(h, pos, cache, mask)
+        a = self.attn(h, pos, cache, mask, rope)
         r = hp["ffn_inp"](x + a, a=x, b=a)
         h = hp["ffn_norm"](rms_norm(r, self.ffn_norm_w, self.eps), x=r, weight=self.ffn_norm_w, eps=self.eps)
         f = self.ffn(h)
@@ -172,6 +199,8 @@ class Qwen2(nn.Module):
         self.out = mm["token_embd.weight"] if gm.tied else mm["output.weight"]
         self.blocks = nn.ModuleList(Block(cfg, w, mm, i, self.manager, mirror) for i in range(cfg.n_layer))
         self.hp = nn.ModuleDict({k: HookPoint(k, None, self.manager) for k in ("embd", "output_norm", "logits")})
+        # ggml's float32 theta_scale on our device once, not a host->device copy per RoPE
+        self.rope_scale = rope_scale(cfg.head_dim // 2, cfg.rope_base).to(self.device) if mirror else None
 
     @property
     def device(self) -> torch.device:
@@ -183,13 +212,15 @@ class Qwen2(nn.Module):
 
     def forward(self, tokens: torch.Tensor, pos0: int, cache: KVCache) -> torch.Tensor:
         """One step: tokens (T,) at positions pos0..pos0+T-1 -> logits (T, V)."""
-        T, P = tokens.shape[0], pos0 + tokens.shape[0]
+        cfg, T, P = self.config, tokens.shape[0], pos0 + tokens.shape[0]
         pos = torch.arange(pos0, P, device=self.device)
         mask = torch.full((T, P), float("-inf"), device=self.device, dtype=self.dtype) \
             .triu(pos0 + 1)                                                       # causal (T, P)
+        rope = rope_tables(pos, cfg.head_dim // 2, cfg.rope_base, self.mirror, self.dtype,
+                           self.rope_scale)                                       # 2 x (T, 1, Dh)
         x = self.hp["embd"](F.embedding(tokens, self.embd_w), tokens=tokens, weight=self.embd_w)
         for block in self.blocks:
-            x = block(x, pos, cache, mask)
+            x = block(x, pos, cache, mask, rope)
         h = self.hp["output_norm"](rms_norm(x, self.norm_w, self.config.rms_eps), x=x, weight=self.norm_w,
                                    eps=self.config.rms_eps)
         return self.hp["logits"](self.out(h), x=h, weight=self.out.weight)    # (T, V)
@@ -199,12 +230,11 @@ class Qwen2(nn.Module):
         """Install ``(pattern, fn)`` hooks (and optionally a recorder/anchor) for the block's duration."""
         m = self.manager
         saved = (m.hooks, m.recorder, m.anchor)
-        m.hooks = saved[0] + [(site_matcher(p), fn) for p, fn in hooks]
-        m.recorder, m.anchor = recorder or saved[1], anchor or saved[2]
+        m.install(saved[0] + [(site_matcher(p), fn) for p, fn in hooks], recorder or saved[1], anchor or saved[2])
         try:
             yield self
         finally:
-            m.hooks, m.recorder, m.anchor = saved
+            m.install(*saved)
 
     @torch.no_grad()
     def run(self, prompt: list[int], steps: int = 0, decode_tokens: list[int] | None = None,
@@ -219,17 +249,20 @@ class Qwen2(nn.Module):
         if bad:
             raise ValueError(f"token id {bad[0]} out of range (vocabulary has {cfg.n_vocab} tokens)")
         cache, tokens, out = KVCache(cfg.n_layer, self.kv_dtype), list(prompt), []
-        feed = list(prompt)
+        forced = list(decode_tokens or [])[:steps]
+        ids = torch.tensor(tokens + forced, device=self.device)   # one upload, not one per step
+        feed = ids[:len(tokens)]
         for step in range(steps + 1):
-            self.manager.step, self.manager.pos = step, len(tokens) - len(feed)
-            logits = self(torch.tensor(feed, device=self.device), self.manager.pos, cache)
+            self.manager.step, self.manager.pos = step, len(tokens) - feed.shape[0]
+            logits = self(feed, self.manager.pos, cache)
             if keep_logits:
                 out.append(logits.float())
-            if step < steps:
-                nxt = decode_tokens[step] if decode_tokens and step < len(decode_tokens) \
-                    else int(logits[-1].argmax())
-                tokens.append(nxt)
-                feed = [nxt]
+            if step < len(forced):
+                tokens.append(forced[step])
+                feed = ids[len(tokens) - 1:len(tokens)]
+            elif step < steps:                                         # greedy
+                feed = logits[-1].argmax().view(1)
+                tokens.append(int(feed))
         self.last_tokens = tokens
         return out
 
@@ -245,7 +278,7 @@ class Qwen2(nn.Module):
 
         def recorder(step, name, x):
             if filt is None or filt.wants(step, name):
-                y = x.detach().float()          # our ops never write in place: no copy needed
+                y = (x.detach() if x.requires_grad else x).float()  # we never write in place: no copy
                 keep(step, name, y.cpu() if to_cpu else y)
 
         def anchor_fn(step, name):

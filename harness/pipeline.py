@@ -105,12 +105,14 @@ def diff_on_device(req: DiffRequest, model: Qwen2 | None = None, runner: LlamaRu
     comp = Comparator(Policy(ref.meta.get("backend", "cuda"), model.gguf.weight_type, req.dtype))
 
     def e2e(step, site, x):
-        if (step, site) in ref:
-            comp.add(step, site, x, ref[step, site])
+        r = ref.tensors.get((step, site))
+        if r is not None:
+            comp.add(step, site, x, r)
 
     def local(step, site, x):
-        if (step, site) in ref:
-            comp.add_local(step, site, x, ref[step, site])
+        r = ref.tensors.get((step, site))
+        if r is not None:
+            comp.add_local(step, site, x, r)
 
     hooks = [h for f in req.faults for h in f.hooks]
     args = (ref.tokens[:ref.n_prompt], ref.n_steps, ref.tokens[ref.n_prompt:])

@@ -69,9 +69,48 @@ def test_batched_stats_equal_per_pair_stats():
     refs = [x + 0.01 * torch.randn(x.shape, generator=g) for x in ours]
     per_pair = torch.stack([stats_vector(a, b) for a, b in zip(ours, refs)])
     assert torch.allclose(batch_stats(ours, refs), per_pair, rtol=1e-12, atol=1e-12)
-    ours[1][3] = float("nan")                      # falls back to the per-pair path, still exact
+    ours[1][3] = float("nan")                      # handled inside the batch (no fallback)
     per_pair = torch.stack([stats_vector(a, b) for a, b in zip(ours, refs)])
     assert torch.allclose(batch_stats(ours, refs), per_pair, equal_nan=True)
+
+
+def test_batched_stats_nonfinite_pairs_equal_per_pair_stats():
+    """NaN and +-inf on one or both sides, mixed with finite pairs in one batch: every pair's
+    reductions equal stats_vector's (index, worst error, non-finite count and the worst pair of
+    values exactly; the norms and dot product to rounding), and so does every PairStats."""
+    from harness.metrics import batch_stats, finish_stats, stats_vector
+    g = torch.Generator().manual_seed(3)
+    inf, nan = float("inf"), float("nan")
+    cases = [  # (index, ours value, ref value) planted in a random pair of shape (4, 5)
+        [], [(7, nan, None)], [(2, None, nan)], [(11, nan, nan)], [(3, inf, None)], [(5, None, -inf)],
+        [(0, -inf, -inf), (19, inf, inf)],          # equal infs on both sides are ignored
+        [(6, inf, -inf)], [(8, nan, inf)], [(1, -inf, -inf), (4, 2.5, None)],
+        [(9, inf, inf), (12, nan, None), (13, None, -inf)],
+        [(i, -inf, -inf) for i in range(20)],      # all masked: nothing left to compare
+    ]
+    ours, refs = [], []
+    for planted in cases:
+        a, b = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+        for i, x, y in planted:
+            if x is not None:
+                a.view(-1)[i] = x
+            if y is not None:
+                b.view(-1)[i] = y
+        ours.append(a)
+        refs.append(b)
+    ours.append(torch.randn(7, generator=g))       # a finite pair of another shape
+    refs.append(ours[-1] + 1e-3)
+    got = batch_stats(ours, refs)
+    want = torch.stack([stats_vector(a, b) for a, b in zip(ours, refs)])
+    exact = [0, 1, 6, 7, 8]                        # index, worst |diff|, nonfinite, ours/ref at worst
+    assert torch.equal(got[:, exact].nan_to_num(), want[:, exact].nan_to_num())
+    assert torch.equal(got[:, exact].isnan(), want[:, exact].isnan())
+    assert torch.allclose(got, want, rtol=1e-12, atol=0, equal_nan=True)
+    assert want[:, 6].tolist() == [0, 1, 1, 1, 1, 1, 0, 1, 1, 0, 2, 0, 0]
+    for a, b, x, y in zip(ours, refs, got.tolist(), want.tolist()):
+        s, t = finish_stats(x, tuple(a.shape)), finish_stats(y, tuple(a.shape))
+        assert (s.worst_index, s.nonfinite, s.max_abs) == (t.worst_index, t.nonfinite, t.max_abs)
+        assert s.rel_l2 == t.rel_l2 or math.isclose(s.rel_l2, t.rel_l2, rel_tol=1e-12)
 
 
 def test_shape_mismatch_is_a_divergence_not_a_crash():
@@ -89,3 +128,34 @@ def test_shape_mismatch_is_a_divergence_not_a_crash():
     cmp = compare(ours, ref, Policy("cpu", "F32", table={"regimes": {}}))
     assert (cmp.first.step, cmp.first.site) == (1, "blk.0.kq")
     assert "shape (4, 1, 1) instead of (4, 1, 3)" in cmp.first.row["worst"]
+
+
+def test_finish_many_equals_finish_stats_row_by_row():
+    """The vectorized finish (one numpy pass over a whole flush) gives exactly the PairStats values,
+    edge cases included: empty and scalar shapes, zero reference, non-finite pairs, NaN values."""
+    from dataclasses import astuple, fields
+
+    import numpy as np
+
+    from harness.metrics import PairStats, finish_many, finish_stats
+    g = torch.Generator().manual_seed(5)
+    inf, nan = float("inf"), float("nan")
+    rows = [[float(i % 7), *(torch.rand(5, generator=g, dtype=torch.float64) * 3).tolist(), 0.0,
+             *torch.randn(2, generator=g, dtype=torch.float64).tolist()] for i in range(40)]
+    shapes = [(2, 7), (7,), (3, 1, 4), (8,)] * 10
+    edge = [([3.0, inf, 1.0, 2.0, 2.0, 1.0, 2.0, nan, 1.0], (2, 2)),     # non-finite pair
+            ([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], (0, 4)),       # empty
+            ([0.0, 0.5, 0.5, 0.0, 0.3, 0.0, 0.0, 0.5, 0.0], ()),           # scalar, zero reference
+            ([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], (3,)),         # both zero
+            ([1.0, 0.0, 0.0, 1e-31, 1e-31, 1e-62, 0.0, 1e-31, 1e-31], (3,)),   # below tiny
+            ([5.0, 2.0, 1.5, 4.0, 3.0, -12.0, 0.0, -1.0, 1.0], (2, 3))]
+    rows += [r for r, _ in edge]
+    shapes += [s for _, s in edge]
+    cols = finish_many(np.array(rows, dtype=np.float64), shapes)
+    names = [f.name for f in fields(PairStats)]
+    for i, (r, shape) in enumerate(zip(rows, shapes)):
+        want = astuple(finish_stats(r, shape))
+        got = tuple(cols[n][i] for n in names)
+        assert got == want or all(x == y or (x != x and y != y) for x, y in zip(got, want)), (shape, got, want)
+        assert [type(x) for x in got] == [type(x) for x in want]
+

@@ -104,3 +104,31 @@ def test_last_token_outputs_only(tiny_f32):
     req.faults = [REGISTRY["lm_head_transpose"]]
     first = diff_gguf(req, ref=ref).comparison.first
     assert (first.step, first.site) == (0, "logits")
+
+
+def test_batched_comparison_matches_per_pair(shared):
+    """The GPU path's batched, deferred reductions (run here on the CPU) give the per-pair table:
+    same rows, columns, verdicts and worst elements, errors equal to rounding; NaN and inf too.
+    And diff_on_device (streaming, anchored pass) gives diff_gguf's table exactly."""
+    import math
+
+    import pandas as pd
+
+    from harness.compare import compare
+    from harness.pipeline import diff_on_device
+    from harness.tolerance import Policy
+    req, ref, model = shared
+    res = diff_gguf(req, model=model, ref=ref)
+    assert res.comparison.table.equals(diff_on_device(req, model=model, ref=ref).comparison.table)
+    ours, local = res.ours, res.local
+    for trace, key, i, value in ((ours, (1, "blk.1.q"), 5, math.nan), (local, (2, "blk.0.kq"), 3, math.inf),
+                                 (local, (0, "blk.2.ffn_out"), 0, -math.inf)):
+        trace.tensors[key] = trace[key].clone()
+        trace[key].view(-1)[i] = value
+    policy = Policy("cpu", model.gguf.weight_type)
+    per_pair = compare(ours, ref, policy, local).table
+    batched = compare(ours, ref, policy, local, batched=True).table
+    pd.testing.assert_frame_equal(batched, per_pair, check_exact=False, rtol=1e-9)
+    assert (batched["worst"] == per_pair["worst"]).all() and (batched["passed"] == per_pair["passed"]).all()
+    bad = per_pair.set_index(["step", "site"])
+    assert bad.loc[(1, "blk.1.q"), "nonfinite"] == 1 and not bad.loc[(2, "blk.0.kq"), "local_passed"]
