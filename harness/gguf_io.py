@@ -4,6 +4,7 @@ Every failure is a :class:`GGUFError` whose message is one line naming the file 
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -39,11 +40,36 @@ class Qwen2Config:
                     Dh=self.head_dim, V=self.n_vocab)
 
 
+class LazyWeight:
+    """A matrix kept as its raw GGUF bytes on the device and dequantized when used (layer by
+    layer), for models whose float weights do not fit beside llama.cpp's copy. The last matrix
+    expanded is kept (one slot, shared by all), so a weight read twice in a row -- by the matmul,
+    then as a hook input -- is expanded once. Values equal the eager load's bit for bit."""
+    _last: tuple["LazyWeight | None", "torch.Tensor | None"] = (None, None)
+
+    def __init__(self, raw: torch.Tensor, qtype, shape: tuple[int, ...], dtype: torch.dtype):
+        self.raw, self.qtype, self.shape, self.dtype = raw, qtype, tuple(shape), dtype
+        self.device = raw.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def expand(self) -> torch.Tensor:
+        """The float matrix (shape ``self.shape``, ``self.dtype``)."""
+        owner, w = LazyWeight._last
+        if owner is not self:
+            LazyWeight._last = (None, None)          # free the previous one first
+            from .dequant_torch import dequantize
+            w = dequantize(self.raw, self.qtype, self.shape).to(self.dtype)
+            LazyWeight._last = (self, w)
+        return w
+
+
 @dataclass
 class GGUFModel:
     path: str
     config: Qwen2Config
-    weights: dict[str, torch.Tensor]          # GGUF tensor name -> float tensor, numpy/torch layout
+    weights: dict[str, torch.Tensor]          # GGUF tensor name -> float tensor (or LazyWeight), torch layout
     types: dict[str, str] = field(default_factory=dict)  # GGUF tensor name -> "Q4_K", "F32", ...
     tied: bool = False                        # no output.weight: logits use token_embd.weight
 
@@ -165,13 +191,21 @@ def _dequantize_torch(t, raw: np.ndarray, path: str, device) -> torch.Tensor | N
         raise GGUFError(f"{path}: tensor {t.name} ({qtype.name}) is corrupt ({type(e).__name__}: {e})") from None
 
 
+def _torch_decodable(qtype) -> bool:
+    from gguf import GGMLQuantizationType
+    from .dequant_torch import SUPPORTED
+    return GGMLQuantizationType(qtype) in SUPPORTED
+
+
 def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32, torch_dequant: bool = False) -> GGUFModel:
+              dtype: torch.dtype = torch.float32, torch_dequant: bool = False,
+              lazy: bool = False) -> GGUFModel:
     """Config and every weight of a qwen2 GGUF, dequantized to ``dtype`` on ``device``.
 
     Tensors are read one at a time with plain reads (no memory map), so host memory holds at most
     one raw tensor. ``torch_dequant``: move each tensor's raw bytes to ``device`` and dequantize
-    there (:mod:`harness.dequant_torch`); numpy (gguf-py) for types it lacks.
+    there (:mod:`harness.dequant_torch`); numpy (gguf-py) for types it lacks. ``lazy``: keep
+    each matrix of a torch-decodable type as a :class:`LazyWeight` (raw bytes on ``device``).
     """
     path = os.fspath(path)
     hdr = open_gguf(path)
@@ -191,11 +225,20 @@ def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
             raise GGUFError(f"{path}: tensor {name} has shape {list(t.shape)}, expected {list(want)} "
                             "(rows, cols)")
         raw = _raw(t, path)
+        if lazy and len(want) == 2 and _torch_decodable(t.type):
+            weights[name] = LazyWeight(torch.from_numpy(raw).to(device), t.type, want, dtype)
+            continue
         w = _dequantize_torch(t, raw, path, device) if torch_dequant else None
         if w is None:
             w = torch.from_numpy(np.ascontiguousarray(_dequantize(t, raw, path), dtype=np.float32))
         weights[name] = w.to(device=device, dtype=dtype)
     return GGUFModel(path=path, config=cfg, weights=weights, types={n: types[n] for n in shapes}, tied=tied)
+
+
+def float_bytes(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes every tensor of the GGUF takes once dequantized to ``dtype`` (an eager load)."""
+    hdr = open_gguf(os.fspath(path))
+    return sum(math.prod(t.shape) for t in hdr.tensors) * dtype.itemsize
 
 
 def read_tokens(path: str | os.PathLike) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gguf_io import GGUFModel, Qwen2Config, load_gguf
+from .gguf_io import GGUFModel, LazyWeight, Qwen2Config, load_gguf
 from .hooks import Hook, HookManager, HookPoint, site_matcher
 from .numerics import act_rounder
 from .sites import LAYER_KEYS, SiteFilter, site_name
@@ -77,14 +77,21 @@ def rope_neox(x: torch.Tensor, pos: torch.Tensor, base: float, mirror: str | Non
 
 
 class MatMul:
-    """x @ W^T, optionally rounding x first the way llama.cpp's CPU kernels do (harness.numerics)."""
+    """x @ W^T, optionally rounding x first the way llama.cpp's CPU kernels do (harness.numerics).
+    ``weight`` is a float tensor, or a :class:`~harness.gguf_io.LazyWeight` expanded on use."""
 
-    def __init__(self, weight: torch.Tensor, rounder=None):
-        self.weight, self.rounder = weight, rounder
-        self.weight_t = weight.T                                               # the view, made once
+    def __init__(self, weight: "torch.Tensor | LazyWeight", rounder=None):
+        self.source, self.rounder = weight, rounder
+        self.lazy = isinstance(weight, LazyWeight)
+        self.weight_t = None if self.lazy else weight.T                        # the view, made once
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.source.expand() if self.lazy else self.source
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.rounder(x) if self.rounder is not None else x) @ self.weight_t
+        wt = self.weight.T if self.lazy else self.weight_t
+        return (self.rounder(x) if self.rounder is not None else x) @ wt
 
 
 class KVCache:
@@ -195,7 +202,7 @@ class Qwen2(nn.Module):
         self.kv_dtype, self.mirror = kv_dtype, mirror
         mm = {n: MatMul(t, act_rounder(gm.types.get(n), mirror) if mirror else None)
               for n, t in w.items() if t.dim() == 2}
-        self.embd_w, self.norm_w = w["token_embd.weight"], w["output_norm.weight"]
+        self.embd, self.norm_w = mm["token_embd.weight"], w["output_norm.weight"]
         self.out = mm["token_embd.weight"] if gm.tied else mm["output.weight"]
         self.blocks = nn.ModuleList(Block(cfg, w, mm, i, self.manager, mirror) for i in range(cfg.n_layer))
         self.hp = nn.ModuleDict({k: HookPoint(k, None, self.manager) for k in ("embd", "output_norm", "logits")})
@@ -204,11 +211,11 @@ class Qwen2(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embd_w.device
+        return self.norm_w.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embd_w.dtype
+        return self.norm_w.dtype
 
     def forward(self, tokens: torch.Tensor, pos0: int, cache: KVCache) -> torch.Tensor:
         """One step: tokens (T,) at positions pos0..pos0+T-1 -> logits (T, V)."""
@@ -218,7 +225,8 @@ class Qwen2(nn.Module):
             .triu(pos0 + 1)                                                       # causal (T, P)
         rope = rope_tables(pos, cfg.head_dim // 2, cfg.rope_base, self.mirror, self.dtype,
                            self.rope_scale)                                       # 2 x (T, 1, Dh)
-        x = self.hp["embd"](F.embedding(tokens, self.embd_w), tokens=tokens, weight=self.embd_w)
+        we = self.embd.weight
+        x = self.hp["embd"](F.embedding(tokens, we), tokens=tokens, weight=we)   # (T, D)
         for block in self.blocks:
             x = block(x, pos, cache, mask, rope)
         h = self.hp["output_norm"](rms_norm(x, self.norm_w, self.config.rms_eps), x=x, weight=self.norm_w,
@@ -301,11 +309,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def load_model(path, device: str = "cpu", dtype: str | torch.dtype = "float32",
                kv_dtype: torch.dtype | None = None, mirror: str | None = None,
-               torch_dequant: bool | None = None) -> Qwen2:
+               torch_dequant: bool | None = None, lazy_weights: bool = False) -> Qwen2:
     """A Qwen2 built from a qwen2 GGUF (see harness.gguf_io for the errors it raises).
-    ``torch_dequant`` (default: on for CUDA) dequantizes the weights on ``device``."""
+    ``torch_dequant`` (default: on for CUDA) dequantizes the weights on ``device``;
+    ``lazy_weights`` keeps the matrices quantized there and expands one at a time when used."""
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if torch_dequant is None:
         torch_dequant = str(device).startswith("cuda")
-    gm = load_gguf(path, device=device, dtype=dt, torch_dequant=torch_dequant)
+    gm = load_gguf(path, device=device, dtype=dt, torch_dequant=torch_dequant, lazy=lazy_weights)
     return Qwen2(gm, kv_dtype=kv_dtype, mirror=mirror)

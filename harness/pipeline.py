@@ -31,6 +31,8 @@ class DiffRequest:
     flash_attn: bool = False
     local: bool = True                  # also measure each op on the reference's inputs
     all_outputs: bool = True            # False: llama.cpp outputs the last token only (less host memory)
+    lazy_weights: bool | None = None    # our matrices kept quantized, expanded one at a time when used;
+                                        # None: on CUDA when the float weights would not fit comfortably
 
 
 @dataclass
@@ -62,7 +64,19 @@ def model_for(req: DiffRequest, ref: Trace) -> Qwen2:
     and the activation rounding of its backend's matmul kernels."""
     kv = torch.float16 if ref.meta.get("kv_type", "f16") == "f16" else None
     mirror = ref.meta.get("backend") if ref.meta.get("source") == "llama.cpp" else None
-    return load_model(req.gguf, device=req.device, dtype=req.dtype, kv_dtype=kv, mirror=mirror)
+    lazy = req.lazy_weights if req.lazy_weights is not None else _float_weights_crowd(req)
+    return load_model(req.gguf, device=req.device, dtype=req.dtype, kv_dtype=kv, mirror=mirror,
+                      lazy_weights=lazy)
+
+
+def _float_weights_crowd(req: DiffRequest) -> bool:
+    """Would the eagerly dequantized weights take more than 70% of the free GPU memory (which
+    llama.cpp's copy of the model already occupies)?"""
+    if not str(req.device).startswith("cuda") or not torch.cuda.is_available():
+        return False
+    from .gguf_io import float_bytes
+    from .model import DTYPES
+    return float_bytes(req.gguf, DTYPES[req.dtype]) > 0.7 * torch.cuda.mem_get_info()[0]
 
 
 def diff_gguf(req: DiffRequest, model: Qwen2 | None = None, ref: Trace | None = None) -> DiffResult:
