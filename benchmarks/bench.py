@@ -9,7 +9,8 @@ For each model and prompt length it measures (median of repeats, warm):
 All llama.cpp runs output logits for the last token of each step only (``all_outputs=False``).
   loads     llama.cpp model+context load, and our GGUF load (dequantized on the GPU)
   peak host RSS of the report process, and peak GPU memory (device-wide, from cudaMemGetInfo)
-Each is also given as a ratio to ``plain``, the number that travels between machines.
+``--with-7b`` adds the 7B-shaped Q4_K_M model at 512 tokens, eagerly dequantized and with lazy
+(layer-by-layer) weights. Each is also given as a ratio to ``plain``, the number that travels between machines.
 Each (model, length) runs in fresh subprocesses so that peak RSS belongs to that work alone.
 """
 from __future__ import annotations
@@ -73,14 +74,14 @@ def child_capture(gguf: str, T: int, steps: int, repeats: int) -> dict:
     return dict(plain_s=plain, cap_dev_s=dev, cap_host_s=host)
 
 
-def child_report(gguf: str, T: int, steps: int, repeats: int) -> dict:
+def child_report(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False) -> dict:
     import torch
     from harness.pipeline import DiffRequest, diff_on_device, model_for
     gpu = _GpuPeak()
     gpu.sample()
     runner, prompt, toks, llama_load = _setup(gguf, T, steps)
     gpu.sample()
-    req = DiffRequest(gguf, tokens=prompt, steps=steps, device="cuda", all_outputs=False)
+    req = DiffRequest(gguf, tokens=prompt, steps=steps, device="cuda", all_outputs=False, lazy_weights=lazy)
     t0 = time.perf_counter()
     model = model_for(req, runner.run(prompt, 0, sink=lambda *a: None, filt=None, capture=False))
     torch.cuda.synchronize()
@@ -101,8 +102,9 @@ def child_report(gguf: str, T: int, steps: int, repeats: int) -> dict:
                 first=cmp.first.site if cmp.first else None)
 
 
-def run_child(kind: str, gguf: str, T: int, steps: int, repeats: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, gguf, str(T), str(steps), str(repeats)],
+def run_child(kind: str, gguf: str, T: int, steps: int, repeats: int, lazy: bool = False) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, gguf, str(T), str(steps), str(repeats),
+                          str(int(lazy))],
                          capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"rc {out.returncode}"}
@@ -130,9 +132,10 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        kind, gguf, T, steps, repeats = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
-        fn = child_capture if kind == "capture" else child_report
-        print(json.dumps(fn(gguf, T, steps, repeats)))
+        kind, gguf, T, steps, repeats, lazy = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:8])
+        res = child_capture(gguf, T, steps, repeats) if kind == "capture" else \
+            child_report(gguf, T, steps, repeats, bool(lazy))
+        print(json.dumps(res))
         return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
@@ -144,17 +147,21 @@ def main() -> int:
     args = ap.parse_args()
     from harness.synth import default_fixture
     os.makedirs(args.out, exist_ok=True)
-    configs = [("qwen2.5-0.5b F16", "qwen2.5-0.5b", "f16", int(t)) for t in args.lengths.split(",") if t]
+    configs = [("qwen2.5-0.5b F16", "qwen2.5-0.5b", "f16", int(t), False) for t in args.lengths.split(",") if t]
     if args.with_7b:
-        configs.append(("qwen2.5-7b Q4_K_M", "qwen2.5-7b", "q4_k_m", 512))
+        configs.append(("qwen2.5-7b Q4_K_M", "qwen2.5-7b", "q4_k_m", 512, False))
+        configs.append(("qwen2.5-7b Q4_K_M, lazy weights", "qwen2.5-7b", "q4_k_m", 512, True))
     rows = []
-    for label, preset, wtype, T in configs:
+    for label, preset, wtype, T, lazy in configs:
         t0 = time.perf_counter()
         gguf = default_fixture(wtype, preset=preset, seed=0, cache_dir=args.fixtures)
         print(f"[{label}] fixture ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         row = dict(model=label, T=T, steps=args.steps)
-        for kind in ("capture", "report"):
-            row.update(run_child(kind, gguf, T, args.steps, args.repeats))
+        if lazy and rows and rows[-1]["T"] == T and "plain_s" in rows[-1]:      # same llama.cpp work as the row above
+            row.update({k: rows[-1][k] for k in ("plain_s", "cap_dev_s", "cap_host_s") if k in rows[-1]})
+        else:
+            row.update(run_child("capture", gguf, T, args.steps, args.repeats))
+        row.update(run_child("report", gguf, T, args.steps, args.repeats, lazy))
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     text = table(rows)
