@@ -66,3 +66,23 @@ def test_on_device_comparison_equals_host_path(tiny_f32, cuda_ref):
     for col in ("rel_l2", "max_abs", "local_rel_l2"):
         assert torch.allclose(torch.tensor(host[col].astype(float).values), torch.tensor(dev[col].astype(float).values),
                               rtol=1e-6, atol=1e-12), col
+
+
+@pytest.mark.parametrize("wtype", ["f16", "q4_k_m"])
+def test_lazy_weights_on_cuda_equal_eager_and_capture_equals_host_copy(synth_dir, wtype):
+    """Layer-by-layer weights on the GPU: same site tensors as the eager load, bit for bit; and
+    llama.cpp's nodes copied on the device equal the same nodes copied to the host."""
+    from harness.llama_backend import LlamaOptions, LlamaRunner
+    from harness.model import load_model
+    from harness.synth import default_fixture
+    path = default_fixture(wtype, preset="tiny", seed=0, cache_dir=synth_dir)
+    eager = load_model(path, device="cuda", kv_dtype=torch.float16, mirror="cuda")
+    lazy = load_model(path, device="cuda", kv_dtype=torch.float16, mirror="cuda", lazy_weights=True)
+    a, b = eager.run_with_cache(PROMPT, 2), lazy.run_with_cache(PROMPT, 2)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a.keys())
+    with LlamaRunner(path, LlamaOptions(device="cuda", keep_on_device=True), 64) as r:
+        dev = r.run(PROMPT, 2)
+        r._capture.on_device = False
+        host = r.run(PROMPT, 2)
+    assert dev.keys() == host.keys() and len(dev) == 3 * (3 * 20 + 3)
+    assert all(dev[k].is_cuda and not host[k].is_cuda and torch.equal(dev[k].cpu(), host[k]) for k in dev.keys())
