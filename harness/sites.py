@@ -18,7 +18,7 @@ V      vocabulary size (rows of the output matrix)
 llama.cpp columns: ``llama_name`` is the graph name without the ``-{i}`` layer suffix and
 ``llama_op`` the ``ggml_op`` name that tells apart nodes sharing a name (``Qcur-0`` labels the
 MUL_MAT, the bias ADD, a RESHAPE and the ROPE). ``attn_out`` has no name in llama.cpp's graph:
-it is the operand of the ``ffn_inp-{i}`` ADD that is not the residual (see ``llama_backend``).
+it is the MUL_MAT whose weight operand is ``blk.{i}.attn_output.weight`` (see ``llama_capture``).
 """
 from __future__ import annotations
 
