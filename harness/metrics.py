@@ -23,9 +23,9 @@ class PairStats:
 
 def stats_vector(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """The raw reductions behind :class:`PairStats`, as one float64 tensor on ``ours``'s device
-    (a GPU caller can queue many and transfer them together). On a GPU the finiteness check
-    synchronises once: worth it for the large pairs that come here (the finite path runs fewer
-    kernels over less memory); :func:`batch_stats` reduces small pairs without a sync."""
+    (a GPU caller can queue many and transfer them together). The finiteness check synchronises
+    once; the streaming ``Comparator`` avoids it with :func:`optimistic_stats` (large pairs) and
+    :func:`batch_stats` (small pairs)."""
     if tuple(ours.shape) != tuple(ref.shape):
         raise ValueError(f"shape mismatch: ours {tuple(ours.shape)} vs reference {tuple(ref.shape)}")
     ref = ref if ref.device == ours.device else ref.to(ours.device)
@@ -34,14 +34,28 @@ def stats_vector(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     if a.numel() == 0:
         return torch.zeros(9, dtype=torch.float64, device=a.device)
     if bool(torch.isfinite(a).all() & torch.isfinite(b).all()):
-        # the common case, in fewer ops: nothing to mask. A GPU takes a @ b (one kernel); the
-        # CPU the masked path's sum, so its values do not depend on the path taken
-        d = a - b
-        flat = d.abs().argmax()
-        dot = a @ b if a.is_cuda else (a * b).sum()
-        return torch.stack([flat.double(), d[flat].abs(), d.norm(), b.norm(), a.norm(), dot,
-                            torch.zeros((), dtype=torch.float64, device=a.device), a[flat], b[flat]])
+        return _finite_stats(a, b)      # the common case, in fewer ops: nothing to mask
     return _masked_stats(a, b)
+
+
+def _finite_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """stats_vector of flat float64 ``a``, ``b`` without non-finite values. A GPU takes a @ b
+    (one kernel); the CPU the masked path's sum, so its values do not depend on the path taken."""
+    d = a - b
+    flat = d.abs().argmax()
+    dot = a @ b if a.is_cuda else (a * b).sum()
+    return torch.stack([flat.double(), d[flat].abs(), d.norm(), b.norm(), a.norm(), dot,
+                        torch.zeros((), dtype=torch.float64, device=a.device), a[flat], b[flat]])
+
+
+def optimistic_stats(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """:func:`stats_vector` assuming every value is finite, without the host synchronisation.
+    Valid exactly when its three norms (columns 2-4) are finite: float32 values squared and summed
+    in float64 cannot overflow, so a non-finite norm means a non-finite input, and the caller
+    must then use :func:`stats_vector` (see ``Comparator``)."""
+    a = ours.detach().to(torch.float64, copy=True).flatten()
+    b = ref.detach().to(device=a.device, dtype=torch.float64, copy=True).flatten()
+    return _finite_stats(a, b)
 
 
 def _masked(a: torch.Tensor, b: torch.Tensor):

@@ -159,3 +159,25 @@ def test_finish_many_equals_finish_stats_row_by_row():
         assert got == want or all(x == y or (x != x and y != y) for x, y in zip(got, want)), (shape, got, want)
         assert [type(x) for x in got] == [type(x) for x in want]
 
+
+
+def test_large_pairs_reduced_without_sync_equal_per_pair_stats(monkeypatch):
+    """Large pairs are reduced optimistically (no finiteness check) and checked together: the
+    finite ones keep those values, the non-finite ones are reduced again on the masked path; the
+    table equals comparing each pair on its own, NaN and inf included."""
+    from harness.compare import Comparator
+    g = torch.Generator().manual_seed(3)
+    ref = {n: torch.randn(4, 64, generator=g) for n in ("blk.0.attn_norm", "blk.0.ffn_inp", "blk.0.ffn_norm",
+                                                        "blk.0.l_out")}
+    ours = {n: v + 1e-3 * torch.randn(v.shape, generator=g) for n, v in ref.items()}
+    ours["blk.0.ffn_inp"][1, 5] = float("nan")
+    ours["blk.0.l_out"][2, 7], ref["blk.0.l_out"][2, 7] = float("inf"), float("inf")   # masked alike
+    ref["blk.0.ffn_norm"][0, 0] = float("-inf")
+    policy = Policy("cpu", "F32", table={"regimes": {}})
+    plain = compare(_trace(ours), _trace(ref), policy, batched=False).table
+    monkeypatch.setattr(Comparator, "LARGE", 16)          # every pair of this test is "large"
+    monkeypatch.setattr(Comparator, "LARGE_HOLD", 600)    # checked in two groups
+    large = compare(_trace(ours), _trace(ref), policy, batched=True).table
+    assert list(large["nonfinite"]) == [0, 1, 1, 0] and list(plain["nonfinite"]) == [0, 1, 1, 0]
+    import pandas as pd
+    pd.testing.assert_frame_equal(plain, large)
