@@ -90,6 +90,7 @@ class Comparator:
         self.pending: list = []   # ([(kind, step, site, shape)], (N, 9) stats on the device)
         self.large: list = []     # large pairs reduced optimistically, finiteness not yet checked
         self.large_numel = 0
+        self.logit_pairs: list = []   # (step, ours, ref) logits compared at the flush
         self._tols: dict[tuple[str, str], Tol] = {}
 
     def _tol(self, family: str, kind: str) -> Tol:
@@ -109,14 +110,19 @@ class Comparator:
             if ours.shape != ref.shape:
                 self._shape_mismatch(step, site, ours, ref)
                 return
-        if site == "logits":
-            lr, sp = logit_stats(ours, ref)
-            self.logit_rows += [dict(step=step, **x) for x in lr]
-            self.spikes += [dict(step=step, **x) for x in sp]
+        if site == "logits" and self._defer(ours):
+            self.logit_pairs.append((step, ours, ref))      # their host syncs wait for the flush
+        elif site == "logits":
+            self._logit_rows(step, ours, ref)
         if self._defer(ours):
             self._queue("e2e", step, site, ours, ref)
         else:
             self._e2e_row(step, site, tuple(ref.shape), _values(pair_stats(ours, ref)))
+
+    def _logit_rows(self, step: int, ours, ref) -> None:
+        lr, sp = logit_stats(ours, ref)
+        self.logit_rows += [dict(step=step, **x) for x in lr]
+        self.spikes += [dict(step=step, **x) for x in sp]
 
     def _e2e_row(self, step: int, site: str, shape: tuple, v: tuple) -> None:
         max_abs, rel, max_norm, cos, widx, ov, rv, nonfinite = v
@@ -205,6 +211,9 @@ class Comparator:
         """Reduce what is queued, bring every result to the host in one transfer, fill the rows."""
         self._reduce_batch()
         self._check_large()
+        for step, ours, ref in self.logit_pairs:
+            self._logit_rows(step, ours, ref)
+        self.logit_pairs = []
         if not self.pending:
             return
         vals = torch.cat([p[1] for p in self.pending]).cpu().numpy()
