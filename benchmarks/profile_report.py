@@ -1,17 +1,27 @@
+"""Profile one report on the GPU: python benchmarks/profile_report.py [TOKENS] (default 32; prefill + 8 steps).
+Prints wall times of the report and its parts, the top CUDA kernels and a cProfile by own time."""
 import cProfile, pstats, time, torch, sys
 sys.path.insert(0, '.')
 from harness.pipeline import DiffRequest, diff_on_device, model_for
 from harness.llama_backend import LlamaRunner, LlamaOptions
 from harness.synth import default_fixture
 p = default_fixture('f16', preset='qwen2.5-0.5b', cache_dir='build/fixtures')
-req = DiffRequest(p, tokens=list(range(300,332)), steps=8, device='cuda', all_outputs=False)
-runner = LlamaRunner(p, LlamaOptions(device='cuda', keep_on_device=True, all_outputs=False), 64)
+T = int(sys.argv[1]) if len(sys.argv) > 1 else 32
+req = DiffRequest(p, tokens=list(range(300, 300+T)), steps=8, device='cuda', all_outputs=False)
+runner = LlamaRunner(p, LlamaOptions(device='cuda', keep_on_device=True, all_outputs=False), T+16)
 ref = runner.run(req.tokens, 8)
 model = model_for(req, ref)
 for _ in range(2):
-    t=time.time(); diff_on_device(req, model=model, runner=runner); torch.cuda.synchronize(); print('report', time.time()-t)
-t=time.time(); runner.run(req.tokens, 8, sink=lambda *a: None); print('capture', time.time()-t)
-t=time.time(); ref = runner.run(req.tokens, 8); print('capture keep', time.time()-t)
+    torch.cuda.synchronize(); t=time.time(); diff_on_device(req, model=model, runner=runner); torch.cuda.synchronize(); print('report', time.time()-t)
+torch.cuda.synchronize(); t=time.time(); ref = runner.run(req.tokens, 8); torch.cuda.synchronize(); print('capture keep', time.time()-t)
 t=time.time(); diff_on_device(req, model=model, ref=ref); torch.cuda.synchronize(); print('report given ref', time.time()-t)
-cProfile.run('diff_on_device(req, model=model, runner=runner); torch.cuda.synchronize()', '/tmp/prof')
-pstats.Stats('/tmp/prof').sort_stats('tottime').print_stats(22)
+req.local=False
+t=time.time(); diff_on_device(req, model=model, ref=ref); torch.cuda.synchronize(); print('report given ref, no local', time.time()-t)
+req.local=True
+t=time.time(); model.run(req.tokens, 8, ref.tokens[T:], keep_logits=False); torch.cuda.synchronize(); print('bare model run', time.time()-t)
+t=time.time(); model.run_with_cache(req.tokens, 8, ref.tokens[T:], sink=lambda *a: None, to_cpu=False); torch.cuda.synchronize(); print('model run, sink drops', time.time()-t)
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    diff_on_device(req, model=model, ref=ref); torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+cProfile.run('diff_on_device(req, model=model, ref=ref); torch.cuda.synchronize()', '/tmp/prof')
+pstats.Stats('/tmp/prof').sort_stats('tottime').print_stats(15)
