@@ -110,11 +110,12 @@ class Comparator:
             if ours.shape != ref.shape:
                 self._shape_mismatch(step, site, ours, ref)
                 return
-        if site == "logits" and self._defer(ours):
+        deferred = self._defer(ours)
+        if site == "logits" and deferred:
             self.logit_pairs.append((step, ours, ref))      # their host syncs wait for the flush
         elif site == "logits":
             self._logit_rows(step, ours, ref)
-        if self._defer(ours):
+        if deferred:
             self._queue("e2e", step, site, ours, ref)
         else:
             self._e2e_row(step, site, tuple(ref.shape), _values(pair_stats(ours, ref)))

@@ -55,10 +55,6 @@ class HookManager:
         self.active = False                          # anything installed: hook points call fire()
         self._matched: dict[str, list[Hook]] = {}    # site -> the installed hooks that match it
 
-    @property
-    def idle(self) -> bool:
-        return not self.active
-
     def install(self, hooks: list, recorder, anchor) -> None:
         self.hooks, self.recorder, self.anchor = hooks, recorder, anchor
         self.active = bool(hooks) or recorder is not None or anchor is not None

@@ -28,14 +28,20 @@ def stats_vector(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     :func:`batch_stats` (small pairs)."""
     if tuple(ours.shape) != tuple(ref.shape):
         raise ValueError(f"shape mismatch: ours {tuple(ours.shape)} vs reference {tuple(ref.shape)}")
-    ref = ref if ref.device == ours.device else ref.to(ours.device)
-    a = ours.detach().to(torch.float64, copy=True).flatten()      # fresh copies: the same memory
-    b = ref.detach().to(torch.float64, copy=True).flatten()       # layout whichever path runs
+    a, b = _flat64(ours, ref)
     if a.numel() == 0:
         return torch.zeros(9, dtype=torch.float64, device=a.device)
     if bool(torch.isfinite(a).all() & torch.isfinite(b).all()):
         return _finite_stats(a, b)      # the common case, in fewer ops: nothing to mask
     return _masked_stats(a, b)
+
+
+def _flat64(ours: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both as flat float64 copies on ``ours``'s device (fresh copies: the same memory layout
+    whichever path then runs)."""
+    a = ours.detach().to(torch.float64, copy=True).flatten()
+    b = ref.detach().to(device=a.device, dtype=torch.float64, copy=True).flatten()
+    return a, b
 
 
 def _finite_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -53,9 +59,7 @@ def optimistic_stats(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     Valid exactly when its three norms (columns 2-4) are finite: float32 values squared and summed
     in float64 cannot overflow, so a non-finite norm means a non-finite input, and the caller
     must then use :func:`stats_vector` (see ``Comparator``)."""
-    a = ours.detach().to(torch.float64, copy=True).flatten()
-    b = ref.detach().to(device=a.device, dtype=torch.float64, copy=True).flatten()
-    return _finite_stats(a, b)
+    return _finite_stats(*_flat64(ours, ref))
 
 
 def _masked(a: torch.Tensor, b: torch.Tensor):
