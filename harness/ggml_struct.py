@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 
 
-GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16 = 0, 1, 30
+GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 
 
 class GGMLTensor(ctypes.Structure):
@@ -32,11 +32,6 @@ class GGMLTensor(ctypes.Structure):
     ]
 
 
-def tensor_at(addr: int) -> GGMLTensor:
-    """The tensor at ``addr`` (no copy: reads live memory)."""
-    return GGMLTensor.from_address(addr)
-
-
 class GGMLFuncs:
     """The few ggml functions the capture needs, with their signatures set."""
 
@@ -44,7 +39,6 @@ class GGMLFuncs:
         self.lib = lib
         lib.ggml_op_name.restype, lib.ggml_op_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
         lib.ggml_type_name.restype, lib.ggml_type_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
-        lib.ggml_nbytes.restype, lib.ggml_nbytes.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
         lib.ggml_backend_buffer_is_host.restype = ctypes.c_bool
         lib.ggml_backend_buffer_is_host.argtypes = [ctypes.c_void_p]
         lib.ggml_backend_tensor_get.restype = None
