@@ -152,6 +152,8 @@ def cmd_gate(args) -> int:
     status = (f"gate {res.run.name}: {'PASS' if res.passed else 'FAIL'} ({res.candidate} vs {res.run.path}, "
               f"{res.comparison.meta.get('compared')} site tensors)")
     print(status, file=sys.stderr if args.format == "json" and not args.out else sys.stdout)
+    for w in res.warnings:   # provenance differences: reported, never a change of the exit code
+        print(f"llamadiff: warning: {w}", file=sys.stderr)
     return EXIT_OK if res.passed else EXIT_DIVERGED
 
 

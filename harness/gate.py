@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from .compare import Comparison, step_label
+from .provenance import machine_provenance, numerics_differences, summary_line
 from .runs import Run, RunError, _SYNTH_RE, _sha256, check_compatible, compare_runs, load_run
 
 
@@ -40,6 +41,7 @@ class GateResult:
     gguf: str | None
     faults: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)   # provenance differences; never change the verdict
 
     @property
     def passed(self) -> bool:
@@ -132,7 +134,8 @@ def run_gate(run_path, candidate: str = "torch", model: str | None = None, fault
             raise RunError("--inject works on the torch candidate only")
         cand = load_run(candidate)
         cmp = compare_runs(run, cand)
-        return GateResult(run, cmp, cand.path, None, [], time.time() - t0)
+        warnings = _provenance_warnings(run, cand.provenance, cmp)
+        return GateResult(run, cmp, cand.path, None, [], time.time() - t0, warnings)
 
     from .pipeline import DiffRequest, model_for, run_ours
     from .sites import SiteFilter, all_sites
@@ -154,7 +157,24 @@ def run_gate(run_path, candidate: str = "torch", model: str | None = None, fault
     cmp = compare_runs(run, ours, local, dtype=dtype)
     cmp.meta["faults"] = [f.name for f in faults]
     desc = f"torch {dtype} on {device}" + (f" with faults {', '.join(cmp.meta['faults'])}" if faults else "")
-    return GateResult(run, cmp, desc, gguf, cmp.meta["faults"], time.time() - t0)
+    warnings = _provenance_warnings(run, torch_provenance(run, device), cmp)
+    return GateResult(run, cmp, desc, gguf, cmp.meta["faults"], time.time() - t0, warnings)
+
+
+def torch_provenance(run: Run, device: str = "cpu") -> dict:
+    """What the torch candidate stands for: this machine, the recorded backend's numerics as our
+    model mirrors them (the recorded KV type), and what the tolerances were calibrated on (plain
+    ggml kernels: no extra buffer types, no flash attention). llama.cpp is not needed."""
+    return {**machine_provenance(device), "backend": run.backend, "kv_type": run.engine.get("kv_type", "f16"),
+            "extra_bufts": False, "flash_attn": False}
+
+
+def _provenance_warnings(run: Run, current: dict, cmp: Comparison) -> list[str]:
+    warnings = numerics_differences(run.provenance, current)
+    if warnings:
+        cmp.meta["provenance_warnings"] = warnings
+    cmp.meta["candidate_provenance"] = current
+    return warnings
 
 
 # -- CI outputs --------------------------------------------------------------------------------
@@ -193,6 +213,9 @@ def junit_xml(res: GateResult) -> str:
                  ("policy", f"{pol.get('regime')} (calibrated from {pol.get('calibrated_from')})"),
                  ("storage_dtype", res.run.storage), ("decided_by", col.replace("_passed", "") or "e2e")):
         ET.SubElement(props, "property", name=k, value=str(v))
+    ET.SubElement(props, "property", name="reference_provenance", value=summary_line(res.run.trace.meta))
+    for w in res.warnings:
+        ET.SubElement(props, "property", name="provenance_warning", value=w)
     t = res.comparison.table
     for g in groups:
         case = ET.SubElement(suite, "testcase", classname=cls, name=g.name, time="0")
@@ -207,6 +230,8 @@ def junit_xml(res: GateResult) -> str:
                           message=f"{g.failed} of {g.n} site tensors out of tolerance; first: "
                                   f"{failure_line(g.first_failure, col)}")
         f.text = "\n".join(lines)
+    if res.warnings:   # after the test cases, as the JUnit schema orders it
+        ET.SubElement(suite, "system-out").text = "\n".join(f"warning: {w}" for w in res.warnings)
     ET.indent(suites)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 
@@ -230,9 +255,13 @@ def markdown_summary(res: GateResult) -> str:
         lines.append(f"| model | `{res.gguf}` (sha256 {str((m.get('gguf') or {}).get('sha256', '?'))[:16]}...) |")
     lines += [f"| compared | {cmp.meta.get('compared')} site tensors; verdict from "
               f"{'local' if col == 'local_passed' else 'end-to-end'} errors |",
+              f"| provenance | {summary_line(ref.meta).replace('reference provenance: ', '', 1)} |",
               f"| tolerance | regime {pol.get('regime')} (calibrated from {pol.get('calibrated_from')}), policy "
               f"version {pol.get('version')}, storage {pol.get('storage_dtype', 'float32')} |", "",
               f"**{verdict_line(cmp)}**", ""]
+    if res.warnings:
+        lines += ["Provenance warnings (they do not change the verdict):", ""]
+        lines += [f"- warning: {w}" for w in res.warnings] + [""]
     groups = res.groups()
     if groups:
         lines += ["| group | site tensors | failed | worst rel (e2e) | worst rel (local) | first failure |",

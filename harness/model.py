@@ -16,6 +16,7 @@ from torch import nn
 from .gguf_io import GGUFModel, LazyWeight, Qwen2Config, load_gguf
 from .hooks import Hook, HookManager, HookPoint, site_matcher
 from .numerics import act_rounder
+from .provenance import machine_provenance
 from .sites import LAYER_KEYS, SiteFilter, site_name
 from .trace import Sink, Trace
 
@@ -301,7 +302,8 @@ class Qwen2(nn.Module):
         return {"source": "torch", "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "kv_dtype": str(self.kv_dtype).replace("torch.", "") if self.kv_dtype else None,
                 "mirror": self.mirror,
-                "weight_type": self.gguf.weight_type, "gguf": os.path.basename(self.gguf.path)}
+                "weight_type": self.gguf.weight_type, "gguf": os.path.basename(self.gguf.path),
+                "machine": machine_provenance(self.device)}
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

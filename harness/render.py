@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .compare import Comparison, step_label
+from .provenance import EXTRA_BUFTS_NOTE, summary_line
 
 
 def _f(x, nd=3) -> str:
@@ -81,6 +82,11 @@ def _header(cmp: Comparison) -> list[str]:
              f"tokens {len(m.get('tokens', []))} (prompt {m.get('n_prompt')}): prefill + "
              f"{max(len(m.get('tokens', [])) - (m.get('n_prompt') or 0), 0)} decode steps, {m.get('compared')} site tensors compared; tolerance regime {m['policy']['regime']}"
              f" (calibrated from {m['policy']['calibrated_from']})"]
+    lines.append(summary_line(ref))
+    if ref.get("extra_bufts") or (ref.get("provenance") or {}).get("extra_bufts"):
+        lines.append(EXTRA_BUFTS_NOTE)
+    for w in m.get("provenance_warnings", []):
+        lines.append(f"warning: {w}")
     if m.get("faults"):
         lines.append(f"injected faults: {', '.join(m['faults'])}")
     if ref.get("unavailable"):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from . import __version__
+from .provenance import from_engine
 from .sites import SiteError, SiteFilter, all_sites, parse_site, shape_of
 from .tolerance import FLOOR_UNITS, MAX_PER_REL, POLICY_VERSION, UNIT_ROUNDOFF, Policy, Tol
 from .trace import Trace
@@ -104,6 +105,12 @@ class Run:
     @property
     def backend(self) -> str | None:
         return self.engine.get("backend")
+
+    @property
+    def provenance(self) -> dict:
+        """The engine's recorded provenance (llama.cpp build and options, the machine); for runs
+        recorded before it was stored, what the engine section states, marked ``partial``."""
+        return from_engine(self.engine)
 
     @property
     def weight_type(self) -> str | None:
@@ -267,7 +274,8 @@ def _trace_meta(m: dict, path: str, storage: str) -> dict:
     e = m.get("engine") if isinstance(m.get("engine"), dict) else {}
     g = m.get("gguf") if isinstance(m.get("gguf"), dict) else {}
     meta = {"source": e.get("name", "trace"), "backend": e.get("backend"), "device": e.get("device"),
-            "kv_type": e.get("kv_type"), "flash_attn": e.get("flash_attn"),
+            "kv_type": e.get("kv_type"), "flash_attn": e.get("flash_attn"), "extra_bufts": e.get("extra_bufts"),
+            "provenance": from_engine(e), "device_name": e.get("device_name"),
             "weight_type": m.get("weight_type") or e.get("weight_type") or g.get("weight_type"),
             "gguf": g.get("file"), "versions": e.get("versions"), "run": path, "storage_dtype": storage,
             "unavailable": m.get("unavailable", [])}
@@ -396,7 +404,8 @@ def _engine_info(meta: dict) -> dict:
          "backend": meta.get("backend"), "device": meta.get("device"),
          "device_name": meta.get("device_name") or (_cpu_name() if meta.get("backend") == "cpu" else None),
          "flash_attn": meta.get("flash_attn"), "kv_type": meta.get("kv_type"), "n_ctx": meta.get("n_ctx"),
-         "n_threads": meta.get("n_threads"), "weight_type": meta.get("weight_type"), "versions": versions}
+         "n_threads": meta.get("n_threads"), "weight_type": meta.get("weight_type"),
+         "extra_bufts": meta.get("extra_bufts"), "versions": versions, "provenance": meta.get("provenance")}
     return {k: v for k, v in e.items() if v is not None}
 
 

@@ -212,3 +212,49 @@ def test_float16_candidate_gets_the_float16_floor(tmp_path, capsys):
     assert meta["policy"]["storage_dtype"] == "float16"
     # without the float16 allowance the same comparison fails: rounding (~2^-12) > float32 tolerances
     assert compare(h.trace, t, Policy("cpu", "F32")).diverged
+
+
+# -- provenance warnings ---------------------------------------------------------------------------
+def _with_provenance(workdir, **changes):
+    """The copied run's manifest given this machine's provenance (as a CPU llama.cpp run), changed."""
+    from harness.provenance import machine_provenance
+    prov = {**machine_provenance("cpu"), "llama_cpp_python": "0.3.36", "backend": "cpu", "extra_bufts": False,
+            "kv_type": "f16", "flash_attn": False, **changes}
+    path = workdir / "reference_runs" / "tiny-f32" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["engine"]["provenance"] = prov
+    path.write_text(json.dumps(m))
+    return "reference_runs/tiny-f32"
+
+
+def test_gate_warns_on_another_cpu_and_extra_buffer_types_but_still_passes(workdir, tiny_f32, capsys):
+    run = _with_provenance(workdir, cpu_model="Intel(R) Xeon(R) Platinum 8480+", extra_bufts=True)
+    junit, summary = workdir / "g.xml", workdir / "g.md"
+    rc, out, err = gate(capsys, run, "--model", tiny_f32, "--junit", junit, "--summary", summary)
+    assert rc == 0, out + err
+    assert "gate tiny-f32: PASS" in out
+    warnings = [line for line in err.splitlines() if line.startswith("llamadiff: warning: ")]
+    assert len(warnings) == 2, err
+    assert "CPU: recorded on 'Intel(R) Xeon(R) Platinum 8480+'" in warnings[1]
+    assert "numerics may differ by about 1e-4" in warnings[1]
+    assert "extra buffer types (CPU weight repacking): recorded on, here off" in warnings[0]
+    suite = ET.parse(junit).getroot().find("testsuite")
+    props = {p.get("name"): p.get("value") for p in suite.iter("property")}
+    assert props["provenance_warning"] == warnings[-1].split("warning: ", 1)[1]
+    assert "extra buffer types on" in props["reference_provenance"]
+    assert suite.get("failures") == "0" and "CPU: recorded on" in suite.find("system-out").text
+    md = summary.read_text()
+    assert "**PASS**" in md and "- warning: CPU: recorded on" in md
+    assert "the tolerances were not calibrated for them" in md      # the report header's note
+
+
+def test_gate_has_no_warning_on_an_identical_machine(workdir, tiny_f32, capsys):
+    run = _with_provenance(workdir)
+    junit = workdir / "g.xml"
+    rc, out, err = gate(capsys, run, "--model", tiny_f32, "--junit", junit, "--format", "json")
+    assert rc == 0, out + err
+    assert "warning" not in err
+    meta = json.loads(out)["meta"]
+    assert "provenance_warnings" not in meta and meta["candidate_provenance"]["backend"] == "cpu"
+    assert meta["ref"]["provenance"]["extra_bufts"] is False
+    assert ET.parse(junit).getroot().find("testsuite").find("system-out") is None

@@ -151,3 +151,10 @@ def test_cli_writes_one_html_file(tiny_f32, tmp_path, capsys):
     first = parse(text).first
     assert (first["data-site"], first["data-step"]) == ("blk.0.q", "0")
     assert "DIVERGENCE" in capsys.readouterr().out
+
+
+def test_summary_shows_the_reference_provenance(res, page_text):
+    from harness.provenance import summary_line
+    line = summary_line(res.comparison.meta["ref"])
+    assert "llama-cpp-python" in line and "extra buffer types off" in line and "KV f16" in line
+    assert f'<p class="meta">{line}</p>' in page_text.replace("&#x27;", "'")

@@ -138,6 +138,8 @@ def test_record_small_float16_run_and_gate_it(tiny_f32, tmp_path, capsys):
     assert m["gguf"]["sha256"] and m["gguf"]["bytes"] == os.path.getsize(tiny_f32)
     assert m["engine"]["versions"]["llama_cpp_python"] == "0.3.36" and m["engine"]["backend"] == "cpu"
     assert m["engine"]["kv_type"] == "f16" and m["engine"]["flash_attn"] is False
+    assert m["engine"]["extra_bufts"] is False and m["engine"]["provenance"]["extra_bufts"] is False
+    assert m["engine"]["provenance"]["llama_cpp_python"] == "0.3.36" and m["engine"]["provenance"]["backend"] == "cpu"
     assert m["config"]["n_layer"] == 3 and m["selection"] == {"sites": "blk.*.q,blk.*.kq,blk.*.attn_weights,logits",
                                                               "layers": [0, 2]}
     assert m["sites"] == ["blk.0.q", "blk.0.kq", "blk.0.attn_weights", "blk.2.q", "blk.2.kq",
