@@ -5,7 +5,10 @@ For each model and prompt length it measures (median of repeats, warm):
   cap_host  the same with every site captured and copied to host memory (the naive capture)
   cap_dev   the same with every site captured into GPU memory (no host copy)
   report    the full divergence report: capture + our model + our model anchored on the
-            reference (local errors) + every site compared, streaming on the GPU; model load excluded
+            reference (local errors) + every site compared, streaming on the GPU; model load excluded;
+            llama.cpp in this process (``isolate=False``, the in-process fast path)
+  isolated  the same report with llama.cpp in its worker process (the default): the captured
+            tensors come over by CUDA IPC; the difference to ``report`` is the cost of isolation
 All llama.cpp runs output logits for the last token of each step only (``all_outputs=False``).
   loads     llama.cpp model+context load, and our GGUF load (dequantized on the GPU)
   peak host RSS of the report process, and peak GPU memory (device-wide, from cudaMemGetInfo)
@@ -49,18 +52,19 @@ class _GpuPeak:
         self.peak = max(self.peak, total - free)
 
 
-def _setup(gguf: str, T: int, steps: int):
-    from harness.llama_backend import LlamaOptions, LlamaRunner
+def _setup(gguf: str, T: int, steps: int, isolate: bool = False):
+    from harness.llama_backend import LlamaOptions
+    from harness.llama_worker import open_runner
     from harness.gguf_io import read_config, _open_reader
     import numpy as np
     cfg = read_config(_open_reader(gguf), gguf)
     prompt = np.random.default_rng(0).integers(300, min(cfg.n_vocab, 100000), T).tolist()
     t0 = time.perf_counter()
-    opts = LlamaOptions(device="cuda", keep_on_device=True, all_outputs=False)
-    runner = LlamaRunner(gguf, opts, n_ctx_needed=T + steps + 1)
+    opts = LlamaOptions(device="cuda", keep_on_device=True, all_outputs=False, isolate=isolate)
+    runner = open_runner(gguf, opts, n_ctx_needed=T + steps + 1)
     llama_load = time.perf_counter() - t0
-    runner.logits_plain(prompt, steps)     # greedy picks fix the decode tokens for every repeat
-    tokens = [int(l.argmax()) for l in runner.last_logits[:-1]]
+    logits = runner.logits_plain(prompt, steps)     # greedy picks fix the decode tokens for every repeat
+    tokens = [int(l.argmax()) for l in logits[:-1]]
     return runner, prompt, tokens, llama_load
 
 
@@ -74,14 +78,15 @@ def child_capture(gguf: str, T: int, steps: int, repeats: int) -> dict:
     return dict(plain_s=plain, cap_dev_s=dev, cap_host_s=host)
 
 
-def child_report(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False) -> dict:
+def child_report(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False, isolate: bool = False) -> dict:
     import torch
     from harness.pipeline import DiffRequest, diff_on_device, model_for
     gpu = _GpuPeak()
     gpu.sample()
-    runner, prompt, toks, llama_load = _setup(gguf, T, steps)
+    runner, prompt, toks, llama_load = _setup(gguf, T, steps, isolate)
     gpu.sample()
-    req = DiffRequest(gguf, tokens=prompt, steps=steps, device="cuda", all_outputs=False, lazy_weights=lazy)
+    req = DiffRequest(gguf, tokens=prompt, steps=steps, device="cuda", all_outputs=False, lazy_weights=lazy,
+                      isolate=isolate)
     t0 = time.perf_counter()
     model = model_for(req, runner.run(prompt, 0, sink=lambda *a: None, filt=None, capture=False))
     torch.cuda.synchronize()
@@ -96,6 +101,8 @@ def child_report(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False
 
     report = _median(once, repeats)
     cmp = holder["res"].comparison
+    if isolate:
+        return dict(report_iso_s=report, iso_diverged=cmp.diverged, iso_sites=len(cmp.table))
     return dict(report_s=report, llama_load_s=llama_load, torch_load_s=torch_load,
                 peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                 peak_gpu_gb=gpu.peak / 2**30, sites_compared=len(cmp.table), diverged=cmp.diverged,
@@ -103,6 +110,7 @@ def child_report(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False
 
 
 def run_child(kind: str, gguf: str, T: int, steps: int, repeats: int, lazy: bool = False) -> dict:
+    """``kind``: capture, report (in-process llama.cpp) or isolated (llama.cpp in its worker)."""
     out = subprocess.run([sys.executable, __file__, "--child", kind, gguf, str(T), str(steps), str(repeats),
                           str(int(lazy))],
                          capture_output=True, text=True)
@@ -112,18 +120,20 @@ def run_child(kind: str, gguf: str, T: int, steps: int, repeats: int, lazy: bool
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | tokens | plain decode | capture→host | capture on GPU | full report | report / plain | "
-            "capture→host / plain | capture on GPU / plain | llama.cpp load | our load | peak host RSS | "
-            "peak GPU mem | sites |\n|" + "---|" * 14)
+    head = ("| model | tokens | plain decode | capture→host | capture on GPU | full report | report isolated | "
+            "isolation cost | report / plain | capture→host / plain | capture on GPU / plain | llama.cpp load | "
+            "our load | peak host RSS | peak GPU mem | sites |\n|" + "---|" * 16)
     lines = [head]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['T']} | error: {r['error']} |" + " |" * 11)
+            lines.append(f"| {r['model']} | {r['T']} | error: {r['error']} |" + " |" * 13)
             continue
-        p = r["plain_s"]
+        p, iso = r["plain_s"], r.get("report_iso_s")
+        iso_txt = (f"{iso*1e3:.0f} ms | {100 * (iso / r['report_s'] - 1):+.0f}%" if iso is not None
+                   else f"{r.get('iso_error', '-')} | -")
         lines.append(
             f"| {r['model']} | {r['T']}+{r['steps']} | {p*1e3:.1f} ms | {r['cap_host_s']*1e3:.0f} ms | "
-            f"{r['cap_dev_s']*1e3:.0f} ms | {r['report_s']*1e3:.0f} ms | {r['report_s']/p:.1f}x | "
+            f"{r['cap_dev_s']*1e3:.0f} ms | {r['report_s']*1e3:.0f} ms | {iso_txt} | {r['report_s']/p:.1f}x | "
             f"{r['cap_host_s']/p:.1f}x | {r['cap_dev_s']/p:.1f}x | {r['llama_load_s']:.2f} s | "
             f"{r['torch_load_s']:.2f} s | {r['peak_rss_gb']:.2f} GB | {r['peak_gpu_gb']:.1f} GB | "
             f"{r['sites_compared']} |")
@@ -134,7 +144,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, gguf, T, steps, repeats, lazy = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:8])
         res = child_capture(gguf, T, steps, repeats) if kind == "capture" else \
-            child_report(gguf, T, steps, repeats, bool(lazy))
+            child_report(gguf, T, steps, repeats, bool(lazy), isolate=kind == "isolated")
         print(json.dumps(res))
         return 0
     ap = argparse.ArgumentParser()
@@ -162,6 +172,9 @@ def main() -> int:
         else:
             row.update(run_child("capture", gguf, T, args.steps, args.repeats))
         row.update(run_child("report", gguf, T, args.steps, args.repeats, lazy))
+        if not lazy:
+            iso = run_child("isolated", gguf, T, args.steps, args.repeats)
+            row.update({"iso_error": iso["error"]} if "error" in iso else iso)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     text = table(rows)

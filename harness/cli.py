@@ -84,7 +84,8 @@ def cmd_report(args) -> int:
         validate_pattern(args.sites, cfg.n_layer)
     req = DiffRequest(args.model, prompt=args.prompt, tokens=parse_tokens(args.tokens) if args.tokens else None,
                       steps=args.steps, device=args.device, dtype=args.dtype, sites=args.sites,
-                      faults=_faults(args.inject), kv_type=args.kv_type, lazy_weights=args.lazy_weights)
+                      faults=_faults(args.inject), kv_type=args.kv_type, lazy_weights=args.lazy_weights,
+                      extra_bufts=args.extra_bufts)
     res = diff_on_device(req) if args.device == "cuda" else diff_gguf(req)
     fmt = args.format
     if fmt == "html":
@@ -123,6 +124,7 @@ def cmd_record(args) -> int:
         args.model, args.name, tokens=parse_tokens(args.tokens) if args.tokens else None, prompt=args.prompt,
         steps=args.steps, out_dir=args.out_dir, device=args.device, sites=args.sites, layers=layers,
         float16=args.float16, kv_type=args.kv_type, flash_attn=args.flash_attn, overwrite=args.force,
+        extra_bufts=args.extra_bufts,
         max_bytes=int(args.max_size * 2**20) if args.max_size else None,
         on_estimate=lambda est: print(f"recording {args.name}: {est}", flush=True)))
     print(f"wrote {res.path}: {res.n_tensors} tensors, {human_bytes(res.bytes)}")
@@ -174,7 +176,8 @@ def _fault_specs(values: list[str] | None) -> list[str]:
 def cmd_zoo(args) -> int:
     from probes.render_probes import render_zoo
     from probes.zoo import run_zoo
-    res = run_zoo(args.model, faults=_fault_specs(args.faults) or None, device=args.device, **_probe_inputs(args))
+    res = run_zoo(args.model, faults=_fault_specs(args.faults) or None, device=args.device,
+                  extra_bufts=args.extra_bufts, **_probe_inputs(args))
     emit(render_zoo(res, args.format, color=args.out is None and sys.stdout.isatty()), args.out)
     return EXIT_OK if res.ok else EXIT_DIVERGED
 
@@ -185,7 +188,8 @@ def cmd_probe(args) -> int:
     checks = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else None
     try:
         summary, records, meta = probe(args.model, source=args.source, faults=_fault_specs(args.inject),
-                                       checks=checks, device=args.device, **_probe_inputs(args))
+                                       checks=checks, device=args.device, extra_bufts=args.extra_bufts,
+                                       **_probe_inputs(args))
     except CheckError as e:
         raise UsageError(str(e)) from None
     emit(render_probes(summary, records, meta, args.format, color=args.out is None and sys.stdout.isatty()), args.out)
@@ -207,6 +211,7 @@ def _add_probe_commands(sub) -> None:
         x.add_argument("--tokens", help="prompt as comma-separated token ids")
         x.add_argument("--steps", type=int, default=3, help=steps_help)
         x.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        _add_extra_bufts(x)
         x.add_argument("--format", default="table", choices=["table", "markdown", "json"])
         x.add_argument("--out", help="write the output here instead of stdout")
 
@@ -236,6 +241,14 @@ def _add_run_args(p: argparse.ArgumentParser, device_help: str) -> None:
     p.add_argument("--steps", type=int, default=4, help="decode steps after the prefill, teacher-forced "
                    "on llama.cpp's greedy picks (default 4)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help=device_help)
+    _add_extra_bufts(p)
+
+
+def _add_extra_bufts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--extra-bufts", action="store_true",
+                   help="let llama.cpp repack weights into its extra CPU buffer types (AMX, x86/ARM repack), "
+                        "as it does by default: numerics then depend on the CPU model and the tolerances "
+                        "were not calibrated for it (off: the plain ggml CPU kernels, the same on every CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ from .ggml_struct import GGMLFuncs, gpu_device_names
 from .gguf_io import GGUFError, open_gguf, read_config, tensor_types
 from .llama_lib import LlamaUnavailable, llama, versions
 from .llama_capture import FLASH_MISSING, NOTHING, Capture
+from .provenance import llama_provenance
 from .sites import SiteFilter, all_sites, parse_site
 from .trace import Sink, Trace
 
@@ -42,6 +43,12 @@ class LlamaOptions:
     all_outputs: bool = True      # logits for every token; False: only the last token of each step
                                   # (saves T x V floats of host memory; the last layer's sites from
                                   # ffn_inp on then hold only that row: llama.cpp drops the others)
+    extra_bufts: bool = False     # llama.cpp's extra buffer types (CPU weight repacking: AMX, AArch64/
+                                  # x86 repack of Q4_0/IQ4_NL/Q4_K...). Off: the plain ggml CPU kernels
+                                  # the tolerances were calibrated on, the same on every CPU (AMX
+                                  # repacking crashes llama_decode on some CPUs). On: llama.cpp's default.
+    isolate: bool = True          # run llama.cpp in a worker process (harness.llama_worker): a crash
+                                  # inside it becomes a LlamaCrash instead of killing the caller
 
 
 def _lib():
@@ -66,8 +73,10 @@ def _read_gguf(path: str):
 class LlamaRunner:
     """A loaded model plus a capturing context; use as a context manager or call close()."""
 
-    def __init__(self, gguf_path, options: LlamaOptions | None = None, n_ctx_needed: int = 512):
+    def __init__(self, gguf_path, options: LlamaOptions | None = None, n_ctx_needed: int = 512,
+                 on_stage=None):
         self.path, self.options = os.fspath(gguf_path), options or LlamaOptions()
+        self.on_stage = on_stage or (lambda what: None)   # told "context", "decode step N", ... first
         self.model = self.ctx = self._plain_ctx = self._batch = None
         o = self.options
         if o.device not in DEVICES:
@@ -89,6 +98,7 @@ class LlamaRunner:
         self._capture = Capture(self.g, self.config, self.lc, on_device=o.keep_on_device and self.gpu)
         self.model = self._load_model()
         self.n_vocab = self.lc.llama_vocab_n_tokens(self.lc.llama_model_get_vocab(self.model))
+        self.on_stage("context creation")
         self.ctx = self._new_context(o.n_ctx or max(int(n_ctx_needed), 1), self._capture.cb)
         self.n_ctx = min(self.lc.llama_n_ctx(self.ctx), self.lc.llama_n_ubatch(self.ctx))
         self._batch = self.lc.llama_batch_init(self.n_ctx, 0, 1)
@@ -107,6 +117,7 @@ class LlamaRunner:
         mp = self.lc.llama_model_default_params()
         mp.n_gpu_layers = -1 if self.gpu else 0
         mp.use_mmap = not self.gpu      # offloaded weights: stream them, don't map the file into RSS
+        mp.use_extra_bufts = bool(self.options.extra_bufts)
         model = self.lc.llama_model_load_from_file(self.path.encode(), mp)
         if not model:
             raise LlamaError(f"{self.path}: llama.cpp could not load this GGUF "
@@ -137,8 +148,9 @@ class LlamaRunner:
         meta = {"source": "llama.cpp", "binding": "llama-cpp-python",
                 "backend": "cuda" if self.gpu else "cpu", "device": "cuda" if self.gpu else "cpu", "flash_attn": o.flash_attn,
                 "kv_type": o.kv_type, "n_ctx": self.n_ctx, "n_threads": o.n_threads or os.cpu_count(),
-                "weight_type": self.weight_type,
-                "gguf": os.path.basename(self.path), "versions": versions()}
+                "weight_type": self.weight_type, "extra_bufts": o.extra_bufts,
+                "gguf": os.path.basename(self.path), "versions": versions(),
+                "provenance": llama_provenance(self.lc, gpu=self.gpu, options=o)}
         if self.gpu:
             meta["device_name"] = ", ".join(gpu_device_names(self.g.lib)) or "?"
         return meta
@@ -205,8 +217,10 @@ class LlamaRunner:
             out = self.options.all_outputs or i == len(feed) - 1
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos0 + i, 1, int(out)
             b.seq_id[i][0] = 0
+        self.on_stage(f"decode step {step}")
         rc = self.lc.llama_decode(ctx, b)
         if ctx is self.ctx and self._capture.error is None:
+            self.on_stage(f"capture step {step}")
             self._capture.finish_step()      # the step's copies -> canonical tensors -> sink
         self._raise_capture_error(step)
         if rc != 0:
@@ -273,37 +287,3 @@ class LlamaRunner:
             self._plain_ctx = self._new_context(self.n_ctx, None)
         self._generate(self._plain_ctx, prompt, steps, decode_tokens)
         return list(self.last_logits)
-
-
-def _prompt_tokens(runner: LlamaRunner, prompt: list[int] | str) -> list[int]:
-    return runner.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-
-
-def _n_ctx_needed(prompt: list[int] | str, steps: int) -> int:
-    # a text prompt's length is unknown before tokenizing: bytes bound the token count
-    n = len(prompt.encode()) + 8 if isinstance(prompt, str) else len(prompt)
-    return max(n + max(steps, 0), 1)
-
-
-def capture(gguf_path, prompt: list[int] | str, steps: int = 0, options: LlamaOptions | None = None,
-            filt: SiteFilter | None = None, sink: Sink | None = None,
-            decode_tokens: list[int] | None = None) -> Trace:
-    """One-shot: load, run (prefill + ``steps`` decodes) capturing ``filt``'s sites, free."""
-    with LlamaRunner(gguf_path, options, _n_ctx_needed(prompt, steps)) as r:
-        return r.run(_prompt_tokens(r, prompt), steps, decode_tokens, sink=sink, filt=filt)
-
-
-def observer_check(gguf_path, prompt: list[int] | str, steps: int = 3,
-                   options: LlamaOptions | None = None) -> dict:
-    """Does observing change the computation? Runs the capturing context (every site copied out,
-    then dropped) and a second context without any eval callback on the same tokens, and
-    compares each step's last-row logits."""
-    with LlamaRunner(gguf_path, options, _n_ctx_needed(prompt, steps)) as r:
-        prompt = _prompt_tokens(r, prompt)
-        trace = r.run(prompt, steps, sink=lambda *a: None)
-        observed = r.last_logits
-        plain = r.logits_plain(prompt, steps, decode_tokens=trace.tokens[len(prompt):])
-    diffs = [float(np.abs(a - b).max()) for a, b in zip(observed, plain)]
-    return {"tokens": trace.tokens, "n_prompt": len(prompt), "max_abs_diff": diffs,
-            "identical": all(d == 0.0 for d in diffs),
-            "method": "capturing eval callback vs a context without callback, same model and tokens"}

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .compare import Comparator, Comparison, compare
-from .llama_backend import LlamaOptions, LlamaRunner
+from .llama_backend import LlamaOptions
+from .llama_worker import open_runner
 from .model import Qwen2, load_model
 from .sites import SiteFilter
 from .tolerance import Policy
@@ -33,6 +34,9 @@ class DiffRequest:
     all_outputs: bool = True            # False: llama.cpp outputs the last token only (less host memory)
     lazy_weights: bool | None = None    # our matrices kept quantized, expanded one at a time when used;
                                         # None: on CUDA when the float weights would not fit comfortably
+    extra_bufts: bool = False           # llama.cpp's extra buffer types (CPU weight repacking, e.g. AMX):
+                                        # its default, but not what the tolerances were calibrated on
+    isolate: bool = True                # llama.cpp in a worker process: its crash is a LlamaCrash here
 
 
 @dataclass
@@ -43,9 +47,13 @@ class DiffResult:
     local: Trace | None
 
 
+def llama_options(req: DiffRequest, **kw) -> LlamaOptions:
+    return LlamaOptions(device=req.device, flash_attn=req.flash_attn, kv_type=req.kv_type,
+                        extra_bufts=req.extra_bufts, isolate=req.isolate, **kw)
+
+
 def capture_reference(req: DiffRequest) -> Trace:
-    opts = LlamaOptions(device=req.device, flash_attn=req.flash_attn, kv_type=req.kv_type)
-    with LlamaRunner(req.gguf, opts, n_ctx_needed=_ctx_needed(req)) as runner:
+    with open_runner(req.gguf, llama_options(req), n_ctx_needed=_ctx_needed(req)) as runner:
         prompt = list(req.tokens) if req.tokens else runner.tokenize(req.prompt or "")
         return runner.run(prompt, req.steps, filt=SiteFilter(req.sites) if req.sites else None)
 
@@ -98,17 +106,16 @@ def _ctx_needed(req: DiffRequest) -> int:
     return n + req.steps + 1
 
 
-def diff_on_device(req: DiffRequest, model: Qwen2 | None = None, runner: LlamaRunner | None = None,
+def diff_on_device(req: DiffRequest, model: Qwen2 | None = None, runner=None,
                    ref: Trace | None = None) -> DiffResult:
     """Both sides on one GPU, streaming: llama.cpp's tensors are captured into GPU memory (no host
     copy), and each of our tensors is compared where it is produced and then dropped, so host
     memory holds only the table. Same table as :func:`diff_gguf`; ``ours``/``local`` are None."""
     filt = SiteFilter(req.sites) if req.sites else None
     if ref is None:
-        opts = LlamaOptions(device="cuda", flash_attn=req.flash_attn, kv_type=req.kv_type, keep_on_device=True,
-                            all_outputs=req.all_outputs)
+        opts = llama_options(req, keep_on_device=True, all_outputs=req.all_outputs)
         own = runner is None
-        runner = runner or LlamaRunner(req.gguf, opts, n_ctx_needed=_ctx_needed(req))
+        runner = runner or open_runner(req.gguf, opts, n_ctx_needed=_ctx_needed(req))
         try:
             prompt = list(req.tokens) if req.tokens else runner.tokenize(req.prompt or "")
             ref = runner.run(prompt, req.steps, filt=filt)

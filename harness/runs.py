@@ -426,12 +426,13 @@ def record(gguf, name: str, tokens: list[int] | None = None, prompt: str | None 
            out_dir="reference_runs", device: str = "cpu", sites: str | None = None,
            layers: list[int] | None = None, float16: bool = False, kv_type: str = "f16",
            flash_attn: bool = False, overwrite: bool = False, max_bytes: int | None = None,
-           on_estimate=None) -> RecordResult:
+           on_estimate=None, extra_bufts: bool = False) -> RecordResult:
     """Capture llama.cpp on ``gguf`` (prefill of the prompt + ``steps`` greedy decodes) into
     ``out_dir/name``. ``on_estimate(SizeEstimate)`` is called before anything is captured; a run
     whose estimate exceeds ``max_bytes`` is refused. The tensors stream to disk one step at a time."""
     from .gguf_io import _open_reader, read_config
-    from .llama_backend import LlamaOptions, LlamaRunner
+    from .llama_backend import LlamaOptions
+    from .llama_worker import open_runner
     from .sites import validate_pattern
     check_name(name)
     gguf = os.fspath(gguf)
@@ -452,7 +453,8 @@ def record(gguf, name: str, tokens: list[int] | None = None, prompt: str | None 
         raise RunError(f"{dest} already exists (choose another --name or pass --force)")
     dtype = "float16" if float16 else "float32"
     n_ctx = (len(tokens) if tokens is not None else len(prompt.encode()) + 8) + steps + 1
-    with LlamaRunner(gguf, LlamaOptions(device=device, flash_attn=flash_attn, kv_type=kv_type), n_ctx) as runner:
+    opts = LlamaOptions(device=device, flash_attn=flash_attn, kv_type=kv_type, extra_bufts=extra_bufts)
+    with open_runner(gguf, opts, n_ctx) as runner:
         toks = list(tokens) if tokens is not None else runner.tokenize(prompt)
         est = estimate_size(cfg, len(toks), steps, filt, dtype)
         if on_estimate is not None:

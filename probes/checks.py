@@ -528,11 +528,13 @@ DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog"
 
 
 def probe_trace(gguf: str, source: str = "torch", tokens: list[int] | None = None, prompt: str | None = None,
-                steps: int = 3, faults=(), device: str = "cpu"):
+                steps: int = 3, faults=(), device: str = "cpu", extra_bufts: bool = False):
     """``(trace, model_or_path)`` to probe: llama.cpp's trace (``source="llama"``) or our PyTorch
     model's with ``faults`` injected (``"torch"``: greedy decoding, an F16 KV cache like
     llama.cpp's default). A text prompt is tokenized by llama.cpp; neither: DEFAULT_PROMPT."""
-    from harness.llama_backend import LlamaOptions, LlamaRunner
+    from harness.llama_backend import LlamaOptions
+    from harness.llama_worker import open_runner
+    opts = LlamaOptions(device=device, extra_bufts=extra_bufts)
     if source not in ("torch", "llama"):
         raise CheckError(f"unknown source {source!r} (torch or llama)")
     if steps < 0:
@@ -543,14 +545,15 @@ def probe_trace(gguf: str, source: str = "torch", tokens: list[int] | None = Non
         if faults:
             raise CheckError("faults can only be injected into the PyTorch model (source torch)")
         n = len(tokens) if tokens else len(prompt.encode()) + 8
-        with LlamaRunner(gguf, LlamaOptions(device=device), n_ctx_needed=n + steps + 1) as r:
+        with open_runner(gguf, opts, n_ctx_needed=n + steps + 1) as r:
             toks = list(tokens) if tokens else r.tokenize(prompt)
             return r.run(toks, steps), gguf
     from harness.model import load_model
     from harness.sites import validate_pattern
     model = load_model(gguf, device=device, kv_dtype=torch.float16)
     if tokens is None:
-        with LlamaRunner(gguf, LlamaOptions(device="cpu"), n_ctx_needed=len(prompt.encode()) + 8) as r:
+        with open_runner(gguf, LlamaOptions(device="cpu", extra_bufts=extra_bufts),
+                         n_ctx_needed=len(prompt.encode()) + 8) as r:
             tokens = r.tokenize(prompt)
     tokens = [int(t) for t in tokens]
     if not tokens:
@@ -566,7 +569,8 @@ def probe_trace(gguf: str, source: str = "torch", tokens: list[int] | None = Non
 
 
 def probe(gguf: str, source: str = "torch", tokens: list[int] | None = None, prompt: str | None = None,
-          steps: int = 3, faults=(), checks=None, device: str = "cpu") -> tuple[list[dict], list[dict], dict]:
+          steps: int = 3, faults=(), checks=None, device: str = "cpu",
+          extra_bufts: bool = False) -> tuple[list[dict], list[dict], dict]:
     """Make a trace (see probe_trace) and run the checks: ``(summary, records, meta)``."""
     import os
     from probes.faults import get_fault
@@ -575,7 +579,7 @@ def probe(gguf: str, source: str = "torch", tokens: list[int] | None = None, pro
         bad = [n for n in checks if n not in CHECKS]
         if bad:
             raise CheckError(f"unknown probe {bad[0]!r}; known: {', '.join(CHECKS)}")
-    trace, model = probe_trace(gguf, source, tokens, prompt, steps, faults, device)
+    trace, model = probe_trace(gguf, source, tokens, prompt, steps, faults, device, extra_bufts)
     records = run_checks(trace, model, checks)
     meta = dict(source="llama.cpp" if source == "llama" else "torch", gguf=os.path.basename(str(gguf)),
                 n_tokens=len(trace.tokens), n_prompt=trace.n_prompt, steps=trace.n_steps, tokens=list(trace.tokens),

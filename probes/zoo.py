@@ -90,7 +90,7 @@ def resolve_faults(faults=None) -> list[Fault]:
 
 def run_zoo(gguf: str, tokens: list[int] | None = None, prompt: str | None = None, steps: int = 3,
             faults=None, device: str = "cpu", dtype: str = "float32", kv_type: str = "f16",
-            ref=None, model=None, progress=None) -> ZooResult:
+            ref=None, model=None, progress=None, extra_bufts: bool = False) -> ZooResult:
     """Clean run + every fault in ``faults`` (default: the whole registry) on one GGUF.
 
     ``ref``/``model`` may be passed in to reuse a capture and a loaded model (they must belong
@@ -100,7 +100,7 @@ def run_zoo(gguf: str, tokens: list[int] | None = None, prompt: str | None = Non
     if tokens is None and prompt is None:
         prompt = DEFAULT_PROMPT
     req = DiffRequest(gguf, prompt=prompt, tokens=tokens, steps=steps, device=device, dtype=dtype,
-                      kv_type=kv_type)
+                      kv_type=kv_type, extra_bufts=extra_bufts)
     cfg = read_config(_open_reader(str(gguf)), str(gguf))
     for f in todo:
         validate_pattern(f.patterns, cfg.n_layer)             # a user fault's typo: SiteError, before any work
@@ -120,7 +120,8 @@ def run_zoo(gguf: str, tokens: list[int] | None = None, prompt: str | None = Non
             expected = fault.where(run) if known else None
         t = time.perf_counter()
         res = diff_gguf(DiffRequest(gguf, prompt=prompt, tokens=tokens, steps=steps, device=device, dtype=dtype,
-                                    kv_type=kv_type, faults=[] if fault is None else [fault]),
+                                    kv_type=kv_type, extra_bufts=extra_bufts,
+                                    faults=[] if fault is None else [fault]),
                         model=model, ref=ref)
         rows.append(_record(name, fault, expected, known, res, time.perf_counter() - t))
         if fault is None:

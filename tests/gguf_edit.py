@@ -3,8 +3,10 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 
-def rewrite(src, dst, arch=None, drop=(), reshape=None, retype=None):
-    """``reshape`` = {name: numpy shape}; ``retype`` = {name: numpy dtype} (F32 source tensors only)."""
+def rewrite(src, dst, arch=None, drop=(), reshape=None, retype=None, set_keys=None):
+    """``reshape`` = {name: numpy shape}; ``retype`` = {name: numpy dtype} (F32 source tensors only);
+    ``set_keys`` = {metadata key: int} (replaced or added as UINT32)."""
+    set_keys = dict(set_keys or {})
     r = GGUFReader(src)
     a = arch or r.fields["general.architecture"].contents()
     w = GGUFWriter(dst, a)
@@ -13,10 +15,14 @@ def rewrite(src, dst, arch=None, drop=(), reshape=None, retype=None):
             continue
         key = key.replace("qwen2.", f"{a}.", 1) if arch else key
         vtype = f.types[0]
+        if key in set_keys:
+            continue
         if vtype == GGUFValueType.ARRAY:
             w.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1])
         else:
             w.add_key_value(key, f.contents(), vtype)
+    for key, value in set_keys.items():
+        w.add_key_value(key, value, GGUFValueType.UINT32)
     for t in r.tensors:
         if t.name in drop:
             continue

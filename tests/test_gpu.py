@@ -86,3 +86,14 @@ def test_lazy_weights_on_cuda_equal_eager_and_capture_equals_host_copy(synth_dir
         host = r.run(PROMPT, 2)
     assert dev.keys() == host.keys() and len(dev) == 3 * (3 * 20 + 3)
     assert all(dev[k].is_cuda and not host[k].is_cuda and torch.equal(dev[k].cpu(), host[k]) for k in dev.keys())
+
+
+def test_isolated_cuda_capture_comes_over_by_ipc_and_equals_in_process(tiny_f32, cuda_ref):
+    """llama.cpp in its worker process: the captured tensors arrive on this GPU (CUDA IPC, no
+    host copy), bit for bit the same as an in-process capture."""
+    from harness.llama_backend import LlamaOptions
+    from harness.llama_worker import IsolatedRunner
+    with IsolatedRunner(tiny_f32, LlamaOptions(device="cuda", keep_on_device=True), 64) as r:
+        iso = r.run(PROMPT, 3)
+    assert iso.meta["isolated"] is True and iso.keys() == cuda_ref.keys()
+    assert all(iso[k].is_cuda and torch.equal(iso[k], cuda_ref[k]) for k in cuda_ref.keys())

@@ -4,8 +4,8 @@ import torch
 
 pytest.importorskip("llama_cpp")
 
-from harness.llama_backend import (LlamaError, LlamaOptions, LlamaRunner, capture,  # noqa: E402
-                                   observer_check)
+from harness.llama_backend import LlamaError, LlamaOptions, LlamaRunner  # noqa: E402
+from harness.llama_worker import capture, observer_check  # noqa: E402
 from harness.model import load_model  # noqa: E402
 from harness.sites import SiteFilter, all_sites, parse_site, shape_of  # noqa: E402
 from harness.synth import write_synthetic  # noqa: E402

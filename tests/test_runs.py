@@ -181,17 +181,39 @@ def test_interrupted_record_leaves_nothing(tiny_f32, tmp_path, monkeypatch):
 
 # -- reading and comparing -----------------------------------------------------------------------
 def test_foreign_engine_trace_from_a_llama_capture_compares_equal(tiny_f32, tmp_path, capsys):
-    """Another engine's trace: llama.cpp run directly, streamed through the standalone writer."""
-    from harness.llama_backend import LlamaRunner
+    """Another engine's trace: llama.cpp run directly, streamed through the standalone writer,
+    against a run recorded here, on this CPU: the same numbers, bit for bit."""
+    from harness.llama_backend import LlamaOptions
+    from harness.llama_worker import open_runner
     ref = read_manifest(F32_RUN)
     toks, n = ref["tokens"], ref["n_prompt"]
-    with LlamaRunner(tiny_f32, n_ctx_needed=len(toks) + 1) as r, \
+    here = record(tiny_f32, "here", tokens=toks[:n], steps=len(toks) - n, out_dir=tmp_path).path
+    assert read_manifest(here)["tokens"] == toks          # greedy picks as in the committed run
+    with open_runner(tiny_f32, LlamaOptions(device="cpu"), n_ctx_needed=len(toks) + 1) as r, \
             TraceWriter(str(tmp_path / "mine"), 3, n, tokens=toks, engine={"name": "mine", "backend": "cpu"}) as w:
         r.run(toks[:n], len(toks) - n, decode_tokens=toks[n:], filt=SiteFilter("blk.1.*,logits"),
               sink=lambda step, site, t: w.add(step, site, t.numpy()))
-    assert main(["compare", F32_RUN, str(tmp_path / "mine"), "--format", "json"]) == 0
+    assert main(["compare", here, str(tmp_path / "mine"), "--format", "json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["meta"]["compared"] == 4 * 21 and max(r["rel_l2"] for r in res["table"]) < 1e-6
+    assert res["meta"]["compared"] == 4 * 21 and max(r["rel_l2"] for r in res["table"]) == 0.0
+
+
+def test_committed_run_from_another_cpu_still_compares_clean(tiny_f32, tmp_path, capsys):
+    """llama.cpp's CPU numerics move between CPU models (ISA-specific kernels): a live capture
+    here against the committed run, recorded on an AVX2 machine, is not bit-identical everywhere.
+    Measured with benchmarks/cross_cpu.py on every F32 site: 0 on an AMX Xeon (the GPU host's
+    build), 1.4e-4 relative L2 at most on an AVX-512 EPYC. The bound here is 7x that; the verdict
+    must stay a match."""
+    from harness.llama_backend import LlamaOptions
+    from harness.llama_worker import capture
+    ref = read_manifest(F32_RUN)
+    toks, n = ref["tokens"], ref["n_prompt"]
+    tr = capture(tiny_f32, toks[:n], len(toks) - n, decode_tokens=toks[n:], filt=SiteFilter("blk.1.*,logits"),
+                 options=LlamaOptions(device="cpu"))
+    write_trace(tr, tmp_path / "live", engine={"name": "llama.cpp", "backend": "cpu"})
+    assert main(["compare", F32_RUN, str(tmp_path / "live"), "--format", "json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["meta"]["compared"] == 4 * 21 and max(r["rel_l2"] for r in res["table"]) < 1e-3
 
 
 def test_compare_refuses_incompatible_traces(tmp_path, capsys):
