@@ -305,7 +305,7 @@ def _faults(inject) -> list:
 def compare(gguf: str | os.PathLike | None = None, prompt: str | None = None, *, tokens: list[int] | None = None,
             steps: int = 4, device: str = "cpu", dtype: str = "float32", sites: str | None = None,
             inject=(), kv_type: str = "f16", flash_attn: bool = False, local: bool = True,
-            ref=None, model=None, extra_bufts: bool = False) -> Run:
+            ref=None, model=None, extra_bufts: bool = False, isolate: bool = True) -> Run:
     """Run llama.cpp and our PyTorch Qwen2 on ``gguf`` and compare them op by op.
 
     ``prompt`` (text, tokenized by llama.cpp) or ``tokens``; ``steps`` decode steps after the
@@ -313,7 +313,8 @@ def compare(gguf: str | os.PathLike | None = None, prompt: str | None = None, *,
     ``inject`` fault names (``probes.faults``), ``Fault`` records or ``module:function@sites``;
     ``model`` an already loaded ``harness.model.Qwen2`` to reuse; ``extra_bufts`` llama.cpp's
     CPU weight repacking (its default, not what the tolerances were calibrated on). llama.cpp runs
-    in a worker process: a crash inside it raises ``LlamaCrash`` and this kernel lives on.
+    in a worker process: a crash inside it raises ``LlamaCrash`` and this kernel lives on
+    (``isolate=False``: in this process, a little faster on CUDA, but a crash kills the kernel).
 
     ``ref`` skips llama.cpp: a recorded reference run folder (``llamadiff record``; its tokens,
     steps and KV type are used, its tensors read on demand, and ``gguf`` may be left out: the
@@ -341,7 +342,7 @@ def compare(gguf: str | os.PathLike | None = None, prompt: str | None = None, *,
         validate_pattern(sites, read_config(_open_reader(gguf), gguf).n_layer)
     req = DiffRequest(gguf, prompt=prompt, tokens=list(tokens) if tokens is not None else None, steps=steps,
                       device=device, dtype=dtype, sites=sites, faults=_faults(inject), kv_type=kv_type,
-                      flash_attn=flash_attn, local=local, extra_bufts=extra_bufts)
+                      flash_attn=flash_attn, local=local, extra_bufts=extra_bufts, isolate=isolate)
     return Run(diff_gguf(req, model=model, ref=ref_trace), gguf=gguf, request=req)
 
 
