@@ -269,17 +269,25 @@ def _write_float(path: str, preset: Preset, name: str, float_dtype, seed: int, t
 
 
 def _quantize(src: str, dst: str, wtype: str) -> None:
-    from harness.llama_lib import LlamaUnavailable, llama
+    """llama.cpp's quantizer, run in the llama.cpp worker process (a crash there is a SynthError)."""
+    from harness.llama_backend import LlamaError
+    from harness.llama_worker import run_isolated
     try:
-        lc = llama()
-    except LlamaUnavailable as e:
+        rc = run_isolated(quantize_file, src, dst, wtype)
+    except LlamaError as e:
         raise SynthError(f"cannot make a {wtype} fixture: {e}") from None
+    if rc != 0:
+        raise SynthError(f"llama.cpp could not quantize {src} to {wtype} (llama_model_quantize returned {rc})")
+
+
+def quantize_file(src: str, dst: str, wtype: str) -> int:
+    """``llama_model_quantize(src -> dst)`` in this process; its return code."""
+    from harness.llama_lib import llama
+    lc = llama()
     p = lc.llama_model_quantize_default_params()
     p.ftype = {"q8_0": lc.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": lc.LLAMA_FTYPE_MOSTLY_Q4_K_M}[wtype]
     p.nthread = min(os.cpu_count() or 1, 8)
-    rc = lc.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
-    if rc != 0:
-        raise SynthError(f"llama.cpp could not quantize {src} to {wtype} (llama_model_quantize returned {rc})")
+    return lc.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
 
 
 def _check_choice(kind: str, value: str, choices) -> None:
