@@ -53,9 +53,9 @@ class _GpuPeak:
 
 
 def _setup(gguf: str, T: int, steps: int, isolate: bool = False):
-    from harness.llama_backend import LlamaOptions
-    from harness.llama_worker import open_runner
-    from harness.gguf_io import read_config, _open_reader
+    from harness.llama.runner import LlamaOptions
+    from harness.llama.worker import open_runner
+    from harness.gguf.load import read_config, _open_reader
     import numpy as np
     cfg = read_config(_open_reader(gguf), gguf)
     prompt = np.random.default_rng(0).integers(300, min(cfg.n_vocab, 100000), T).tolist()
@@ -80,7 +80,7 @@ def child_capture(gguf: str, T: int, steps: int, repeats: int) -> dict:
 
 def child_report(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False, isolate: bool = False) -> dict:
     import torch
-    from harness.pipeline import DiffRequest, diff_on_device, model_for
+    from harness.diff import DiffRequest, diff_on_device, model_for
     gpu = _GpuPeak()
     gpu.sample()
     runner, prompt, toks, llama_load = _setup(gguf, T, steps, isolate)

@@ -20,11 +20,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from harness.gate import run_gate  # noqa: E402
-from harness.llama_backend import LlamaOptions  # noqa: E402
-from harness.llama_worker import capture  # noqa: E402
+from harness.runs.gate import run_gate  # noqa: E402
+from harness.llama.runner import LlamaOptions  # noqa: E402
+from harness.llama.worker import capture  # noqa: E402
 from harness.provenance import machine_provenance  # noqa: E402
-from harness.runs import load_run  # noqa: E402
+from harness.runs.store import load_run  # noqa: E402
 from harness.sites import parse_site  # noqa: E402
 from harness.synth import default_fixture  # noqa: E402
 

@@ -11,7 +11,7 @@ run() { echo "\$ $*"; timeout "${LIMIT:-300}" "$@"; echo "[exit $?]"; }
 for phase in "$@"; do case $phase in
 calibrate)
   LIMIT=560 run python -m harness.calibrate --device cuda --preset tiny,qwen2.5-0.5b
-  cp harness/tolerances.json "$OUT/tolerances.json" ;;
+  cp harness/compare/tolerances.json "$OUT/tolerances.json" ;;
 tests)
   run python -m pytest tests/test_gpu.py tests/test_dequant_torch.py -q -rs -p no:cacheprovider ;;
 reports)

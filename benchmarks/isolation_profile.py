@@ -20,9 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from harness.llama_backend import LlamaOptions  # noqa: E402
-from harness.llama_worker import open_runner  # noqa: E402
-from harness.pipeline import DiffRequest, diff_on_device, model_for  # noqa: E402
+from harness.llama.runner import LlamaOptions  # noqa: E402
+from harness.llama.worker import open_runner  # noqa: E402
+from harness.diff import DiffRequest, diff_on_device, model_for  # noqa: E402
 from harness.synth import default_fixture  # noqa: E402
 from harness.trace import Trace  # noqa: E402
 

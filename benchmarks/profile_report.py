@@ -2,8 +2,8 @@
 Prints wall times of the report and its parts, the top CUDA kernels and a cProfile by own time."""
 import cProfile, pstats, time, torch, sys
 sys.path.insert(0, '.')
-from harness.pipeline import DiffRequest, diff_on_device, model_for
-from harness.llama_backend import LlamaRunner, LlamaOptions
+from harness.diff import DiffRequest, diff_on_device, model_for
+from harness.llama.runner import LlamaRunner, LlamaOptions
 from harness.synth import default_fixture
 p = default_fixture('f16', preset='qwen2.5-0.5b', cache_dir='build/fixtures')
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 32

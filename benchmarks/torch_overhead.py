@@ -31,10 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from harness import synth  # noqa: E402
-from harness.compare import Comparator  # noqa: E402
-from harness.model import load_model  # noqa: E402
-from harness.pipeline import DiffRequest, diff_on_device  # noqa: E402
-from harness.tolerance import Policy  # noqa: E402
+from harness.compare.comparator import Comparator  # noqa: E402
+from harness.ours.model import load_model  # noqa: E402
+from harness.diff import DiffRequest, diff_on_device  # noqa: E402
+from harness.compare.tolerance import Policy  # noqa: E402
 
 PRESET = synth.Preset(n_layer=24, d_model=128, d_ff=256, n_head=4, n_head_kv=2, n_vocab=1024, n_ctx=2048,
                       rope_base=1e6, rms_eps=1e-6, tied=False, n_regular=1000, n_special=3)

@@ -3,7 +3,7 @@
 For every weight type it writes synthetic tiny fixtures with the calibration seeds (disjoint from
 the seed the tests use), runs clean comparisons against llama.cpp on a few prompts, records the
 worst local and end-to-end error per site family, and merges the result into
-``harness/tolerances.json`` (see :mod:`harness.tolerance` for how errors become tolerances).
+``harness/compare/tolerances.json`` (see :mod:`harness.compare.tolerance` for how errors become tolerances).
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import json
 import os
 import sys
 
-from .pipeline import DiffRequest, diff_gguf
-from .synth import default_fixture
-from .tolerance import TABLE_PATH, Policy, build_table, weight_class
+from harness.diff import DiffRequest, diff_gguf
+from harness.synth import default_fixture
+from harness.compare.tolerance import TABLE_PATH, Policy, build_table, weight_class
 
 SEEDS = (1, 2, 3)
 PROMPTS = ([1, 2, 3, 4, 5, 6, 7], [900, 17, 4, 250, 33, 1000, 7, 61, 5, 88, 123, 9, 77, 2, 640, 31, 8, 11, 300],
@@ -41,7 +41,7 @@ def measure(device: str, wtypes, preset: str = "tiny", cache_dir: str | None = N
             for prompt in PROMPTS:
                 res = diff_gguf(DiffRequest(path, tokens=prompt, steps=STEPS, device=device))
 
-                # the regime the policy will look up for this file (harness.tolerance.weight_class)
+                # the regime the policy will look up for this file (harness.compare.tolerance.weight_class)
                 regime = f"{res.ref.meta.get('backend', device)}/{weight_class(res.ref.meta['weight_type'])}/float32"
                 t = res.comparison.table
                 _worst(observed, regime, "e2e", t, "rel_l2", "max_norm")

@@ -50,12 +50,12 @@ def parse_tokens(s: str) -> list[int]:
 
 
 def _faults(specs: list[str] | None):
-    from probes.faults import get_fault
+    from harness.ours.inject import get_fault
     return [get_fault(s) for s in specs or []]
 
 
 def cmd_synth(args) -> int:
-    from .synth import write_synthetic
+    from harness.synth import write_synthetic
     path = write_synthetic(args.out, preset=args.preset, wtype=args.type, seed=args.seed,
                            tied=True if args.tied else None)
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, preset {args.preset}, {args.type}, seed {args.seed})")
@@ -74,10 +74,10 @@ def _check_report_args(args) -> None:
 
 
 def cmd_report(args) -> int:
-    from .gguf_io import read_config, _open_reader
-    from .pipeline import DiffRequest, diff_gguf, diff_on_device
-    from .render import render
-    from .sites import validate_pattern
+    from harness.gguf.load import read_config, _open_reader
+    from harness.diff import DiffRequest, diff_gguf, diff_on_device
+    from harness.report.text import render
+    from harness.sites import validate_pattern
     _check_report_args(args)
     cfg = read_config(_open_reader(args.model), args.model)
     if args.sites:
@@ -89,21 +89,21 @@ def cmd_report(args) -> int:
     res = diff_on_device(req) if args.device == "cuda" else diff_gguf(req)
     fmt = args.format
     if fmt == "html":
-        from .html_report import render_html
-        from .gguf_io import read_tokens
+        from harness.report.html import render_html
+        from harness.gguf.load import read_tokens
         text = render_html(res, vocab=read_tokens(args.model))
     else:
         text = render(res.comparison, fmt, color=args.out is None and sys.stdout.isatty())
     emit(text, args.out)
     if args.out:
-        from .render import verdict_line
+        from harness.report.text import verdict_line
         print(verdict_line(res.comparison))
     return EXIT_DIVERGED if res.comparison.diverged else EXIT_OK
 
 
 def _run_errors(fn):
-    """harness.runs.RunError (bad run, trace or GGUF) -> UsageError (exit 2)."""
-    from .runs import RunError
+    """harness.runs.store.RunError (bad run, trace or GGUF) -> UsageError (exit 2)."""
+    from harness.runs.store import RunError
     try:
         return fn()
     except RunError as e:
@@ -111,7 +111,7 @@ def _run_errors(fn):
 
 
 def cmd_record(args) -> int:
-    from .runs import human_bytes, record
+    from harness.runs.store import human_bytes, record
     if (args.prompt is None) == (args.tokens is None):
         raise UsageError("give exactly one of --prompt TEXT or --tokens 1,2,3")
     if args.steps < 0:
@@ -132,8 +132,8 @@ def cmd_record(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .render import render, verdict_line
-    from .runs import compare_runs, load_run
+    from harness.report.text import render, verdict_line
+    from harness.runs.store import compare_runs, load_run
     cmp = _run_errors(lambda: compare_runs(load_run(args.reference), load_run(args.candidate)))
     emit(render(cmp, args.format, color=args.out is None and sys.stdout.isatty()), args.out)
     if args.out:
@@ -142,8 +142,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_gate(args) -> int:
-    from .gate import junit_xml, markdown_summary, run_gate
-    from .render import render
+    from harness.runs.gate import junit_xml, markdown_summary, run_gate
+    from harness.report.text import render
     res = _run_errors(lambda: run_gate(args.run, candidate=args.candidate, model=args.model,
                                        faults=_faults(args.inject), device=args.device, dtype=args.dtype))
     if args.junit:
@@ -169,12 +169,12 @@ def _probe_inputs(args) -> dict:
 
 
 def _fault_specs(values: list[str] | None) -> list[str]:
-    from probes.faults import split_specs
+    from harness.ours.inject import split_specs
     return [s for v in values or [] for s in split_specs(v)]
 
 
 def cmd_zoo(args) -> int:
-    from probes.render_probes import render_zoo
+    from probes.render import render_zoo
     from probes.zoo import run_zoo
     res = run_zoo(args.model, faults=_fault_specs(args.faults) or None, device=args.device,
                   extra_bufts=args.extra_bufts, **_probe_inputs(args))
@@ -184,7 +184,7 @@ def cmd_zoo(args) -> int:
 
 def cmd_probe(args) -> int:
     from probes.checks import CheckError, probe
-    from probes.render_probes import render_probes
+    from probes.render import render_probes
     checks = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else None
     try:
         summary, records, meta = probe(args.model, source=args.source, faults=_fault_specs(args.inject),
@@ -197,8 +197,8 @@ def cmd_probe(args) -> int:
 
 
 def cmd_faults(args) -> int:
-    from probes.faults import REGISTRY
-    from probes.render_probes import render_faults
+    from harness.ours.inject import REGISTRY
+    from probes.render import render_faults
     emit(render_faults(REGISTRY.values(), args.format, color=sys.stdout.isatty()), None)
     return EXIT_OK
 
@@ -317,12 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type, ...]:
-    from .gguf_io import GGUFError
-    from .sites import SiteError
+    from harness.gguf.load import GGUFError
+    from harness.sites import SiteError
     errs: list[type] = [UsageError, GGUFError, SiteError, FileNotFoundError]
-    for mod, name in (("harness.llama_backend", "LlamaError"), ("harness.llama_lib", "LlamaUnavailable"),
-                      ("harness.synth", "SynthError"), ("probes.faults", "FaultError"),
-                      ("harness.runs", "RunError")):
+    for mod, name in (("harness.llama.runner", "LlamaError"), ("harness.llama.lib", "LlamaUnavailable"),
+                      ("harness.synth", "SynthError"), ("harness.ours.inject", "FaultError"),
+                      ("harness.runs.store", "RunError")):
         try:
             errs.append(getattr(__import__(mod, fromlist=[name]), name))
         except Exception:

@@ -150,7 +150,7 @@ def from_engine(engine: dict) -> dict:
            "llama_cpp_python": v.get("llama_cpp_python"), "system_info": v.get("llama_cpp_system_info")}
     if out["system_info"]:          # what that llama.cpp build reported using
         out["cpu_flags"] = system_info_flags(out["system_info"])
-    if engine.get("device_name") and engine.get("backend") == "cpu":   # the CPU model (see harness.runs)
+    if engine.get("device_name") and engine.get("backend") == "cpu":   # the CPU model (see harness.runs.store)
         out["cpu_model"] = engine["device_name"]
     return {k: x for k, x in out.items() if x is not None}
 

@@ -38,7 +38,7 @@ class SiteSpec:
     key: str                 # "q_rope"; full name "blk.3.q_rope" for per-layer sites
     per_layer: bool
     layout: tuple[str, ...]  # symbolic dims, e.g. ("T", "H", "Dh")
-    family: str              # tolerance family (see harness.tolerance)
+    family: str              # tolerance family (see harness.compare.tolerance)
     inputs: tuple[str, ...]  # upstream site keys this op reads (same layer unless global)
     llama_name: str | None
     llama_op: str | None

@@ -1,6 +1,6 @@
 """Synthetic qwen2 GGUF fixtures: random weights and a small but valid byte-level BPE tokenizer.
 
-``write_synthetic`` writes a file that both :func:`harness.gguf_io.load_gguf` and llama.cpp load,
+``write_synthetic`` writes a file that both :func:`harness.gguf.load.load_gguf` and llama.cpp load,
 deterministic per seed: each tensor's values depend only on (seed, tensor name), drawn by numpy
 Generators in fixed blocks (filled on all cores), so a tied and an untied file share every tensor
 they both have. Matrices, norms and biases are random; the q/k biases carry the large
@@ -47,9 +47,9 @@ class Preset:
         return self.d_model // self.n_head
 
     def config(self):
-        """The :class:`harness.gguf_io.Qwen2Config` a file written from this preset loads as
+        """The :class:`harness.gguf.load.Qwen2Config` a file written from this preset loads as
         (GGUF stores the floats as float32, so ``rms_eps`` reads back as 9.99999997e-07)."""
-        from harness.gguf_io import Qwen2Config
+        from harness.gguf.load import Qwen2Config
         f32 = lambda x: float(np.float32(x))  # noqa: E731
         return Qwen2Config(n_layer=self.n_layer, d_model=self.d_model, d_ff=self.d_ff,
                            n_head=self.n_head, n_head_kv=self.n_head_kv, rope_base=f32(self.rope_base),
@@ -169,7 +169,7 @@ def build_tokenizer(preset: Preset) -> dict:
 
 def _tensor_plan(preset: Preset, tied: bool) -> dict[str, tuple[int, ...]]:
     """Tensor name -> numpy shape (torch order), in file order."""
-    from harness.gguf_io import expected_shapes
+    from harness.gguf.load import expected_shapes
     shapes = expected_shapes(preset.config())
     if not tied:
         shapes["output.weight"] = (preset.n_vocab, preset.d_model)
@@ -270,8 +270,8 @@ def _write_float(path: str, preset: Preset, name: str, float_dtype, seed: int, t
 
 def _quantize(src: str, dst: str, wtype: str) -> None:
     """llama.cpp's quantizer, run in the llama.cpp worker process (a crash there is a SynthError)."""
-    from harness.llama_backend import LlamaError
-    from harness.llama_worker import run_isolated
+    from harness.llama.runner import LlamaError
+    from harness.llama.worker import run_isolated
     try:
         rc = run_isolated(quantize_file, src, dst, wtype)
     except LlamaError as e:
@@ -282,7 +282,7 @@ def _quantize(src: str, dst: str, wtype: str) -> None:
 
 def quantize_file(src: str, dst: str, wtype: str) -> int:
     """``llama_model_quantize(src -> dst)`` in this process; its return code."""
-    from harness.llama_lib import llama
+    from harness.llama.lib import llama
     lc = llama()
     p = lc.llama_model_quantize_default_params()
     p.ftype = {"q8_0": lc.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": lc.LLAMA_FTYPE_MOSTLY_Q4_K_M}[wtype]

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .sites import order_key
+from harness.sites import order_key
 
 Sink = Callable[[int, str, torch.Tensor], None]
 

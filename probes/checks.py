@@ -42,7 +42,7 @@ from typing import Callable
 
 import torch
 
-from harness.gguf_io import GGUFModel
+from harness.gguf.load import GGUFModel
 
 # thresholds (see each check's docstring for where they come from)
 ROW_SUM_TOL = 1e-4            # float32 softmax rows sum to 1 within ~P * 1e-7
@@ -78,14 +78,14 @@ class ProbeContext:
             return cls(model_or_path.config, model_or_path.path, model_or_path)
         if hasattr(model_or_path, "gguf") and isinstance(model_or_path.gguf, GGUFModel):   # a Qwen2
             return cls.of(model_or_path.gguf)
-        from harness.gguf_io import _open_reader, read_config
+        from harness.gguf.load import _open_reader, read_config
         path = str(model_or_path)
         return cls(read_config(_open_reader(path), path), path)
 
     @property
     def weights(self) -> GGUFModel:
         if self._weights is None:
-            from harness.gguf_io import load_gguf
+            from harness.gguf.load import load_gguf
             self._weights = load_gguf(self.gguf_path)
         return self._weights
 
@@ -289,7 +289,7 @@ def check_logit_spikes(trace, pc: ProbeContext) -> list[dict]:
     """No logit far outside its row's distribution: robust z = (x - median) / (1.4826 MAD) per
     token row; value = the largest |z| (threshold 20: random and trained heads alike stay well
     below; garbage rows, e.g. an uninitialized padded vocabulary tail, do not)."""
-    from probes.faults import padded_vocab_tail
+    from harness.ours.inject import padded_vocab_tail
     tail = padded_vocab_tail(pc.gguf_path) if pc.gguf_path else None
     out = []
     for (step, site), lg in trace.items():
@@ -398,7 +398,7 @@ def _rounder(trace, gm: GGUFModel, name: str):
     backend = m.get("backend") if m.get("source") == "llama.cpp" else m.get("mirror")
     if not backend:
         return None
-    from harness.numerics import act_rounder
+    from harness.ours.numerics import act_rounder
     return act_rounder(gm.types.get(name), backend)
 
 
@@ -532,8 +532,8 @@ def probe_trace(gguf: str, source: str = "torch", tokens: list[int] | None = Non
     """``(trace, model_or_path)`` to probe: llama.cpp's trace (``source="llama"``) or our PyTorch
     model's with ``faults`` injected (``"torch"``: greedy decoding, an F16 KV cache like
     llama.cpp's default). A text prompt is tokenized by llama.cpp; neither: DEFAULT_PROMPT."""
-    from harness.llama_backend import LlamaOptions
-    from harness.llama_worker import open_runner
+    from harness.llama.runner import LlamaOptions
+    from harness.llama.worker import open_runner
     opts = LlamaOptions(device=device, extra_bufts=extra_bufts)
     if source not in ("torch", "llama"):
         raise CheckError(f"unknown source {source!r} (torch or llama)")
@@ -548,7 +548,7 @@ def probe_trace(gguf: str, source: str = "torch", tokens: list[int] | None = Non
         with open_runner(gguf, opts, n_ctx_needed=n + steps + 1) as r:
             toks = list(tokens) if tokens else r.tokenize(prompt)
             return r.run(toks, steps), gguf
-    from harness.model import load_model
+    from harness.ours.model import load_model
     from harness.sites import validate_pattern
     model = load_model(gguf, device=device, kv_dtype=torch.float16)
     if tokens is None:
@@ -573,7 +573,7 @@ def probe(gguf: str, source: str = "torch", tokens: list[int] | None = None, pro
           extra_bufts: bool = False) -> tuple[list[dict], list[dict], dict]:
     """Make a trace (see probe_trace) and run the checks: ``(summary, records, meta)``."""
     import os
-    from probes.faults import get_fault
+    from harness.ours.inject import get_fault
     faults = [get_fault(f) for f in faults]
     if checks is not None:
         bad = [n for n in checks if n not in CHECKS]

@@ -3,7 +3,7 @@
 ``run_zoo`` captures llama.cpp's reference trace once, loads our model once, then runs one
 clean comparison and one comparison per fault (``diff_gguf(req, model=model, ref=ref)``: two
 PyTorch runs each, the ordinary one and the local one anchored on the reference). It returns
-plain data (:class:`ZooResult`: one record per fault); ``probes.render_probes`` turns it into
+plain data (:class:`ZooResult`: one record per fault); ``probes.render`` turns it into
 text. A fault is a *hit* when the first divergence is exactly its expected (step, layer, site),
 or when it cannot show in this run (expected None) and nothing diverges; the clean run must
 find nothing (else: *false alarm*). User faults without an expected location are *unscored*.
@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from harness.compare import step_label
-from harness.gguf_io import _open_reader, read_config
-from harness.pipeline import DiffRequest, capture_reference, diff_gguf, model_for
+from harness.compare.comparator import step_label
+from harness.gguf.load import _open_reader, read_config
+from harness.diff import DiffRequest, capture_reference, diff_gguf, model_for
 from harness.sites import validate_pattern
 
-from .checks import DEFAULT_PROMPT
-from .faults import REGISTRY, Fault, RunInfo, get_fault
+from probes.checks import DEFAULT_PROMPT
+from harness.ours.inject import REGISTRY, Fault, RunInfo, get_fault
 
 CLEAN_NAME = "(clean)"
 OK_STATUSES = ("hit", "clean", "unscored")

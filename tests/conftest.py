@@ -6,7 +6,7 @@ from harness.synth import WEIGHT_TYPES, SynthError, default_fixture
 
 
 def _llama_or_skip():
-    from harness.llama_lib import LlamaUnavailable, llama
+    from harness.llama.lib import LlamaUnavailable, llama
     try:
         return llama()
     except LlamaUnavailable as e:

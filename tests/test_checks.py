@@ -7,7 +7,7 @@ import torch
 
 from harness.cli import main
 from probes.checks import CHECKS, fired, probe_trace, run_checks, summarize
-from probes.faults import REGISTRY, Fault
+from harness.ours.inject import REGISTRY, Fault
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 STEPS = 2
@@ -28,7 +28,7 @@ TARGETS = [  # (probe, the zoo fault it must catch)
 
 @pytest.fixture(scope="module")
 def torch_model(tiny_f32):
-    from harness.model import load_model
+    from harness.ours.model import load_model
     return load_model(tiny_f32, kv_dtype=torch.float16)
 
 

@@ -1,4 +1,4 @@
-"""harness.dequant_torch must match gguf's numpy dequantization bit for bit.
+"""harness.gguf.dequant must match gguf's numpy dequantization bit for bit.
 
 Random blocks: rng bytes with every f16 scale field overwritten by a finite float16 of sane
 magnitude (|x| in [1e-4, 2), random sign, some exact zeros), so no NaN/inf ever enters the
@@ -11,8 +11,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from gguf.quants import dequantize as np_dequantize, quantize as np_quantize
 
-import harness.dequant_torch as dt
-from harness.gguf_io import load_gguf
+import harness.gguf.dequant as dt
+from harness.gguf.load import load_gguf
 
 # byte offsets of the f16 fields inside one block of each block type
 F16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,),

@@ -13,11 +13,11 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from harness.cli import main
-from harness.compare import compare
-from harness.runs import load_run
+from harness.compare.comparator import compare_traces
+from harness.runs.store import load_run
 from harness.synth import WEIGHT_TYPES
-from harness.tolerance import Policy
-from harness.trace_writer import TraceWriter
+from harness.compare.tolerance import Policy
+from harness.runs.writer import TraceWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(ROOT, "reference_runs")
@@ -211,7 +211,7 @@ def test_float16_candidate_gets_the_float16_floor(tmp_path, capsys):
     meta = json.loads(capsys.readouterr().out)["meta"]
     assert meta["policy"]["storage_dtype"] == "float16"
     # without the float16 allowance the same comparison fails: rounding (~2^-12) > float32 tolerances
-    assert compare(h.trace, t, Policy("cpu", "F32")).diverged
+    assert compare_traces(h.trace, t, Policy("cpu", "F32")).diverged
 
 
 # -- provenance warnings ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from harness.gguf_io import GGUFError, load_gguf
+from harness.gguf.load import GGUFError, load_gguf
 from tests.gguf_edit import rewrite
 
 MATRIX_TYPES = {"f32": {"F32"}, "f16": {"F16"}, "q8_0": {"Q8_0"}, "q4_k_m": {"Q4_K", "Q6_K", "Q5_K"}}

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from harness.pipeline import DiffRequest, diff_gguf, diff_on_device, model_for
+from harness.diff import DiffRequest, diff_gguf, diff_on_device, model_for
 from harness.trace import Trace
 
 pytestmark = pytest.mark.gpu
@@ -13,7 +13,7 @@ PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 def _needs_cuda():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from harness.llama_lib import LlamaUnavailable, llama
+    from harness.llama.lib import LlamaUnavailable, llama
     try:
         if not llama().llama_supports_gpu_offload():
             pytest.skip("llama-cpp-python has no GPU offload in this build")
@@ -23,7 +23,7 @@ def _needs_cuda():
 
 @pytest.fixture(scope="module")
 def cuda_ref(tiny_f32):
-    from harness.llama_backend import LlamaOptions, LlamaRunner
+    from harness.llama.runner import LlamaOptions, LlamaRunner
     with LlamaRunner(tiny_f32, LlamaOptions(device="cuda", keep_on_device=True), 64) as r:
         ref = r.run(PROMPT, 3)
     assert ref.meta["backend"] == "cuda"
@@ -46,7 +46,7 @@ def test_clean_tiny_on_cuda_has_no_divergence(synth_dir, wtype):
 
 
 def test_drop_bias_localized_on_cuda(tiny_f32):
-    from probes.faults import REGISTRY
+    from harness.ours.inject import REGISTRY
     res = diff_on_device(DiffRequest(tiny_f32, tokens=PROMPT, steps=2, device="cuda",
                                      faults=[REGISTRY["drop_qkv_bias"]]))
     f = res.comparison.first
@@ -72,8 +72,8 @@ def test_on_device_comparison_equals_host_path(tiny_f32, cuda_ref):
 def test_lazy_weights_on_cuda_equal_eager_and_capture_equals_host_copy(synth_dir, wtype):
     """Layer-by-layer weights on the GPU: same site tensors as the eager load, bit for bit; and
     llama.cpp's nodes copied on the device equal the same nodes copied to the host."""
-    from harness.llama_backend import LlamaOptions, LlamaRunner
-    from harness.model import load_model
+    from harness.llama.runner import LlamaOptions, LlamaRunner
+    from harness.ours.model import load_model
     from harness.synth import default_fixture
     path = default_fixture(wtype, preset="tiny", seed=0, cache_dir=synth_dir)
     eager = load_model(path, device="cuda", kv_dtype=torch.float16, mirror="cuda")
@@ -91,8 +91,8 @@ def test_lazy_weights_on_cuda_equal_eager_and_capture_equals_host_copy(synth_dir
 def test_isolated_cuda_capture_comes_over_by_ipc_and_equals_in_process(tiny_f32, cuda_ref):
     """llama.cpp in its worker process: the captured tensors arrive on this GPU (CUDA IPC, no
     host copy), bit for bit the same as an in-process capture."""
-    from harness.llama_backend import LlamaOptions
-    from harness.llama_worker import IsolatedRunner
+    from harness.llama.runner import LlamaOptions
+    from harness.llama.worker import IsolatedRunner
     with IsolatedRunner(tiny_f32, LlamaOptions(device="cuda", keep_on_device=True), 64) as r:
         iso = r.run(PROMPT, 3)
     assert iso.meta["isolated"] is True and iso.keys() == cuda_ref.keys()

@@ -1,4 +1,4 @@
-"""harness.html_report / ``llamadiff report --format html``: one self-contained, escaped HTML file
+"""harness.report.html / ``llamadiff report --format html``: one self-contained, escaped HTML file
 whose first divergence is the JSON report's."""
 import base64
 import copy
@@ -10,10 +10,10 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 from harness.cli import main  # noqa: E402
-from harness.html_report import render_html  # noqa: E402
-from harness.pipeline import DiffRequest, diff_gguf  # noqa: E402
-from harness.render import to_dict  # noqa: E402
-from probes.faults import get_fault  # noqa: E402
+from harness.report.html import render_html  # noqa: E402
+from harness.diff import DiffRequest, diff_gguf  # noqa: E402
+from harness.report.text import to_dict  # noqa: E402
+from harness.ours.inject import get_fault  # noqa: E402
 
 PROMPT = "The quick brown fox"
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.gguf_io import LazyWeight, float_bytes, load_gguf
-from harness.model import load_model
-from harness.pipeline import DiffRequest, capture_reference, diff_gguf, model_for
+from harness.gguf.load import LazyWeight, float_bytes, load_gguf
+from harness.ours.model import load_model
+from harness.diff import DiffRequest, capture_reference, diff_gguf, model_for
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 

@@ -1,12 +1,12 @@
-"""llama.cpp capture (harness.llama_backend) on the tiny synthetic qwen2, against the PyTorch model."""
+"""llama.cpp capture (harness.llama.runner) on the tiny synthetic qwen2, against the PyTorch model."""
 import pytest
 import torch
 
 pytest.importorskip("llama_cpp")
 
-from harness.llama_backend import LlamaError, LlamaOptions, LlamaRunner  # noqa: E402
-from harness.llama_worker import capture, observer_check  # noqa: E402
-from harness.model import load_model  # noqa: E402
+from harness.llama.runner import LlamaError, LlamaOptions, LlamaRunner  # noqa: E402
+from harness.llama.worker import capture, observer_check  # noqa: E402
+from harness.ours.model import load_model  # noqa: E402
 from harness.sites import SiteFilter, all_sites, parse_site, shape_of  # noqa: E402
 from harness.synth import write_synthetic  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""llama.cpp in a worker process (harness.llama_worker): same traces, and a crash never kills the caller."""
+"""llama.cpp in a worker process (harness.llama.worker): same traces, and a crash never kills the caller."""
 import ctypes
 import os
 import signal
@@ -10,9 +10,9 @@ import torch
 
 pytest.importorskip("llama_cpp")
 
-from harness import llama_worker  # noqa: E402
-from harness.llama_backend import LlamaError, LlamaOptions, LlamaRunner  # noqa: E402
-from harness.llama_worker import IsolatedRunner, LlamaCrash, open_runner, run_isolated  # noqa: E402
+from harness.llama import worker as llama_worker  # noqa: E402
+from harness.llama.runner import LlamaError, LlamaOptions, LlamaRunner  # noqa: E402
+from harness.llama.worker import IsolatedRunner, LlamaCrash, open_runner, run_isolated  # noqa: E402
 from harness.sites import SiteFilter  # noqa: E402
 
 PROMPT = [5, 17, 300, 42, 99, 7]
@@ -110,8 +110,8 @@ def test_a_runner_whose_worker_died_refuses_further_use(tiny_f32):
 def test_notebook_api_survives_a_llama_crash(rope_too_wide, tiny_f32):
     import harness
     with pytest.raises(LlamaCrash, match="SIGABRT"):
-        harness.compare(rope_too_wide, tokens=PROMPT, steps=1)
-    run = harness.compare(tiny_f32, tokens=PROMPT, steps=1)       # this process lives on
+        harness.drilldown(rope_too_wide, tokens=PROMPT, steps=1)
+    run = harness.drilldown(tiny_f32, tokens=PROMPT, steps=1)       # this process lives on
     assert not run.comparison.diverged
 
 

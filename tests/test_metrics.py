@@ -2,9 +2,9 @@ import math
 
 import torch
 
-from harness.compare import compare
-from harness.metrics import logit_stats, pair_stats
-from harness.tolerance import Policy
+from harness.compare.comparator import compare_traces
+from harness.compare.metrics import logit_stats, pair_stats
+from harness.compare.tolerance import Policy
 from harness.trace import Trace
 
 
@@ -56,14 +56,14 @@ def test_local_error_names_the_op_not_the_drift():
     ours = {n: v * 1.01 for n, v in ref.items()}               # 1% drift everywhere end to end
     local = {n: v.clone() for n, v in ref.items()}
     local["blk.0.q"] = ref["blk.0.q"] + 1.0                    # the one op that is wrong
-    cmp = compare(_trace(ours), _trace(ref), Policy("cpu", "F32", table={"regimes": {}}), _trace(local))
+    cmp = compare_traces(_trace(ours), _trace(ref), Policy("cpu", "F32", table={"regimes": {}}), _trace(local))
     assert cmp.first_e2e == (0, "blk.0.attn_norm")
     assert (cmp.first.step, cmp.first.layer, cmp.first.site, cmp.first.kind) == (0, 0, "blk.0.q", "local")
     assert cmp.first.inputs[0]["site"] == "blk.0.q_proj" and cmp.first.inputs[0]["local_passed"]
 
 
 def test_batched_stats_equal_per_pair_stats():
-    from harness.metrics import batch_stats, stats_vector
+    from harness.compare.metrics import batch_stats, stats_vector
     g = torch.Generator().manual_seed(0)
     ours = [torch.randn(3, 4, generator=g), torch.randn(7, generator=g), torch.randn(2, 5, 6, generator=g)]
     refs = [x + 0.01 * torch.randn(x.shape, generator=g) for x in ours]
@@ -78,7 +78,7 @@ def test_batched_stats_nonfinite_pairs_equal_per_pair_stats():
     """NaN and +-inf on one or both sides, mixed with finite pairs in one batch: every pair's
     reductions equal stats_vector's (index, worst error, non-finite count and the worst pair of
     values exactly; the norms and dot product to rounding), and so does every PairStats."""
-    from harness.metrics import batch_stats, finish_stats, stats_vector
+    from harness.compare.metrics import batch_stats, finish_stats, stats_vector
     g = torch.Generator().manual_seed(3)
     inf, nan = float("inf"), float("nan")
     cases = [  # (index, ours value, ref value) planted in a random pair of shape (4, 5)
@@ -125,7 +125,7 @@ def test_shape_mismatch_is_a_divergence_not_a_crash():
         ours(step, "blk.0.q_rope", q.clone())
         ref(step, "blk.0.kq", torch.randn(4, T, P, generator=g))
         ours(step, "blk.0.kq", ref[step, "blk.0.kq"].clone() if step == 0 else torch.randn(4, 1, 1, generator=g))
-    cmp = compare(ours, ref, Policy("cpu", "F32", table={"regimes": {}}))
+    cmp = compare_traces(ours, ref, Policy("cpu", "F32", table={"regimes": {}}))
     assert (cmp.first.step, cmp.first.site) == (1, "blk.0.kq")
     assert "shape (4, 1, 1) instead of (4, 1, 3)" in cmp.first.row["worst"]
 
@@ -137,7 +137,7 @@ def test_finish_many_equals_finish_stats_row_by_row():
 
     import numpy as np
 
-    from harness.metrics import PairStats, finish_many, finish_stats
+    from harness.compare.metrics import PairStats, finish_many, finish_stats
     g = torch.Generator().manual_seed(5)
     inf, nan = float("inf"), float("nan")
     rows = [[float(i % 7), *(torch.rand(5, generator=g, dtype=torch.float64) * 3).tolist(), 0.0,
@@ -165,7 +165,7 @@ def test_large_pairs_reduced_without_sync_equal_per_pair_stats(monkeypatch):
     """Large pairs are reduced optimistically (no finiteness check) and checked together: the
     finite ones keep those values, the non-finite ones are reduced again on the masked path; the
     table equals comparing each pair on its own, NaN and inf included."""
-    from harness.compare import Comparator
+    from harness.compare.comparator import Comparator
     g = torch.Generator().manual_seed(3)
     ref = {n: torch.randn(4, 64, generator=g) for n in ("blk.0.attn_norm", "blk.0.ffn_inp", "blk.0.ffn_norm",
                                                         "blk.0.l_out")}
@@ -174,10 +174,10 @@ def test_large_pairs_reduced_without_sync_equal_per_pair_stats(monkeypatch):
     ours["blk.0.l_out"][2, 7], ref["blk.0.l_out"][2, 7] = float("inf"), float("inf")   # masked alike
     ref["blk.0.ffn_norm"][0, 0] = float("-inf")
     policy = Policy("cpu", "F32", table={"regimes": {}})
-    plain = compare(_trace(ours), _trace(ref), policy, batched=False).table
+    plain = compare_traces(_trace(ours), _trace(ref), policy, batched=False).table
     monkeypatch.setattr(Comparator, "LARGE", 16)          # every pair of this test is "large"
     monkeypatch.setattr(Comparator, "LARGE_HOLD", 600)    # checked in two groups
-    large = compare(_trace(ours), _trace(ref), policy, batched=True).table
+    large = compare_traces(_trace(ours), _trace(ref), policy, batched=True).table
     assert list(large["nonfinite"]) == [0, 1, 1, 0] and list(plain["nonfinite"]) == [0, 1, 1, 0]
     import pandas as pd
     pd.testing.assert_frame_equal(plain, large)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from harness.model import load_model
+from harness.ours.model import load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""The notebook API (harness.compare -> harness.notebook.Run) and notebooks/drilldown.ipynb, executed."""
+"""The notebook API (harness.drilldown -> harness.notebook.run.Drilldown) and notebooks/drilldown.ipynb, executed."""
 import os
 import subprocess
 import sys
@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("llama_cpp")
 
 import harness  # noqa: E402
-from harness import notebook  # noqa: E402
+from harness.notebook import run as notebook  # noqa: E402
 from harness.sites import SiteError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,18 +21,16 @@ PROMPT = "The quick brown fox"
 
 @pytest.fixture(scope="module")
 def run(tiny_f32):
-    return harness.compare(tiny_f32, prompt=PROMPT, steps=2, inject=["drop_qkv_bias"])
+    return harness.drilldown(tiny_f32, prompt=PROMPT, steps=2, inject=["drop_qkv_bias"])
 
 
-def test_import_harness_stays_cheap_and_compare_is_callable(run):
+def test_import_harness_stays_cheap_and_drilldown_is_the_entry_point(run):
     code = "import sys, harness; assert 'torch' not in sys.modules and 'pandas' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
-    # harness/compare.py is imported by now (the run used it): the name still calls the API
-    import harness.compare as m
-    from harness.compare import Comparison
-    assert callable(harness.compare) and m is harness.compare and m.Comparison is Comparison
     import inspect
-    assert "inject" in inspect.signature(harness.compare).parameters
+    from harness.notebook.run import drilldown
+    assert inspect.signature(harness.drilldown).parameters.keys() <= {"args", "kwargs"}
+    assert "inject" in inspect.signature(drilldown).parameters and isinstance(run, notebook.Drilldown)
 
 
 def test_run_table_and_first(run):
@@ -106,11 +104,11 @@ def test_rich_displays(run):
 
 
 def test_inject_forms(tiny_f32):
-    from probes.faults import get_fault
-    a = harness.compare(tiny_f32, tokens=[5, 17, 300], steps=0, inject=get_fault("q_register"), sites="blk.0.*")
+    from harness.ours.inject import get_fault
+    a = harness.drilldown(tiny_f32, tokens=[5, 17, 300], steps=0, inject=get_fault("q_register"), sites="blk.0.*")
     assert a.first.where == (0, 0, "blk.0.kq") and a.meta["faults"] == ["q_register"]
     with pytest.raises(ValueError, match="exactly one"):
-        harness.compare(tiny_f32, steps=1)
+        harness.drilldown(tiny_f32, steps=1)
 
 
 def test_save_and_load_without_recomputing(run, tmp_path):
@@ -122,7 +120,7 @@ def test_save_and_load_without_recomputing(run, tmp_path):
     assert back.comparison.first_e2e == run.comparison.first_e2e
     assert torch.equal(back["blk.0.q", 1].local, run["blk.0.q", 1].local)
     assert back.worst("blk.0.q", k=2).equals(run.worst("blk.0.q", k=2))
-    again = harness.compare(tiny_f32_path(run), ref=path, inject=["drop_qkv_bias"])   # llama.cpp not rerun
+    again = harness.drilldown(tiny_f32_path(run), ref=path, inject=["drop_qkv_bias"])   # llama.cpp not rerun
     assert again.first.where == run.first.where and again.ref.tensors.__class__ is notebook.LazyTensors
 
 
@@ -137,14 +135,14 @@ def test_from_traces(run):
 
 
 def test_recorded_reference_run(run, tmp_path):
-    runs = pytest.importorskip("harness.runs")
+    runs = pytest.importorskip("harness.runs.store")
     rec = runs.record(run.gguf, "tiny", prompt=PROMPT, steps=1, out_dir=tmp_path, sites="blk.0.*,logits")
-    got = harness.compare(ref=rec.path, inject=["drop_qkv_bias"])         # the GGUF comes from the manifest
+    got = harness.drilldown(ref=rec.path, inject=["drop_qkv_bias"])         # the GGUF comes from the manifest
     assert isinstance(got.ref.tensors, notebook.LazyTensors)
     assert got.first.where == (0, 0, "blk.0.q") and got.tokens == rec.manifest["tokens"]
     assert set(got.sites()) == {n for _, n in got.ref.keys()} and "blk.1.q" not in got.sites()
-    assert not harness.compare(run.gguf, ref=rec.path, local=False).diverged
-    same = notebook.compare_recorded(rec.path, rec.path)
+    assert not harness.drilldown(run.gguf, ref=rec.path, local=False).diverged
+    same = notebook.drilldown_recorded(rec.path, rec.path)
     assert not same.diverged and same.comparison.meta["compared"] == len(rec.manifest["tensors"])
 
 

@@ -1,4 +1,4 @@
-"""harness.plots: every plot returns a Figure and writes a non-empty PNG of the requested size."""
+"""harness.report.plots: every plot returns a Figure and writes a non-empty PNG of the requested size."""
 import struct
 
 import pytest
@@ -6,9 +6,9 @@ from matplotlib.figure import Figure
 
 pytest.importorskip("llama_cpp")
 
-from harness import plots  # noqa: E402
-from harness.pipeline import DiffRequest, diff_gguf  # noqa: E402
-from probes.faults import get_fault  # noqa: E402
+from harness.report import plots  # noqa: E402
+from harness.diff import DiffRequest, diff_gguf  # noqa: E402
+from harness.ours.inject import get_fault  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -37,7 +37,7 @@ def res(tiny_f32):
 
 @pytest.fixture(scope="module")
 def vocab(tiny_f32):
-    from harness.gguf_io import read_tokens
+    from harness.gguf.load import read_tokens
     return read_tokens(tiny_f32)
 
 

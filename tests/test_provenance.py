@@ -7,7 +7,7 @@ import pytest
 from harness.cli import main
 from harness.provenance import (CPU_MODEL_NOTE, EXTRA_BUFTS_NOTE, ISA_FLAGS, cpu_info, from_engine, machine_provenance,
                                 numerics_differences, summary_line)
-from harness.runs import load_run, record
+from harness.runs.store import load_run, record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F32_RUN = os.path.join(ROOT, "reference_runs", "tiny-f32")
@@ -102,7 +102,7 @@ def test_live_capture_and_recorded_run_carry_the_provenance(tiny_f32, llama_lib,
 
 
 def llama_provenance_here(lc):
-    from harness.llama_backend import LlamaOptions
+    from harness.llama.runner import LlamaOptions
     from harness.provenance import llama_provenance
     return llama_provenance(lc, gpu=False, options=LlamaOptions())
 

@@ -4,8 +4,8 @@ import json
 import pytest
 
 from harness.cli import main
-from harness.pipeline import DiffRequest, capture_reference, diff_gguf, model_for
-from probes.faults import REGISTRY
+from harness.diff import DiffRequest, capture_reference, diff_gguf, model_for
+from harness.ours.inject import REGISTRY
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 STEPS = 4
@@ -94,7 +94,7 @@ def test_site_filter_limits_the_report(tiny_f32):
 def test_last_token_outputs_only(tiny_f32):
     """With llama.cpp asked for the last token's logits only, the last layer's sites from ffn_inp
     on hold one row; both the clean verdict and a fault's location survive."""
-    from harness.llama_backend import LlamaOptions, LlamaRunner
+    from harness.llama.runner import LlamaOptions, LlamaRunner
     with LlamaRunner(tiny_f32, LlamaOptions(device="cpu", all_outputs=False), 64) as r:
         ref = r.run(PROMPT, 2)
     assert ref[0, "blk.2.l_out"].shape == (1, 256) and ref[0, "blk.2.attn_out"].shape == (8, 256)
@@ -114,9 +114,9 @@ def test_batched_comparison_matches_per_pair(shared):
 
     import pandas as pd
 
-    from harness.compare import compare
-    from harness.pipeline import diff_on_device
-    from harness.tolerance import Policy
+    from harness.compare.comparator import compare_traces
+    from harness.diff import diff_on_device
+    from harness.compare.tolerance import Policy
     req, ref, model = shared
     res = diff_gguf(req, model=model, ref=ref)
     assert res.comparison.table.equals(diff_on_device(req, model=model, ref=ref).comparison.table)
@@ -126,8 +126,8 @@ def test_batched_comparison_matches_per_pair(shared):
         trace.tensors[key] = trace[key].clone()
         trace[key].view(-1)[i] = value
     policy = Policy("cpu", model.gguf.weight_type)
-    per_pair = compare(ours, ref, policy, local).table
-    batched = compare(ours, ref, policy, local, batched=True).table
+    per_pair = compare_traces(ours, ref, policy, local).table
+    batched = compare_traces(ours, ref, policy, local, batched=True).table
     pd.testing.assert_frame_equal(batched, per_pair, check_exact=False, rtol=1e-9)
     assert (batched["worst"] == per_pair["worst"]).all() and (batched["passed"] == per_pair["passed"]).all()
     bad = per_pair.set_index(["step", "site"])

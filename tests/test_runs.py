@@ -13,14 +13,14 @@ import torch
 
 from harness import sites
 from harness.cli import main
-from harness.gguf_io import Qwen2Config
-from harness.runs import (RunError, estimate_size, load_run, load_tensor, read_manifest, record, run_size,
+from harness.gguf.load import Qwen2Config
+from harness.runs.store import (RunError, estimate_size, load_run, load_tensor, read_manifest, record, run_size,
                           write_trace)
 from harness.sites import SiteFilter
-from harness.trace_writer import GLOBAL_LAYOUTS, LAYER_LAYOUTS, TraceWriteError, TraceWriter
+from harness.runs.writer import GLOBAL_LAYOUTS, LAYER_LAYOUTS, TraceWriteError, TraceWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WRITER = os.path.join(ROOT, "harness", "trace_writer.py")
+WRITER = os.path.join(ROOT, "harness", "runs", "writer.py")
 F32_RUN = os.path.join(ROOT, "reference_runs", "tiny-f32")
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 
@@ -183,8 +183,8 @@ def test_interrupted_record_leaves_nothing(tiny_f32, tmp_path, monkeypatch):
 def test_foreign_engine_trace_from_a_llama_capture_compares_equal(tiny_f32, tmp_path, capsys):
     """Another engine's trace: llama.cpp run directly, streamed through the standalone writer,
     against a run recorded here, on this CPU: the same numbers, bit for bit."""
-    from harness.llama_backend import LlamaOptions
-    from harness.llama_worker import open_runner
+    from harness.llama.runner import LlamaOptions
+    from harness.llama.worker import open_runner
     ref = read_manifest(F32_RUN)
     toks, n = ref["tokens"], ref["n_prompt"]
     here = record(tiny_f32, "here", tokens=toks[:n], steps=len(toks) - n, out_dir=tmp_path).path
@@ -204,8 +204,8 @@ def test_committed_run_from_another_cpu_still_compares_clean(tiny_f32, tmp_path,
     Measured with benchmarks/cross_cpu.py on every F32 site: 0 on an AMX Xeon (the GPU host's
     build), 1.4e-4 relative L2 at most on an AVX-512 EPYC. The bound here is 7x that; the verdict
     must stay a match."""
-    from harness.llama_backend import LlamaOptions
-    from harness.llama_worker import capture
+    from harness.llama.runner import LlamaOptions
+    from harness.llama.worker import capture
     ref = read_manifest(F32_RUN)
     toks, n = ref["tokens"], ref["n_prompt"]
     tr = capture(tiny_f32, toks[:n], len(toks) - n, decode_tokens=toks[n:], filt=SiteFilter("blk.1.*,logits"),
@@ -231,7 +231,7 @@ def test_compare_refuses_incompatible_traces(tmp_path, capsys):
 
 def test_round_trip_of_a_torch_trace(tiny_f32, tmp_path):
     """write_trace(any Trace) -> load_run gives the same tensors, tokens and keys."""
-    from harness.model import load_model
+    from harness.ours.model import load_model
     model = load_model(tiny_f32)
     t = model.run_with_cache([1, 2, 3], steps=1, filt=SiteFilter("blk.0.*,logits"))
     load_back = load_run(write_trace(t, tmp_path / "ours", engine={"name": "torch"}))

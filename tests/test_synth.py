@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from harness import synth
-from harness.gguf_io import expected_shapes, load_gguf, read_tokens
+from harness.gguf.load import expected_shapes, load_gguf, read_tokens
 from harness.synth import PRESETS, SPECIAL_TOKENS, SynthError, build_tokenizer, default_fixture, write_synthetic
 
 TINY = PRESETS["tiny"]
@@ -81,7 +81,7 @@ def test_determinism_and_cache(tmp_path, tiny_f32):
     assert open(b, "rb").read() != ref and os.path.getsize(b) == len(ref)
 
 
-# --- the files through harness.gguf_io ------------------------------------------------------
+# --- the files through harness.gguf.load ------------------------------------------------------
 
 def test_loads_with_config_and_types(tiny_gguf, request):
     wtype = _param(request.node)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.pipeline import DiffRequest, capture_reference, model_for
-from probes.faults import REGISTRY, Fault, RunInfo, get_fault, split_specs
+from harness.diff import DiffRequest, capture_reference, model_for
+from harness.ours.inject import REGISTRY, Fault, RunInfo, get_fault, split_specs
 from probes.zoo import run_zoo
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
@@ -51,7 +51,7 @@ def test_zoo_localizes_every_fault_exactly(tiny_gguf):
 def test_expected_location_follows_the_run_shape(tiny_f32):
     """One-token prompt: position-dependent bugs move to decode step 1, prefill-only bugs vanish;
     no decode step: decode-only bugs vanish. The zoo agrees with every one of these."""
-    from harness.gguf_io import _open_reader, read_config
+    from harness.gguf.load import _open_reader, read_config
     cfg = read_config(_open_reader(tiny_f32), tiny_f32)
     one = RunInfo(cfg, n_prompt=1, n_steps=2)
     assert REGISTRY["rope_interleaved"].where(one) == (1, 0, "blk.0.q_rope")
@@ -93,7 +93,7 @@ def test_split_specs_keeps_user_patterns_whole():
 
 USER_FAULT = textwrap.dedent('''
     import torch
-    from probes.faults import Fault
+    from harness.ours.inject import Fault
 
     def zero_layer1_v(x, ctx):
         """Layer 1's v projection reads a zeroed weight."""
@@ -172,7 +172,7 @@ def test_zoo_markdown_and_faults_list(tiny_f32, capsys):
     (["zoo", "{f32}", "--tokens", "1,99999"], "out of range"),
     (["zoo", "{f32}", "--tokens", "1", "--faults", "no_such_fault"], "unknown fault"),
     (["zoo", "{f32}", "--tokens", "1", "--faults", "no_such_module_xyz:fn@blk.*.q"], "cannot load fault"),
-    (["zoo", "{f32}", "--tokens", "1", "--faults", "probes.faults:drop_qkv_bias@blk.*.nope"], "matches no site"),
+    (["zoo", "{f32}", "--tokens", "1", "--faults", "harness.ours.inject:drop_qkv_bias@blk.*.nope"], "matches no site"),
     (["zoo", "{f32}", "--tokens", "1", "--format", "pdf"], None),
 ])
 def test_zoo_bad_input_exits_2(tiny_f32, capsys, argv, message):

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from .metrics import PairStats, batch_stats, finish_many, logit_stats, optimistic_stats, pair_stats, stats_vector
-from .sites import DIM_NAMES, SITES, SiteSpec, input_sites, parse_site
-from .tolerance import Policy, Tol
-from .trace import Trace
+from harness.compare.metrics import PairStats, batch_stats, finish_many, logit_stats, optimistic_stats, pair_stats, stats_vector
+from harness.sites import DIM_NAMES, SITES, SiteSpec, input_sites, parse_site
+from harness.compare.tolerance import Policy, Tol
+from harness.trace import Trace
 
 
 @dataclass
@@ -239,7 +239,7 @@ class Comparator:
                           _first(table, "passed"), meta)
 
 
-def compare(ours: Trace, ref: Trace, policy: Policy, local: Trace | None = None,
+def compare_traces(ours: Trace, ref: Trace, policy: Policy, local: Trace | None = None,
             batched: bool | None = None) -> Comparison:
     """Divergence table of ``ours`` against ``ref`` over the (step, site) pairs both hold
     (``batched``: see :class:`Comparator`)."""

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .compare import Comparison, step_label
-from .provenance import EXTRA_BUFTS_NOTE, summary_line
+from harness.compare.comparator import Comparison, step_label
+from harness.provenance import EXTRA_BUFTS_NOTE, summary_line
 
 
 def _f(x, nd=3) -> str:

@@ -1,6 +1,6 @@
 """The CI gate: re-run a candidate against a recorded reference run and say pass or fail.
 
-``run_gate`` takes a reference run (see :mod:`harness.runs`) and a candidate: ``"torch"`` (our
+``run_gate`` takes a reference run (see :mod:`harness.runs.store`) and a candidate: ``"torch"`` (our
 PyTorch model on the recorded tokens, built from the GGUF the run was recorded on, found next to
 the recorded path or given explicitly, and checked by sha256) or the path of another trace. For
 the torch candidate it also measures local errors by anchoring every op on the recorded
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .compare import Comparison, step_label
-from .provenance import machine_provenance, numerics_differences, summary_line
-from .runs import Run, RunError, _SYNTH_RE, _sha256, check_compatible, compare_runs, load_run
+from harness.compare.comparator import Comparison, step_label
+from harness.provenance import machine_provenance, numerics_differences, summary_line
+from harness.runs.store import RecordedRun, RunError, _SYNTH_RE, _sha256, check_compatible, compare_runs, load_run
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Group:
 
 @dataclass
 class GateResult:
-    run: Run
+    run: RecordedRun
     comparison: Comparison
     candidate: str                  # "torch float32 (faults: ...)" or the candidate trace's path
     gguf: str | None
@@ -69,7 +69,7 @@ class GateResult:
 
 
 # -- finding the model -------------------------------------------------------------------------
-def regenerate_hint(run: Run) -> str:
+def regenerate_hint(run: RecordedRun) -> str:
     g = run.manifest.get("gguf") or {}
     m = _SYNTH_RE.match(str(g.get("general_name", "")))
     if not m:
@@ -80,7 +80,7 @@ def regenerate_hint(run: Run) -> str:
             f"--type {wtype} --seed {seed}{' --tied' if tied else ''}'")
 
 
-def locate_gguf(run: Run, model: str | None = None) -> str:
+def locate_gguf(run: RecordedRun, model: str | None = None) -> str:
     """The GGUF the run was recorded on: ``model`` if given, else the recorded path (relative to
     the working directory or to the folder holding the runs' folder), else next to the run;
     its sha256 must match the manifest's."""
@@ -137,8 +137,8 @@ def run_gate(run_path, candidate: str = "torch", model: str | None = None, fault
         warnings = _provenance_warnings(run, cand.provenance, cmp)
         return GateResult(run, cmp, cand.path, None, [], time.time() - t0, warnings)
 
-    from .pipeline import DiffRequest, model_for, run_ours
-    from .sites import SiteFilter, all_sites
+    from harness.diff import DiffRequest, model_for, run_ours
+    from harness.sites import SiteFilter, all_sites
     gguf = locate_gguf(run, model)
     ref = run.trace
     req = DiffRequest(gguf, tokens=ref.tokens[:ref.n_prompt], steps=ref.n_steps, device=device, dtype=dtype,
@@ -161,7 +161,7 @@ def run_gate(run_path, candidate: str = "torch", model: str | None = None, fault
     return GateResult(run, cmp, desc, gguf, cmp.meta["faults"], time.time() - t0, warnings)
 
 
-def torch_provenance(run: Run, device: str = "cpu") -> dict:
+def torch_provenance(run: RecordedRun, device: str = "cpu") -> dict:
     """What the torch candidate stands for: this machine, the recorded backend's numerics as our
     model mirrors them (the recorded KV type), and what the tolerances were calibrated on (plain
     ggml kernels: no extra buffer types, no flash attention). llama.cpp is not needed."""
@@ -169,7 +169,7 @@ def torch_provenance(run: Run, device: str = "cpu") -> dict:
             "extra_bufts": False, "flash_attn": False}
 
 
-def _provenance_warnings(run: Run, current: dict, cmp: Comparison) -> list[str]:
+def _provenance_warnings(run: RecordedRun, current: dict, cmp: Comparison) -> list[str]:
     warnings = numerics_differences(run.provenance, current)
     if warnings:
         cmp.meta["provenance_warnings"] = warnings
@@ -238,7 +238,7 @@ def junit_xml(res: GateResult) -> str:
 
 def markdown_summary(res: GateResult) -> str:
     """A short markdown page (e.g. for $GITHUB_STEP_SUMMARY)."""
-    from .render import render_markdown, verdict_line
+    from harness.report.text import render_markdown, verdict_line
     cmp, run, col = res.comparison, res.run, res.decisive
     m, ref = run.manifest, run.trace
     pol = cmp.meta.get("policy", {})

@@ -1,5 +1,5 @@
 """``llamadiff report --format html``: one self-contained HTML file, plus the HTML pieces the
-notebook API (:mod:`harness.notebook`) uses for its rich Jupyter display.
+notebook API (:mod:`harness.notebook.run`) uses for its rich Jupyter display.
 
 The file needs no network: plots are embedded as base64 PNG ``data:`` URIs, the CSS is inline,
 there is no JavaScript and no external font, image or link. Every piece of text that comes from
@@ -18,7 +18,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from .compare import Comparison, step_label
+from harness.compare.comparator import Comparison, step_label
 
 # Every selector is scoped under .llamadiff so the notebook fragments do not restyle Jupyter.
 CSS = """
@@ -171,13 +171,13 @@ def png_img(png: bytes, alt: str, caption: str | None = None) -> str:
 
 
 def verdict_html(cmp: Comparison) -> str:
-    from .render import verdict_line
+    from harness.report.text import verdict_line
     return f'<div class="verdict {"bad" if cmp.diverged else "good"}">{esc(verdict_line(cmp))}</div>'
 
 
 def first_html(cmp: Comparison) -> str:
     """The first divergence: a section whose data attributes name it, its report lines, its inputs."""
-    from .render import _first_lines
+    from harness.report.text import _first_lines
     f = cmp.first
     if f is None:
         return ('<section id="first-divergence" data-site="" data-step="" data-layer="" data-kind="">'
@@ -197,13 +197,13 @@ def first_html(cmp: Comparison) -> str:
 
 
 def render_html(res, vocab: list[str] | None = None, title: str = "llamadiff report", plots: bool = True) -> str:
-    """The whole report of a :class:`~harness.pipeline.DiffResult` (or a notebook ``Run``) as one
+    """The whole report of a :class:`~harness.diff.DiffResult` (or a notebook ``Drilldown``) as one
     self-contained HTML document. ``vocab`` (``gguf_io.read_tokens``) labels logit outliers with
-    their text (a ``Run`` brings its own); ``plots=False`` leaves the images out (faster)."""
+    their text (a ``Drilldown`` brings its own); ``plots=False`` leaves the images out (faster)."""
     if vocab is None:
         vocab = getattr(res, "vocab", None)
-    from . import plots as plotting
-    from .render import _header, _logit_lines, layer_summary
+    from harness.report import plots as plotting
+    from harness.report.text import _header, _logit_lines, layer_summary
     cmp: Comparison = res.comparison
     body = [f"<h1>{esc(title)}</h1>"]
     body += [f'<p class="meta">{esc(line)}</p>' for line in _header(cmp)]

@@ -1,7 +1,7 @@
-"""The notebook API: one call runs both engines and returns a :class:`Run` to explore.
+"""The notebook API: one call runs both engines and returns a :class:`Drilldown` to explore.
 
     import harness
-    run = harness.compare("model.gguf", prompt="The quick brown fox", steps=4,
+    run = harness.drilldown("model.gguf", prompt="The quick brown fox", steps=4,
                           inject=["drop_qkv_bias"])        # faults: names, Fault records, mod:fn@sites
     run                                  # Jupyter: verdict, first divergence, per-layer summary
     run.table                            # every (step, site): errors, tolerances, verdicts (DataFrame)
@@ -11,18 +11,18 @@
     run.worst("blk.0.q", k=5)            # top elements over all steps, with named indices
     run.filter(layer=0, site="q*", step=0)
     run.plot_layers(); run.plot_steps("blk.0.q"); run.plot_attention(0, head=1)
-    run.plot_logits(step=2); run.plot_hist("blk.0.q")          # see harness.plots
-    run.to_html("reports/x.html"); run.save("runs/x"); harness.notebook.load("runs/x")
+    run.plot_logits(step=2); run.plot_hist("blk.0.q")          # see harness.report.plots
+    run.to_html("reports/x.html"); run.save("runs/x"); harness.notebook.run.load("runs/x")
 
 Reusing recorded data instead of recomputing it:
 
-* ``harness.compare(ref="reference_runs/NAME", inject=[...])`` takes the reference (llama.cpp)
-  side from a recorded run (``llamadiff record``, :mod:`harness.runs`) and only runs our model
+* ``harness.drilldown(ref="reference_runs/NAME", inject=[...])`` takes the reference (llama.cpp)
+  side from a recorded run (``llamadiff record``, :mod:`harness.runs.store`) and only runs our model
   (on the run's tokens, against the run's GGUF, found and sha256-checked as ``llamadiff gate``
   does); ``ref=`` also takes a :class:`~harness.trace.Trace`, a trace file (:func:`save_trace`)
   or a saved run folder.
-* :func:`load` reopens a whole run written by :meth:`Run.save` (table, verdict and all three
-  traces) without running anything; :func:`compare_recorded` compares two recorded runs and
+* :func:`load` reopens a whole run written by :meth:`Drilldown.save` (table, verdict and all three
+  traces) without running anything; :func:`drilldown_recorded` compares two recorded runs and
   :func:`from_traces` any two traces.
 
 Tensors of loaded traces and runs are read on demand (``safetensors.safe_open``), one site at a
@@ -39,22 +39,22 @@ from collections.abc import Mapping, MutableMapping
 import pandas as pd
 import torch
 
-from .compare import Comparison, FirstDivergence, compare as compare_traces
-from .html_report import CSS, esc, first_html, frame_html, verdict_html
-from .pipeline import DiffRequest, DiffResult, diff_gguf
-from .sites import parse_site
-from .tolerance import Policy
-from .trace import Trace
-from .notebook_views import DiffTable, FirstView, SitePair, _as_list, _table  # noqa: F401  (re-exported)
+from harness.compare.comparator import Comparison, FirstDivergence, compare_traces
+from harness.report.html import CSS, esc, first_html, frame_html, verdict_html
+from harness.diff import DiffRequest, DiffResult, diff_gguf
+from harness.sites import parse_site
+from harness.compare.tolerance import Policy
+from harness.trace import Trace
+from harness.notebook.views import DiffTable, FirstView, SitePair, _as_list, _table  # noqa: F401  (re-exported)
 
 RUN_FORMAT = 1
 
 
-class Run:
+class Drilldown:
     """A comparison and its three traces (``ref``: llama.cpp, ``ours``: PyTorch end to end,
     ``local``: each of our ops on the reference's inputs, or None). Has the attributes of a
-    :class:`~harness.pipeline.DiffResult`, so :mod:`harness.plots` and
-    :func:`harness.html_report.render_html` take it directly."""
+    :class:`~harness.diff.DiffResult`, so :mod:`harness.report.plots` and
+    :func:`harness.report.html.render_html` take it directly."""
 
     def __init__(self, result: DiffResult, gguf: str | None = None, request: DiffRequest | None = None):
         self.result, self.gguf, self.request = result, gguf, request
@@ -81,7 +81,7 @@ class Run:
     # summary
     @property
     def table(self) -> DiffTable:
-        """Every compared (step, site) in execution order (see harness.compare for the columns)."""
+        """Every compared (step, site) in execution order (see harness.compare.comparator for the columns)."""
         f = self.comparison.first
         return _table(self.comparison.table, first=(f.step, f.site) if f else None)
 
@@ -96,7 +96,7 @@ class Run:
 
     @property
     def verdict(self) -> str:
-        from .render import verdict_line
+        from harness.report.text import verdict_line
         return verdict_line(self.comparison)
 
     @property
@@ -128,14 +128,14 @@ class Run:
 
     def summary(self) -> DiffTable:
         """One row per layer: worst errors, failures (render.layer_summary)."""
-        from .render import layer_summary
+        from harness.report.text import layer_summary
         return _table(layer_summary(self.comparison))
 
     # token text
     @property
     def vocab(self) -> list[str] | None:
         if self._vocab is None and self.gguf and os.path.isfile(self.gguf):
-            from .gguf_io import read_tokens
+            from harness.gguf.load import read_tokens
             self._vocab = read_tokens(self.gguf)
         return self._vocab
 
@@ -210,26 +210,26 @@ class Run:
         f = self.comparison.first
         return _table(t[m.to_numpy(dtype=bool)], first=(f.step, f.site) if f else None)
 
-    # plots (harness.plots)
+    # plots (harness.report.plots)
     def plot_layers(self, **kw):
-        from . import plots
+        from harness.report import plots
         return plots.layer_errors(self, **kw)
 
     def plot_steps(self, site: str | None = None, **kw):
-        from . import plots
+        from harness.report import plots
         site = site or (self.comparison.first.site if self.comparison.first else "logits")
         return plots.step_errors(self, site, **kw)
 
     def plot_attention(self, layer: int, head: int, step: int = 0, **kw):
-        from . import plots
+        from harness.report import plots
         return plots.attention(self, layer, head, step=step, **kw)
 
     def plot_logits(self, step: int = 0, row: int = -1, k: int = 8, **kw):
-        from . import plots
+        from harness.report import plots
         return plots.logits(self, step=step, row=row, k=k, vocab=kw.pop("vocab", self.vocab), **kw)
 
     def plot_hist(self, site: str | None = None, step: int | None = None, **kw):
-        from . import plots
+        from harness.report import plots
         f = self.comparison.first
         site = site or (f.site if f else "logits")
         step = step if step is not None else (f.step if f and f.site == site else 0)
@@ -237,16 +237,16 @@ class Run:
 
     # output
     def to_dict(self) -> dict:
-        from .render import to_dict
+        from harness.report.text import to_dict
         return to_dict(self.comparison)
 
     def to_json(self) -> str:
-        from .render import to_json
+        from harness.report.text import to_json
         return to_json(self.comparison)
 
     def to_html(self, path: str | os.PathLike | None = None) -> str:
         """The self-contained HTML report (written to ``path`` when given)."""
-        from .html_report import render_html
+        from harness.report.html import render_html
         text = render_html(self, vocab=self.vocab)
         if path is not None:
             path = os.fspath(path)
@@ -274,11 +274,11 @@ class Run:
 
     # display
     def __repr__(self) -> str:
-        from .render import render_text_table
+        from harness.report.text import render_text_table
         return render_text_table(self.comparison, width=120)
 
     def _repr_html_(self) -> str:
-        from .render import _header, _logit_lines
+        from harness.report.text import _header, _logit_lines
         cmp = self.comparison
         parts = [f'<div class="llamadiff"><style>{CSS}</style>']
         parts += [f'<p class="meta">{esc(line)}</p>' for line in _header(cmp)]
@@ -297,21 +297,21 @@ class Run:
 
 # -- entry points ------------------------------------------------------------------------------
 def _faults(inject) -> list:
-    from probes.faults import Fault, get_fault
+    from harness.ours.inject import Fault, get_fault
     items = [inject] if isinstance(inject, (str, Fault)) else list(inject or [])
     return [f if isinstance(f, Fault) else get_fault(f) for f in items]
 
 
-def compare(gguf: str | os.PathLike | None = None, prompt: str | None = None, *, tokens: list[int] | None = None,
+def drilldown(gguf: str | os.PathLike | None = None, prompt: str | None = None, *, tokens: list[int] | None = None,
             steps: int = 4, device: str = "cpu", dtype: str = "float32", sites: str | None = None,
             inject=(), kv_type: str = "f16", flash_attn: bool = False, local: bool = True,
-            ref=None, model=None, extra_bufts: bool = False, isolate: bool = True) -> Run:
-    """Run llama.cpp and our PyTorch Qwen2 on ``gguf`` and compare them op by op.
+            ref=None, model=None, extra_bufts: bool = False, isolate: bool = True) -> Drilldown:
+    """Run llama.cpp and our PyTorch model on ``gguf`` and compare them op by op.
 
     ``prompt`` (text, tokenized by llama.cpp) or ``tokens``; ``steps`` decode steps after the
     prefill; ``device`` "cpu" or "cuda" for both sides; ``sites`` a glob to capture fewer sites;
-    ``inject`` fault names (``probes.faults``), ``Fault`` records or ``module:function@sites``;
-    ``model`` an already loaded ``harness.model.Qwen2`` to reuse; ``extra_bufts`` llama.cpp's
+    ``inject`` fault names (``harness.ours.inject``), ``Fault`` records or ``module:function@sites``;
+    ``model`` an already loaded ``harness.ours.model.Qwen2`` to reuse; ``extra_bufts`` llama.cpp's
     CPU weight repacking (its default, not what the tolerances were calibrated on). llama.cpp runs
     in a worker process: a crash inside it raises ``LlamaCrash`` and this kernel lives on
     (``isolate=False``: in this process, a little faster on CUDA, but a crash kills the kernel).
@@ -319,7 +319,7 @@ def compare(gguf: str | os.PathLike | None = None, prompt: str | None = None, *,
     ``ref`` skips llama.cpp: a recorded reference run folder (``llamadiff record``; its tokens,
     steps and KV type are used, its tensors read on demand, and ``gguf`` may be left out: the
     run's own GGUF is found and sha256-checked), a trace file or saved run folder
-    (:meth:`Run.save`), or a :class:`~harness.trace.Trace` / ``Run`` in memory."""
+    (:meth:`Drilldown.save`), or a :class:`~harness.trace.Trace` / ``Drilldown`` in memory."""
     ref_obj = load_reference(ref, lazy_run=True) if ref is not None else None
     if _is_recorded_run(ref_obj):
         return _compare_recorded(ref_obj, gguf, tokens=tokens, device=device, dtype=dtype, sites=sites,
@@ -337,31 +337,31 @@ def compare(gguf: str | os.PathLike | None = None, prompt: str | None = None, *,
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda': no CUDA device is visible to PyTorch")
     if sites:
-        from .gguf_io import _open_reader, read_config
-        from .sites import validate_pattern
+        from harness.gguf.load import _open_reader, read_config
+        from harness.sites import validate_pattern
         validate_pattern(sites, read_config(_open_reader(gguf), gguf).n_layer)
     req = DiffRequest(gguf, prompt=prompt, tokens=list(tokens) if tokens is not None else None, steps=steps,
                       device=device, dtype=dtype, sites=sites, faults=_faults(inject), kv_type=kv_type,
                       flash_attn=flash_attn, local=local, extra_bufts=extra_bufts, isolate=isolate)
-    return Run(diff_gguf(req, model=model, ref=ref_trace), gguf=gguf, request=req)
+    return Drilldown(diff_gguf(req, model=model, ref=ref_trace), gguf=gguf, request=req)
 
 
 def _is_recorded_run(obj) -> bool:
     return obj is not None and not isinstance(obj, Trace) and isinstance(getattr(obj, "trace", None), Trace)
 
 
-def _compare_recorded(rec, gguf, *, tokens, device, dtype, sites, inject, local, model) -> Run:
+def _compare_recorded(rec, gguf, *, tokens, device, dtype, sites, inject, local, model) -> Drilldown:
     """Our model against a recorded reference run (what ``llamadiff gate`` does), keeping the traces."""
-    from .pipeline import model_for, run_ours
-    from .runs import check_compatible, compare_runs
-    from .sites import SiteFilter, all_sites
+    from harness.diff import model_for, run_ours
+    from harness.runs.store import check_compatible, compare_runs
+    from harness.sites import SiteFilter, all_sites
     ref = rec.trace
     if tokens is not None and list(tokens) != list(ref.tokens[:ref.n_prompt]):
         raise ValueError("tokens= differ from the recorded run's prompt tokens")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda': no CUDA device is visible to PyTorch")
     if gguf is None:
-        from .gate import locate_gguf
+        from harness.runs.gate import locate_gguf
         gguf = locate_gguf(rec)
     gguf = os.fspath(gguf)
     faults = _faults(inject)
@@ -378,21 +378,21 @@ def _compare_recorded(rec, gguf, *, tokens, device, dtype, sites, inject, local,
     loc = run_ours(net, ref, faults, filt, anchor=ref) if local else None
     cmp = compare_runs(rec, ours, loc, dtype=dtype)
     cmp.meta["faults"] = [f.name for f in faults]
-    return Run(DiffResult(cmp, ref, ours, loc), gguf=gguf, request=req)
+    return Drilldown(DiffResult(cmp, ref, ours, loc), gguf=gguf, request=req)
 
 
-def compare_recorded(reference, candidate) -> Run:
-    """Compare two recorded traces (``harness.runs`` folders, e.g. llama.cpp against another
+def drilldown_recorded(reference, candidate) -> Drilldown:
+    """Compare two recorded traces (``harness.runs.store`` folders, e.g. llama.cpp against another
     engine's dump) without running anything; tensors are read on demand."""
-    from .runs import compare_runs
+    from harness.runs.store import compare_runs
     ref, cand = open_recorded(reference), open_recorded(candidate)
     cmp = compare_runs(ref, cand)
     cmp.meta.setdefault("faults", [])
-    return Run(DiffResult(cmp, ref.trace, cand.trace, None))
+    return Drilldown(DiffResult(cmp, ref.trace, cand.trace, None))
 
 
 def from_traces(ours: Trace, ref: Trace, local: Trace | None = None, gguf: str | None = None,
-                policy: Policy | None = None) -> Run:
+                policy: Policy | None = None) -> Drilldown:
     """Compare two existing traces (nothing is run). The tolerance policy comes from their
     metadata (reference backend, our weight type and dtype) unless given."""
     if policy is None:
@@ -400,7 +400,7 @@ def from_traces(ours: Trace, ref: Trace, local: Trace | None = None, gguf: str |
         policy = Policy(ref.meta.get("backend", "cpu"), weight_type, ours.meta.get("dtype", "float32"))
     cmp = compare_traces(ours, ref, policy, local)
     cmp.meta.setdefault("faults", [])
-    return Run(DiffResult(cmp, ref, ours, local), gguf=gguf)
+    return Drilldown(DiffResult(cmp, ref, ours, local), gguf=gguf)
 
 
 # -- traces on disk (lazy) ---------------------------------------------------------------------
@@ -449,7 +449,7 @@ def _tensor_name(step: int, site: str) -> str:
 def save_trace(trace: Trace, path: str | os.PathLike) -> str:
     """One safetensors file: tensors ``"{step}/{site}"``, and the trace's n_layer, tokens,
     n_prompt and meta as JSON in the file's metadata. (A folder of the shareable recorded-run
-    format is ``harness.runs.write_trace``.)"""
+    format is ``harness.runs.store.write_trace``.)"""
     from safetensors.torch import save_file
     path = os.fspath(path)
     tensors = {_tensor_name(s, n): t.detach().float().cpu().contiguous().clone() for (s, n), t in trace.items()}
@@ -479,13 +479,13 @@ def read_trace(path: str | os.PathLike) -> Trace:
 
 
 def open_recorded(path: str | os.PathLike, verify: bool = False):
-    """A recorded run (``harness.runs`` format: a folder with manifest.json and safetensors)
-    as a ``harness.runs.Run`` whose trace reads each tensor on demand. The manifest and every
+    """A recorded run (``harness.runs.store`` format: a folder with manifest.json and safetensors)
+    as a ``harness.runs.store.RecordedRun`` whose trace reads each tensor on demand. The manifest and every
     file header are validated (``runs.load_run``) but no tensor is read; ``verify`` also checks
     the files' sha256 (reads them once)."""
-    from . import runs
-    from .sites import SiteFilter
-    from .tolerance import UNIT_ROUNDOFF
+    from harness.runs import store as runs
+    from harness.sites import SiteFilter
+    from harness.compare.tolerance import UNIT_ROUNDOFF
     rec = runs.load_run(os.fspath(path), filt=SiteFilter(steps=frozenset()), verify=verify)   # reads no tensor
     names, storages = {}, set()
     for e in rec.manifest["tensors"]:
@@ -499,10 +499,10 @@ def open_recorded(path: str | os.PathLike, verify: bool = False):
 
 
 def load_reference(source, lazy_run: bool = False):
-    """The reference side from a :class:`Trace` (as is), a Run/DiffResult (its ``ref``), a trace
-    file (:func:`save_trace`), a saved run folder (:meth:`Run.save`: its ``ref.safetensors``) or
-    a recorded reference run folder (``harness.runs``; returned as its lazy Trace, or with
-    ``lazy_run`` as the ``runs.Run`` record from :func:`open_recorded`)."""
+    """The reference side from a :class:`Trace` (as is), a Drilldown/DiffResult (its ``ref``), a trace
+    file (:func:`save_trace`), a saved run folder (:meth:`Drilldown.save`: its ``ref.safetensors``) or
+    a recorded reference run folder (``harness.runs.store``; returned as its lazy Trace, or with
+    ``lazy_run`` as the ``RecordedRun`` record from :func:`open_recorded`)."""
     if isinstance(source, Trace):
         return source
     if _is_recorded_run(source):
@@ -521,8 +521,8 @@ def load_reference(source, lazy_run: bool = False):
     raise FileNotFoundError(f"{path}: not a trace file, a saved run folder or a recorded reference run")
 
 
-def load(path: str | os.PathLike) -> Run:
-    """Reopen a run written by :meth:`Run.save` without running anything: the table and verdict
+def load(path: str | os.PathLike) -> Drilldown:
+    """Reopen a run written by :meth:`Drilldown.save` without running anything: the table and verdict
     from ``run.json``, the traces read on demand."""
     path = os.fspath(path)
     with open(os.path.join(path, "run.json")) as f:
@@ -544,7 +544,7 @@ def load(path: str | os.PathLike) -> Run:
     traces = {n: read_trace(os.path.join(path, f"{n}.safetensors"))
               if os.path.isfile(os.path.join(path, f"{n}.safetensors")) else None for n in ("ref", "ours", "local")}
     gguf = doc.get("gguf")
-    return Run(DiffResult(cmp, traces["ref"], traces["ours"], traces["local"]), gguf=gguf)
+    return Drilldown(DiffResult(cmp, traces["ref"], traces["ours"], traces["local"]), gguf=gguf)
 
 
 _FLOAT_COLS = ("layer", "max_abs", "rel_l2", "max_norm", "cosine", "ours", "ref", "tol_rel", "tol_max",

@@ -1,7 +1,7 @@
 """Capture every hook site of :mod:`harness.sites` from llama.cpp, through llama-cpp-python.
 
 A :class:`LlamaRunner` holds a loaded model and a context whose eval callback
-(:class:`harness.llama_capture.Capture`) copies out the graph nodes a :class:`SiteFilter` wants
+(:class:`harness.llama.capture.Capture`) copies out the graph nodes a :class:`SiteFilter` wants
 (fewer nodes = fewer graph splits), converts them to the canonical layouts and hands them to a
 sink after each step's ``llama_decode``. The callback is a context parameter, so a runner holds
 the capturing context and, only when asked for plain logits (the observer check), a second
@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ggml_struct import GGMLFuncs, gpu_device_names
-from .gguf_io import GGUFError, open_gguf, read_config, tensor_types
-from .llama_lib import LlamaUnavailable, llama, versions
-from .llama_capture import FLASH_MISSING, NOTHING, Capture
-from .provenance import llama_provenance
-from .sites import SiteFilter, all_sites, parse_site
-from .trace import Sink, Trace
+from harness.llama.ggml_struct import GGMLFuncs, gpu_device_names
+from harness.gguf.load import GGUFError, open_gguf, read_config, tensor_types
+from harness.llama.lib import LlamaUnavailable, llama, versions
+from harness.llama.capture import FLASH_MISSING, NOTHING, Capture
+from harness.provenance import llama_provenance
+from harness.sites import SiteFilter, all_sites, parse_site
+from harness.trace import Sink, Trace
 
 
 class LlamaError(Exception):
@@ -47,12 +47,12 @@ class LlamaOptions:
                                   # x86 repack of Q4_0/IQ4_NL/Q4_K...). Off: the plain ggml CPU kernels
                                   # the tolerances were calibrated on, the same on every CPU (AMX
                                   # repacking crashes llama_decode on some CPUs). On: llama.cpp's default.
-    isolate: bool = True          # run llama.cpp in a worker process (harness.llama_worker): a crash
+    isolate: bool = True          # run llama.cpp in a worker process (harness.llama.worker): a crash
                                   # inside it becomes a LlamaCrash instead of killing the caller
 
 
 def _lib():
-    """llama_cpp through harness.llama_lib, as a LlamaError when it cannot be imported."""
+    """llama_cpp through harness.llama.lib, as a LlamaError when it cannot be imported."""
     try:
         return llama()
     except LlamaUnavailable as e:

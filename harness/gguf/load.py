@@ -59,7 +59,7 @@ class LazyWeight:
         owner, w = LazyWeight._last
         if owner is not self:
             LazyWeight._last = (None, None)          # free the previous one first
-            from .dequant_torch import dequantize
+            from harness.gguf.dequant import dequantize
             w = dequantize(self.raw, self.qtype, self.shape).to(self.dtype)
             LazyWeight._last = (self, w)
         return w
@@ -95,7 +95,7 @@ _LAYER_TENSORS = {  # suffix -> shape in torch order, symbolic
 
 def open_gguf(path: str):
     """The header (metadata and tensor records) of a GGUF file, checked against the file size."""
-    from .gguf_header import HeaderError, scan
+    from harness.gguf.header import HeaderError, scan
     if not os.path.isfile(path):
         raise GGUFError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -157,7 +157,7 @@ def expected_shapes(cfg: Qwen2Config) -> dict[str, tuple[int, ...]]:
 
 
 def _raw(t, path: str) -> np.ndarray:
-    from .gguf_header import HeaderError, read_tensor_bytes
+    from harness.gguf.header import HeaderError, read_tensor_bytes
     try:
         return read_tensor_bytes(path, t)
     except HeaderError as e:
@@ -178,10 +178,10 @@ def _dequantize(t, raw: np.ndarray, path: str) -> np.ndarray:
 
 
 def _dequantize_torch(t, raw: np.ndarray, path: str, device) -> torch.Tensor | None:
-    """``t`` dequantized on ``device`` from its raw bytes (harness.dequant_torch, bit-exact with
+    """``t`` dequantized on ``device`` from its raw bytes (harness.gguf.dequant, bit-exact with
     the numpy path); None where torch lacks the type."""
     from gguf import GGMLQuantizationType
-    from .dequant_torch import dequantize
+    from harness.gguf.dequant import dequantize
     qtype = GGMLQuantizationType(t.type)
     try:
         return dequantize(torch.from_numpy(raw).to(device), qtype, t.shape)
@@ -193,7 +193,7 @@ def _dequantize_torch(t, raw: np.ndarray, path: str, device) -> torch.Tensor | N
 
 def _torch_decodable(qtype) -> bool:
     from gguf import GGMLQuantizationType
-    from .dequant_torch import SUPPORTED
+    from harness.gguf.dequant import SUPPORTED
     return GGMLQuantizationType(qtype) in SUPPORTED
 
 
@@ -204,7 +204,7 @@ def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
 
     Tensors are read one at a time with plain reads (no memory map), so host memory holds at most
     one raw tensor. ``torch_dequant``: move each tensor's raw bytes to ``device`` and dequantize
-    there (:mod:`harness.dequant_torch`); numpy (gguf-py) for types it lacks. ``lazy``: keep
+    there (:mod:`harness.gguf.dequant`); numpy (gguf-py) for types it lacks. ``lazy``: keep
     each matrix of a torch-decodable type as a :class:`LazyWeight` (raw bytes on ``device``).
     """
     path = os.fspath(path)
@@ -243,7 +243,7 @@ def float_bytes(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
 
 def read_tokens(path: str | os.PathLike) -> list[str]:
     """The tokenizer's token strings (index = token id), for labelling reports."""
-    from .gguf_header import HeaderError, scan
+    from harness.gguf.header import HeaderError, scan
     path = os.fspath(path)
     open_gguf(path)
     try:

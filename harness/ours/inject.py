@@ -14,7 +14,7 @@ Your own fault, without editing this package
 --------------------------------------------
 Write a module anywhere on ``sys.path`` (``PYTHONPATH=.`` for the current folder) with a hook
 function ``fn(x, ctx) -> Tensor | None``. ``x`` is the activation at the site, ``ctx`` a
-:class:`harness.hooks.HookContext`: ``ctx.site`` ("blk.3.q"), ``ctx.layer``, ``ctx.step`` (0 =
+:class:`harness.ours.hooks.HookContext`: ``ctx.site`` ("blk.3.q"), ``ctx.layer``, ``ctx.step`` (0 =
 prefill), ``ctx.pos`` (position of the step's first token), ``ctx.inputs`` (the op's inputs, e.g.
 ``ctx.inputs["x"]`` and ``ctx.inputs["weight"]`` for a matmul site; see harness/model.py) and
 ``ctx.model``. Return a tensor of x's shape to replace the activation, or None to leave it::
@@ -46,8 +46,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from harness.hooks import Hook
-from harness.model import rms_norm, rope_angles, rope_neox
+from harness.ours.hooks import Hook
+from harness.ours.model import rms_norm, rope_angles, rope_neox
 
 CLEAN = "clean"      # an ``expected`` value: the fault must not be found at all
 
@@ -224,7 +224,7 @@ def qkv_weight_transposed(x, ctx):
 # -- RoPE -------------------------------------------------------------------------------------
 def _rope_gptj(x: torch.Tensor, pos: torch.Tensor, base: float, mirror: str | None = None) -> torch.Tensor:
     """RoPE with the original (GPT-J / LLaMA "normal") pairing: dim 2i rotates with 2i + 1
-    (same angles as the model's NEOX RoPE, see harness.model.rope_angles)."""
+    (same angles as the model's NEOX RoPE, see harness.ours.model.rope_angles)."""
     ang = rope_angles(pos, x.shape[-1] // 2, base, mirror)
     cos, sin = ang.cos().to(x.dtype)[:, None, :], ang.sin().to(x.dtype)[:, None, :]
     x1, x2 = x[..., 0::2], x[..., 1::2]

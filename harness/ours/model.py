@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gguf_io import GGUFModel, LazyWeight, Qwen2Config, load_gguf
-from .hooks import Hook, HookManager, HookPoint, site_matcher
-from .numerics import act_rounder
-from .provenance import machine_provenance
-from .sites import LAYER_KEYS, SiteFilter, site_name
-from .trace import Sink, Trace
+from harness.gguf.load import GGUFModel, LazyWeight, Qwen2Config, load_gguf
+from harness.ours.hooks import Hook, HookManager, HookPoint, site_matcher
+from harness.ours.numerics import act_rounder
+from harness.provenance import machine_provenance
+from harness.sites import LAYER_KEYS, SiteFilter, site_name
+from harness.trace import Sink, Trace
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -78,8 +78,8 @@ def rope_neox(x: torch.Tensor, pos: torch.Tensor, base: float, mirror: str | Non
 
 
 class MatMul:
-    """x @ W^T, optionally rounding x first the way llama.cpp's CPU kernels do (harness.numerics).
-    ``weight`` is a float tensor, or a :class:`~harness.gguf_io.LazyWeight` expanded on use."""
+    """x @ W^T, optionally rounding x first the way llama.cpp's CPU kernels do (harness.ours.numerics).
+    ``weight`` is a float tensor, or a :class:`~harness.gguf.load.LazyWeight` expanded on use."""
 
     def __init__(self, weight: "torch.Tensor | LazyWeight", rounder=None):
         self.source, self.rounder = weight, rounder
@@ -195,7 +195,7 @@ class Block(nn.Module):
 class Qwen2(nn.Module):
     def __init__(self, gm: GGUFModel, kv_dtype: torch.dtype | None = None, mirror: str | None = None):
         """``kv_dtype`` float16 mirrors llama.cpp's F16 KV cache; ``mirror`` ("cpu" or "cuda")
-        rounds matmul activations as that llama.cpp backend's kernels do (see harness.numerics)."""
+        rounds matmul activations as that llama.cpp backend's kernels do (see harness.ours.numerics)."""
         super().__init__()
         self.gguf, self.config = gm, gm.config
         w, cfg = gm.weights, gm.config
@@ -312,7 +312,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def load_model(path, device: str = "cpu", dtype: str | torch.dtype = "float32",
                kv_dtype: torch.dtype | None = None, mirror: str | None = None,
                torch_dequant: bool | None = None, lazy_weights: bool = False) -> Qwen2:
-    """A Qwen2 built from a qwen2 GGUF (see harness.gguf_io for the errors it raises).
+    """A Qwen2 built from a qwen2 GGUF (see harness.gguf.load for the errors it raises).
     ``torch_dequant`` (default: on for CUDA) dequantizes the weights on ``device``;
     ``lazy_weights`` keeps the matrices quantized there and expands one at a time when used."""
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype

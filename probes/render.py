@@ -1,6 +1,6 @@
 """Text for the fault zoo, the reference-free probes and the fault list: rich tables, markdown, JSON.
 
-Pure functions of the plain data that ``probes.zoo`` / ``probes.checks`` / ``probes.faults``
+Pure functions of the plain data that ``probes.zoo`` / ``probes.checks`` / ``harness.ours.inject``
 return; the ``llamadiff zoo|probe|faults`` commands print what these give back.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ import re
 from rich.console import Console
 from rich.table import Table
 
-from harness.render import _f, _jsonable
+from harness.report.text import _f, _jsonable
 
-from .zoo import ZooResult
+from probes.zoo import ZooResult
 
 _STATUS_STYLE = {"hit": "green", "clean": "green", "unscored": "yellow", "miss": "bold red", "false alarm": "bold red"}
 

@@ -28,9 +28,9 @@ import re
 
 import torch
 
-from .ggml_struct import GGML_TYPE_F16, GGML_TYPE_F32, GGMLFuncs, GGMLTensor, cuda_copier
-from .sites import BY_KEY, SITES, SiteFilter, all_sites, parse_site, shape_of, site_name
-from .trace import Sink
+from harness.llama.ggml_struct import GGML_TYPE_F16, GGML_TYPE_F32, GGMLFuncs, GGMLTensor, cuda_copier
+from harness.sites import BY_KEY, SITES, SiteFilter, all_sites, parse_site, shape_of, site_name
+from harness.trace import Sink
 
 FLASH_MISSING = ("kq", "attn_weights")   # fused away by FLASH_ATTN_EXT
 _TORCH_TYPES = {GGML_TYPE_F32: torch.float32, GGML_TYPE_F16: torch.float16}

@@ -1,7 +1,7 @@
 """The main job: capture llama.cpp, run our PyTorch model on the same tokens, compare.
 
 ``diff_gguf`` is what ``llamadiff report`` and the notebook API call; it returns plain data
-(:class:`~harness.compare.Comparison` plus the traces) and never prints.
+(:class:`~harness.compare.comparator.Comparison` plus the traces) and never prints.
 """
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compare import Comparator, Comparison, compare
-from .llama_backend import LlamaOptions
-from .llama_worker import open_runner
-from .model import Qwen2, load_model
-from .sites import SiteFilter
-from .tolerance import Policy
-from .trace import Trace
+from harness.compare.comparator import Comparator, Comparison, compare_traces
+from harness.llama.runner import LlamaOptions
+from harness.llama.worker import open_runner
+from harness.ours.model import Qwen2, load_model
+from harness.sites import SiteFilter
+from harness.compare.tolerance import Policy
+from harness.trace import Trace
 
 
 @dataclass
@@ -27,7 +27,7 @@ class DiffRequest:
     device: str = "cpu"                 # where both sides run: "cpu" or "cuda"
     dtype: str = "float32"              # PyTorch side
     sites: str | None = None            # site glob(s); None = every site
-    faults: list = field(default_factory=list)   # probes.faults.Fault records to inject on our side
+    faults: list = field(default_factory=list)   # harness.ours.inject.Fault records to inject on our side
     kv_type: str = "f16"                # llama.cpp KV cache type (its default is F16)
     flash_attn: bool = False
     local: bool = True                  # also measure each op on the reference's inputs
@@ -82,8 +82,8 @@ def _float_weights_crowd(req: DiffRequest) -> bool:
     llama.cpp's copy of the model already occupies)?"""
     if not str(req.device).startswith("cuda") or not torch.cuda.is_available():
         return False
-    from .gguf_io import float_bytes
-    from .model import DTYPES
+    from harness.gguf.load import float_bytes
+    from harness.ours.model import DTYPES
     return float_bytes(req.gguf, DTYPES[req.dtype]) > 0.7 * torch.cuda.mem_get_info()[0]
 
 
@@ -95,7 +95,7 @@ def diff_gguf(req: DiffRequest, model: Qwen2 | None = None, ref: Trace | None = 
     local = run_ours(model, ref, req.faults, filt, anchor=ref) if req.local else None
     backend = ref.meta.get("backend", "cpu")
     policy = Policy(backend, model.gguf.weight_type, req.dtype)
-    cmp = compare(ours, ref, policy, local)
+    cmp = compare_traces(ours, ref, policy, local)
     cmp.meta["faults"] = [f.name for f in req.faults]
     return DiffResult(cmp, ref, ours, local)
 

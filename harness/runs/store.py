@@ -2,7 +2,7 @@
 
 A run (or any trace written in the same format by another engine) is a directory with a
 ``manifest.json`` and per-step safetensors files; the format is specified in
-``docs/trace-format.md`` and written by :mod:`harness.trace_writer` (standalone, copyable).
+``docs/trace-format.md`` and written by :mod:`harness.runs.writer` (standalone, copyable).
 
 * :func:`record` captures llama.cpp on a GGUF and streams the tensors into a new run, one step
   in memory at a time; :func:`estimate_size` says how large it will be from the shapes alone.
@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import __version__
-from .provenance import from_engine
-from .sites import SiteError, SiteFilter, all_sites, parse_site, shape_of
-from .tolerance import FLOOR_UNITS, MAX_PER_REL, POLICY_VERSION, UNIT_ROUNDOFF, Policy, Tol
-from .trace import Trace
-from .trace_writer import FORMAT, FORMAT_VERSION, ITEMSIZE, KEEP_FLOAT32, TraceWriteError, TraceWriter
+from harness import __version__
+from harness.provenance import from_engine
+from harness.sites import SiteError, SiteFilter, all_sites, parse_site, shape_of
+from harness.compare.tolerance import FLOOR_UNITS, MAX_PER_REL, POLICY_VERSION, UNIT_ROUNDOFF, Policy, Tol
+from harness.trace import Trace
+from harness.runs.writer import FORMAT, FORMAT_VERSION, ITEMSIZE, KEEP_FLOAT32, TraceWriteError, TraceWriter
 
 MANIFEST = "manifest.json"
 REQUIRED = ("format_version", "n_layer", "tokens", "n_prompt", "tensors")
@@ -86,7 +86,7 @@ def estimate_size(cfg, n_prompt: int, steps: int, filt: SiteFilter | None = None
 
 # -- reading -----------------------------------------------------------------------------------
 @dataclass
-class Run:
+class RecordedRun:
     """A trace read from disk, plus its manifest."""
     path: str
     manifest: dict
@@ -282,7 +282,7 @@ def _trace_meta(m: dict, path: str, storage: str) -> dict:
     return {k: v for k, v in meta.items() if v is not None}
 
 
-def load_run(path, filt: SiteFilter | None = None, verify: bool = True) -> Run:
+def load_run(path, filt: SiteFilter | None = None, verify: bool = True) -> RecordedRun:
     """Read and validate the run at ``path``; ``filt`` keeps a subset of (step, site)."""
     from safetensors import safe_open
     path = os.fspath(path)
@@ -330,7 +330,7 @@ def load_run(path, filt: SiteFilter | None = None, verify: bool = True) -> Run:
             raise _fail(path, f"{fname} cannot be read ({type(ex).__name__}: {ex})") from None
     storage = max(storages or {"float32"}, key=lambda s: UNIT_ROUNDOFF[s])
     trace.meta = _trace_meta(m, path, storage)
-    return Run(path, m, trace, storage)
+    return RecordedRun(path, m, trace, storage)
 
 
 def load_tensor(path, step: int, site: str) -> torch.Tensor:
@@ -381,7 +381,7 @@ def _cpu_name() -> str:
 
 
 def _gguf_info(path: str, weight_type: str) -> dict:
-    from .gguf_io import _open_reader
+    from harness.gguf.load import _open_reader
     info = {"file": os.path.basename(path), "path": path, "bytes": os.path.getsize(path),
             "sha256": _sha256(path), "weight_type": weight_type}
     try:
@@ -394,7 +394,7 @@ def _gguf_info(path: str, weight_type: str) -> dict:
 
 
 def _engine_info(meta: dict) -> dict:
-    from .llama_lib import llama
+    from harness.llama.lib import llama
     versions = dict(meta.get("versions") or {})
     try:
         versions["llama_cpp"] = llama().llama_version().decode()
@@ -430,10 +430,10 @@ def record(gguf, name: str, tokens: list[int] | None = None, prompt: str | None 
     """Capture llama.cpp on ``gguf`` (prefill of the prompt + ``steps`` greedy decodes) into
     ``out_dir/name``. ``on_estimate(SizeEstimate)`` is called before anything is captured; a run
     whose estimate exceeds ``max_bytes`` is refused. The tensors stream to disk one step at a time."""
-    from .gguf_io import _open_reader, read_config
-    from .llama_backend import LlamaOptions
-    from .llama_worker import open_runner
-    from .sites import validate_pattern
+    from harness.gguf.load import _open_reader, read_config
+    from harness.llama.runner import LlamaOptions
+    from harness.llama.worker import open_runner
+    from harness.sites import validate_pattern
     check_name(name)
     gguf = os.fspath(gguf)
     if (tokens is None) == (prompt is None):
@@ -539,7 +539,7 @@ def check_compatible(ref: Trace, cand: Trace, ref_name: str = "reference", cand_
     return common
 
 
-def policy_for(ref: Run, cand_storage: str = "float32", dtype: str = "float32",
+def policy_for(ref: RecordedRun, cand_storage: str = "float32", dtype: str = "float32",
                cand_meta: dict | None = None) -> StoragePolicy:
     """Policy of the reference's backend and weight type (falling back to the candidate's)."""
     cand_meta = cand_meta or {}
@@ -551,14 +551,14 @@ def policy_for(ref: Run, cand_storage: str = "float32", dtype: str = "float32",
     return StoragePolicy(backend, wt, dtype, storage)
 
 
-def compare_runs(ref: Run, cand: Run | Trace, local: Trace | None = None, dtype: str = "float32"):
+def compare_runs(ref: RecordedRun, cand: RecordedRun | Trace, local: Trace | None = None, dtype: str = "float32"):
     """Divergence table of ``cand`` against the reference run (end-to-end errors, plus local
     errors when ``local`` is given)."""
-    from .compare import compare
-    cand_trace = cand.trace if isinstance(cand, Run) else cand
-    cand_storage = cand.storage if isinstance(cand, Run) else "float32"
-    check_compatible(ref.trace, cand_trace, ref.path, cand.path if isinstance(cand, Run) else "candidate")
+    from harness.compare.comparator import compare_traces
+    cand_trace = cand.trace if isinstance(cand, RecordedRun) else cand
+    cand_storage = cand.storage if isinstance(cand, RecordedRun) else "float32"
+    check_compatible(ref.trace, cand_trace, ref.path, cand.path if isinstance(cand, RecordedRun) else "candidate")
     policy = policy_for(ref, cand_storage, dtype, cand_trace.meta)
-    cmp = compare(cand_trace, ref.trace, policy, local)
+    cmp = compare_traces(cand_trace, ref.trace, policy, local)
     cmp.meta.update(reference_run=ref.path, storage_dtype=policy.storage)
     return cmp

@@ -3,16 +3,16 @@
 llama.cpp can die in ways Python cannot catch: a SIGSEGV (its AMX repacking on some CPUs), a
 SIGABRT from a ``GGML_ASSERT``, an out-of-memory kill. Every command and the notebook API
 therefore talk to llama.cpp through :class:`IsolatedRunner`, which has the interface of
-:class:`~harness.llama_backend.LlamaRunner` but runs it in a long-lived worker
-(``python -m harness.llama_worker``, started on first use and reused). The worker reports the
+:class:`~harness.llama.runner.LlamaRunner` but runs it in a long-lived worker
+(``python -m harness.llama.worker``, started on first use and reused). The worker reports the
 stage it is in (load, decode step N, capture step N) before each one; when it dies, the caller
-gets a :class:`LlamaCrash` (a :class:`~harness.llama_backend.LlamaError`) naming the signal, the
+gets a :class:`LlamaCrash` (a :class:`~harness.llama.runner.LlamaError`) naming the signal, the
 stage and the likely remedy, and the next call starts a fresh worker.
 
 Tensors come back one step at a time, as each step's ``llama_decode`` finishes: host tensors
 as numpy arrays through the pipe, GPU tensors (``keep_on_device``) by CUDA IPC (one handle per
 storage, the views rebuilt here), so the GPU path copies nothing. ``isolate=False`` in
-:class:`~harness.llama_backend.LlamaOptions` runs llama.cpp in this process instead.
+:class:`~harness.llama.runner.LlamaOptions` runs llama.cpp in this process instead.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from multiprocessing.connection import Connection
 import numpy as np
 import torch
 
-from .llama_backend import LlamaError, LlamaOptions, LlamaRunner
-from .sites import SiteFilter
-from .trace import Sink, Trace
+from harness.llama.runner import LlamaError, LlamaOptions, LlamaRunner
+from harness.sites import SiteFilter
+from harness.trace import Sink, Trace
 
 
 class LlamaCrash(LlamaError):
@@ -178,11 +178,11 @@ class Worker:
         c_in, w_out = os.pipe()
         w_in, c_out = os.pipe()
         self.log = tempfile.TemporaryFile(prefix="llamadiff-worker-")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, GGML_NO_BACKTRACE="1",      # no gdb attach on GGML_ASSERT
                    PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.llama_worker", str(w_in), str(w_out)], pass_fds=(w_in, w_out),
+            [sys.executable, "-m", "harness.llama.worker", str(w_in), str(w_out)], pass_fds=(w_in, w_out),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log, env=env,
             start_new_session=True)
         os.close(w_in)
@@ -297,7 +297,7 @@ def run_isolated(fn, *args):
 
 
 class IsolatedRunner:
-    """:class:`~harness.llama_backend.LlamaRunner`'s interface, with llama.cpp in the worker."""
+    """:class:`~harness.llama.runner.LlamaRunner`'s interface, with llama.cpp in the worker."""
 
     def __init__(self, gguf_path, options: LlamaOptions | None = None, n_ctx_needed: int = 512):
         self.path, self.options = os.fspath(gguf_path), options or LlamaOptions()

@@ -4,8 +4,8 @@ shows itself in Jupyter (``_repr_png_``), ``.save(path)`` writes a PNG and ``.pn
 the bytes. The PNG is exactly ``width x height`` inches at ``dpi`` (no tight bounding box).
 
 Functions take ``res``: anything with ``comparison``, ``ref``, ``ours`` and ``local``
-attributes (a :class:`~harness.pipeline.DiffResult` or a notebook ``Run``); the two table plots
-also take a bare :class:`~harness.compare.Comparison`.
+attributes (a :class:`~harness.diff.DiffResult` or a notebook ``Drilldown``); the two table plots
+also take a bare :class:`~harness.compare.comparator.Comparison`.
 
 =================  ==========================================================================
 layer_errors       error per layer for each site family (log scale, tolerances drawn)
@@ -31,8 +31,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
 
-from .compare import Comparison, step_label
-from .sites import SITES, parse_site
+from harness.compare.comparator import Comparison, step_label
+from harness.sites import SITES, parse_site
 
 FLOOR = 1e-12          # log axes: exact zeros are drawn at this value
 FAMILY_ORDER = tuple(dict.fromkeys(s.family for s in SITES))
@@ -277,7 +277,7 @@ def logits(res, *, step: int = 0, row: int = -1, k: int = 8, vocab: list[str] | 
            width: float = 13.0, height: float = 5.0, dpi: float = 100) -> Plot:
     """Logits of one token row (``row`` of ``step``, default the last): ours against the
     reference (left) and ours - reference per token id (right); the ``k`` tokens with the largest
-    |difference| are labelled with their id and, given ``vocab`` (``harness.gguf_io.read_tokens``),
+    |difference| are labelled with their id and, given ``vocab`` (``harness.gguf.load.read_tokens``),
     their text."""
     o_all, r_all = _tensor(res.ours, step, "logits"), _tensor(res.ref, step, "logits")
     row = row if row >= 0 else r_all.shape[0] + row

@@ -1,4 +1,4 @@
-"""Views of a :class:`~harness.notebook.Run` for notebooks: styled tables, one site's tensor pair
+"""Views of a :class:`~harness.notebook.run.Drilldown` for notebooks: styled tables, one site's tensor pair
 with its worst elements and hints, and the first divergence with its context."""
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from .compare import FirstDivergence, step_label
-from .html_report import CSS, esc, first_html, frame_html
-from .sites import DIM_NAMES, input_sites, order_key, parse_site
+from harness.compare.comparator import FirstDivergence, step_label
+from harness.report.html import CSS, esc, first_html, frame_html
+from harness.sites import DIM_NAMES, input_sites, order_key, parse_site
 
 if TYPE_CHECKING:
-    from .notebook import Run
+    from harness.notebook.run import Drilldown
 
 # Columns of a one-row summary of a site (SitePair display).
 DISPLAY_COLUMNS = ("step", "site", "shape", "rel_l2", "max_abs", "cosine", "worst", "ours", "ref", "tol_rel",
@@ -68,7 +68,7 @@ class SitePair:
     (our op on the reference's inputs, or None) and ``local_diff``; ``row`` is its table row.
     Tensors are fetched from the traces on first use (float32, CPU)."""
 
-    def __init__(self, run: "Run", site: str, step: int):
+    def __init__(self, run: "Drilldown", site: str, step: int):
         self.run, self.site, self.step = run, site, int(step)
         self.layer, spec = parse_site(site)
         self.op, self.layout = spec.key, spec.layout
@@ -113,8 +113,8 @@ class SitePair:
         return self.local if local else self.ours
 
     def stats(self, local: bool = False):
-        """:class:`harness.metrics.PairStats` of ours (or local) against the reference."""
-        from .metrics import pair_stats
+        """:class:`harness.compare.metrics.PairStats` of ours (or local) against the reference."""
+        from harness.compare.metrics import pair_stats
         return pair_stats(self._side(local), self.ref)
 
     def worst(self, k: int = 10, local: bool = False) -> DiffTable:
@@ -169,7 +169,7 @@ class SitePair:
                 f'{"<ul>" + hints + "</ul>" if hints else ""}</div>')
 
 
-def _worst_elements(run: "Run", site: str, step: int, ours: torch.Tensor, ref: torch.Tensor, k: int) -> DiffTable:
+def _worst_elements(run: "Drilldown", site: str, step: int, ours: torch.Tensor, ref: torch.Tensor, k: int) -> DiffTable:
     a, b = ours.detach().double(), ref.detach().double()
     both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
     bad = ~(torch.isfinite(a) & torch.isfinite(b)) & ~both_inf
@@ -258,12 +258,12 @@ def _hints(p: SitePair, local: bool) -> list[str]:
 
 # -- the first divergence with its context ------------------------------------------------------
 class FirstView:
-    """The first divergent op (:class:`~harness.compare.FirstDivergence` fields: ``step``,
+    """The first divergent op (:class:`~harness.compare.comparator.FirstDivergence` fields: ``step``,
     ``layer``, ``site``, ``kind``, ``row``, ``inputs``, ``explanation``,
     ``also_failing_locally``) plus ``context`` (its inputs' rows and the ops after it),
     ``pair`` (both tensors), ``worst(k)``, ``heads`` and ``hints``."""
 
-    def __init__(self, run: "Run", fd: FirstDivergence):
+    def __init__(self, run: "Drilldown", fd: FirstDivergence):
         self.run, self.divergence = run, fd
 
     def __getattr__(self, name):
@@ -313,7 +313,7 @@ class FirstView:
         return _table(part.sort_values("_o").drop(columns="_o"), first=(self.step, self.site))
 
     def __repr__(self) -> str:
-        from .render import _first_lines
+        from harness.report.text import _first_lines
         return "\n".join(_first_lines(self.run.comparison))
 
     def _repr_html_(self) -> str:
