@@ -55,9 +55,9 @@ class _GpuPeak:
 def _setup(gguf: str, T: int, steps: int, isolate: bool = False):
     from harness.llama.runner import LlamaOptions
     from harness.llama.worker import open_runner
-    from harness.gguf.load import read_config, _open_reader
+    from harness.gguf.load import read_config_file
     import numpy as np
-    cfg = read_config(_open_reader(gguf), gguf)
+    cfg = read_config_file(gguf)
     prompt = np.random.default_rng(0).integers(300, min(cfg.n_vocab, 100000), T).tolist()
     t0 = time.perf_counter()
     opts = LlamaOptions(device="cuda", keep_on_device=True, all_outputs=False, isolate=isolate)

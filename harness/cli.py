@@ -74,12 +74,12 @@ def _check_report_args(args) -> None:
 
 
 def cmd_report(args) -> int:
-    from harness.gguf.load import read_config, _open_reader
+    from harness.gguf.load import read_config_file
     from harness.diff import DiffRequest, diff_gguf, diff_on_device
     from harness.report.text import render
     from harness.sites import validate_pattern
     _check_report_args(args)
-    cfg = read_config(_open_reader(args.model), args.model)
+    cfg = read_config_file(args.model)
     if args.sites:
         validate_pattern(args.sites, cfg.n_layer)
     req = DiffRequest(args.model, prompt=args.prompt, tokens=parse_tokens(args.tokens) if args.tokens else None,

@@ -12,7 +12,7 @@ import torch
 from harness.compare.comparator import Comparator, Comparison, compare_traces
 from harness.llama.runner import LlamaOptions
 from harness.llama.worker import open_runner
-from harness.ours.model import Qwen2, load_model
+from harness.ours.model import Model, load_model
 from harness.sites import SiteFilter
 from harness.compare.tolerance import Policy
 from harness.trace import Trace
@@ -58,7 +58,7 @@ def capture_reference(req: DiffRequest) -> Trace:
         return runner.run(prompt, req.steps, filt=SiteFilter(req.sites) if req.sites else None)
 
 
-def run_ours(model: Qwen2, ref: Trace, faults=(), filt: SiteFilter | None = None,
+def run_ours(model: Model, ref: Trace, faults=(), filt: SiteFilter | None = None,
              anchor: Trace | None = None) -> Trace:
     """Our model with ``faults`` installed, teacher-forced on the reference's tokens."""
     hooks = [h for f in faults for h in f.hooks]
@@ -67,7 +67,7 @@ def run_ours(model: Qwen2, ref: Trace, faults=(), filt: SiteFilter | None = None
                                     filt=filt, anchor=anchor)
 
 
-def model_for(req: DiffRequest, ref: Trace) -> Qwen2:
+def model_for(req: DiffRequest, ref: Trace) -> Model:
     """Our model set up to mirror the reference's numerics where we know them: its F16 KV cache
     and the activation rounding of its backend's matmul kernels."""
     kv = torch.float16 if ref.meta.get("kv_type", "f16") == "f16" else None
@@ -87,7 +87,7 @@ def _float_weights_crowd(req: DiffRequest) -> bool:
     return float_bytes(req.gguf, DTYPES[req.dtype]) > 0.7 * torch.cuda.mem_get_info()[0]
 
 
-def diff_gguf(req: DiffRequest, model: Qwen2 | None = None, ref: Trace | None = None) -> DiffResult:
+def diff_gguf(req: DiffRequest, model: Model | None = None, ref: Trace | None = None) -> DiffResult:
     ref = ref if ref is not None else capture_reference(req)
     model = model if model is not None else model_for(req, ref)
     filt = SiteFilter(req.sites) if req.sites else None
@@ -106,7 +106,7 @@ def _ctx_needed(req: DiffRequest) -> int:
     return n + req.steps + 1
 
 
-def diff_on_device(req: DiffRequest, model: Qwen2 | None = None, runner=None,
+def diff_on_device(req: DiffRequest, model: Model | None = None, runner=None,
                    ref: Trace | None = None) -> DiffResult:
     """Both sides on one GPU, streaming: llama.cpp's tensors are captured into GPU memory (no host
     copy), and each of our tensors is compared where it is produced and then dropped, so host

@@ -47,11 +47,11 @@ class Preset:
         return self.d_model // self.n_head
 
     def config(self):
-        """The :class:`harness.gguf.load.Qwen2Config` a file written from this preset loads as
+        """The :class:`harness.gguf.load.ModelConfig` a file written from this preset loads as
         (GGUF stores the floats as float32, so ``rms_eps`` reads back as 9.99999997e-07)."""
-        from harness.gguf.load import Qwen2Config
+        from harness.gguf.load import ModelConfig
         f32 = lambda x: float(np.float32(x))  # noqa: E731
-        return Qwen2Config(n_layer=self.n_layer, d_model=self.d_model, d_ff=self.d_ff,
+        return ModelConfig(n_layer=self.n_layer, d_model=self.d_model, d_ff=self.d_ff,
                            n_head=self.n_head, n_head_kv=self.n_head_kv, rope_base=f32(self.rope_base),
                            rms_eps=f32(self.rms_eps), n_ctx=self.n_ctx, n_vocab=self.n_vocab)
 

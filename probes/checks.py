@@ -76,11 +76,11 @@ class ProbeContext:
             return model_or_path
         if isinstance(model_or_path, GGUFModel):
             return cls(model_or_path.config, model_or_path.path, model_or_path)
-        if hasattr(model_or_path, "gguf") and isinstance(model_or_path.gguf, GGUFModel):   # a Qwen2
+        if hasattr(model_or_path, "gguf") and isinstance(model_or_path.gguf, GGUFModel):   # a Model
             return cls.of(model_or_path.gguf)
-        from harness.gguf.load import _open_reader, read_config
+        from harness.gguf.load import read_config_file
         path = str(model_or_path)
-        return cls(read_config(_open_reader(path), path), path)
+        return cls(read_config_file(path), path)
 
     @property
     def weights(self) -> GGUFModel:
@@ -487,7 +487,7 @@ class CheckError(ValueError):
 
 def run_checks(trace, model_or_path, checks=None) -> list[dict]:
     """Every record of the named checks (default: all) on ``trace``. ``model_or_path``: the GGUF
-    path, its GGUFModel, a Qwen2 or a ProbeContext."""
+    path, its GGUFModel, a Model or a ProbeContext."""
     pc = ProbeContext.of(model_or_path)
     names = list(CHECKS) if checks is None else list(checks)
     bad = [n for n in names if n not in CHECKS]

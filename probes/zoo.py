@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from harness.compare.comparator import step_label
-from harness.gguf.load import _open_reader, read_config
+from harness.gguf.load import read_config_file
 from harness.diff import DiffRequest, capture_reference, diff_gguf, model_for
 from harness.sites import validate_pattern
 
@@ -101,7 +101,7 @@ def run_zoo(gguf: str, tokens: list[int] | None = None, prompt: str | None = Non
         prompt = DEFAULT_PROMPT
     req = DiffRequest(gguf, prompt=prompt, tokens=tokens, steps=steps, device=device, dtype=dtype,
                       kv_type=kv_type, extra_bufts=extra_bufts)
-    cfg = read_config(_open_reader(str(gguf)), str(gguf))
+    cfg = read_config_file(str(gguf))
     for f in todo:
         validate_pattern(f.patterns, cfg.n_layer)             # a user fault's typo: SiteError, before any work
     t0 = time.perf_counter()

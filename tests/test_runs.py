@@ -13,7 +13,7 @@ import torch
 
 from harness import sites
 from harness.cli import main
-from harness.gguf.load import Qwen2Config
+from harness.gguf.load import ModelConfig
 from harness.runs.store import (RunError, estimate_size, load_run, load_tensor, read_manifest, record, run_size,
                           write_trace)
 from harness.sites import SiteFilter
@@ -115,7 +115,7 @@ def test_writer_never_replaces_silently(tmp_path):
 # -- recording -----------------------------------------------------------------------------------
 def test_estimate_matches_the_committed_run():
     m = read_manifest(F32_RUN)
-    cfg = Qwen2Config(**{k: v for k, v in m["config"].items() if k != "architecture"})
+    cfg = ModelConfig(**{k: v for k, v in m["config"].items() if k != "architecture"})
     est = estimate_size(cfg, m["n_prompt"], m["steps"])
     assert est.n_tensors == len(m["tensors"])
     assert abs(est.bytes - run_size(F32_RUN)) < 0.03 * run_size(F32_RUN)

@@ -51,8 +51,8 @@ def test_zoo_localizes_every_fault_exactly(tiny_gguf):
 def test_expected_location_follows_the_run_shape(tiny_f32):
     """One-token prompt: position-dependent bugs move to decode step 1, prefill-only bugs vanish;
     no decode step: decode-only bugs vanish. The zoo agrees with every one of these."""
-    from harness.gguf.load import _open_reader, read_config
-    cfg = read_config(_open_reader(tiny_f32), tiny_f32)
+    from harness.gguf.load import read_config_file
+    cfg = read_config_file(tiny_f32)
     one = RunInfo(cfg, n_prompt=1, n_steps=2)
     assert REGISTRY["rope_interleaved"].where(one) == (1, 0, "blk.0.q_rope")
     assert REGISTRY["attn_no_scale"].where(one) == (1, 0, "blk.0.attn_weights")

@@ -2,7 +2,7 @@
 
 Knows nothing about where the traces came from: any two :class:`~harness.trace.Trace` objects
 with canonical site names. ``local`` (optional) is a third trace holding each op recomputed on the
-reference's own inputs (see ``Qwen2.run_with_cache(anchor=...)``): its error against the reference
+reference's own inputs (see ``Model.run_with_cache(anchor=...)``): its error against the reference
 is the op's *local* error, free of upstream drift, and decides the verdict when present.
 """
 from __future__ import annotations

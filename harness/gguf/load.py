@@ -19,7 +19,7 @@ class GGUFError(Exception):
 
 
 @dataclass(frozen=True)
-class Qwen2Config:
+class ModelConfig:
     n_layer: int
     d_model: int
     d_ff: int
@@ -68,7 +68,7 @@ class LazyWeight:
 @dataclass
 class GGUFModel:
     path: str
-    config: Qwen2Config
+    config: ModelConfig
     weights: dict[str, torch.Tensor]          # GGUF tensor name -> float tensor (or LazyWeight), torch layout
     types: dict[str, str] = field(default_factory=dict)  # GGUF tensor name -> "Q4_K", "F32", ...
     tied: bool = False                        # no output.weight: logits use token_embd.weight
@@ -114,7 +114,9 @@ def open_gguf(path: str):
     return hdr
 
 
-_open_reader = open_gguf   # older name, kept for callers
+def read_config_file(path: str) -> "ModelConfig":
+    """The model config of the GGUF at ``path`` (header only; GGUFError when unusable)."""
+    return read_config(open_gguf(path), path)
 
 
 def tensor_types(hdr) -> dict[str, str]:
@@ -133,20 +135,20 @@ def _field(hdr, key: str, path: str, kind=None):
         raise GGUFError(f"{path}: unreadable metadata key {key} ({e})") from None
 
 
-def read_config(hdr, path: str) -> Qwen2Config:
+def read_config(hdr, path: str) -> ModelConfig:
     arch = _field(hdr, "general.architecture", path, str)
     if arch != "qwen2":
         raise GGUFError(f"{path}: architecture {arch!r} is not supported (llamadiff models qwen2)")
     values = {name: _field(hdr, f"qwen2.{suffix}", path, kind) for name, (suffix, kind) in _META.items()}
     tok = _field(hdr, "tokenizer.ggml.tokens", path)
-    cfg = Qwen2Config(n_vocab=len(tok), **values)
+    cfg = ModelConfig(n_vocab=len(tok), **values)
     if cfg.d_model % cfg.n_head or cfg.n_head % cfg.n_head_kv:
         raise GGUFError(f"{path}: inconsistent heads: embedding_length {cfg.d_model}, "
                         f"head_count {cfg.n_head}, head_count_kv {cfg.n_head_kv}")
     return cfg
 
 
-def expected_shapes(cfg: Qwen2Config) -> dict[str, tuple[int, ...]]:
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a qwen2 GGUF must hold, in torch (row, col) order."""
     sym = dict(D=cfg.d_model, F=cfg.d_ff, QD=cfg.n_head * cfg.head_dim, KD=cfg.n_head_kv * cfg.head_dim)
     shapes = {"token_embd.weight": (cfg.n_vocab, cfg.d_model), "output_norm.weight": (cfg.d_model,)}

@@ -311,7 +311,7 @@ def drilldown(gguf: str | os.PathLike | None = None, prompt: str | None = None, 
     ``prompt`` (text, tokenized by llama.cpp) or ``tokens``; ``steps`` decode steps after the
     prefill; ``device`` "cpu" or "cuda" for both sides; ``sites`` a glob to capture fewer sites;
     ``inject`` fault names (``harness.ours.inject``), ``Fault`` records or ``module:function@sites``;
-    ``model`` an already loaded ``harness.ours.model.Qwen2`` to reuse; ``extra_bufts`` llama.cpp's
+    ``model`` an already loaded ``harness.ours.model.Model`` to reuse; ``extra_bufts`` llama.cpp's
     CPU weight repacking (its default, not what the tolerances were calibrated on). llama.cpp runs
     in a worker process: a crash inside it raises ``LlamaCrash`` and this kernel lives on
     (``isolate=False``: in this process, a little faster on CUDA, but a crash kills the kernel).
@@ -337,9 +337,9 @@ def drilldown(gguf: str | os.PathLike | None = None, prompt: str | None = None, 
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda': no CUDA device is visible to PyTorch")
     if sites:
-        from harness.gguf.load import _open_reader, read_config
+        from harness.gguf.load import read_config_file
         from harness.sites import validate_pattern
-        validate_pattern(sites, read_config(_open_reader(gguf), gguf).n_layer)
+        validate_pattern(sites, read_config_file(gguf).n_layer)
     req = DiffRequest(gguf, prompt=prompt, tokens=list(tokens) if tokens is not None else None, steps=steps,
                       device=device, dtype=dtype, sites=sites, faults=_faults(inject), kv_type=kv_type,
                       flash_attn=flash_attn, local=local, extra_bufts=extra_bufts, isolate=isolate)

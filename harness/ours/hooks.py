@@ -4,7 +4,7 @@ A hook is ``fn(x, ctx) -> Tensor | None``: return a tensor to replace the activa
 leave it. ``ctx`` (a :class:`HookContext`) names the site, layer, step and position and carries
 the op's *inputs* (``ctx.inputs["x"]``, ``ctx.inputs["weight"]``, ...) so a hook can recompute
 the op differently: that is how faults are written. Hooks are only ever installed through the
-``Qwen2.hooks(...)`` context manager, so none outlives the block that added it.
+``Model.hooks(...)`` context manager, so none outlives the block that added it.
 
 Per site the pipeline is: user hooks in the order given -> recorder (``run_with_cache``) ->
 anchor (replace our value with a reference's, for local-error runs).
@@ -42,7 +42,7 @@ def site_matcher(pattern: str | Callable[[str], bool]) -> Callable[[str], bool]:
 
 class HookManager:
     """Per-model dispatch state. Plain object (not a Module), shared by all hook points. Set only
-    through :meth:`install` (which ``Qwen2.hooks`` calls), so ``active`` and the per-site match
+    through :meth:`install` (which ``Model.hooks`` calls), so ``active`` and the per-site match
     cache always agree with what is installed."""
 
     def __init__(self, model: nn.Module):

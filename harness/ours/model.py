@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.gguf.load import GGUFModel, LazyWeight, Qwen2Config, load_gguf
+from harness.gguf.load import GGUFModel, LazyWeight, ModelConfig, load_gguf
 from harness.ours.hooks import Hook, HookManager, HookPoint, site_matcher
 from harness.ours.numerics import act_rounder
 from harness.provenance import machine_provenance
@@ -122,7 +122,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Qwen2Config, w: dict, mm: dict, i: int, hp, mirror: str | None = None):
+    def __init__(self, cfg: ModelConfig, w: dict, mm: dict, i: int, hp, mirror: str | None = None):
         super().__init__()
         self.cfg, self.i, self.hp, self.mirror = cfg, i, hp, mirror
         p = f"blk.{i}."
@@ -173,7 +173,7 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Qwen2Config, w: dict, mm: dict, i: int, manager: HookManager,
+    def __init__(self, cfg: ModelConfig, w: dict, mm: dict, i: int, manager: HookManager,
                  mirror: str | None = None):
         super().__init__()
         self.hp = nn.ModuleDict({k: HookPoint(site_name(k, i), i, manager) for k in LAYER_KEYS})
@@ -192,7 +192,7 @@ class Block(nn.Module):
         return hp["l_out"](r + f, a=r, b=f)
 
 
-class Qwen2(nn.Module):
+class Model(nn.Module):
     def __init__(self, gm: GGUFModel, kv_dtype: torch.dtype | None = None, mirror: str | None = None):
         """``kv_dtype`` float16 mirrors llama.cpp's F16 KV cache; ``mirror`` ("cpu" or "cuda")
         rounds matmul activations as that llama.cpp backend's kernels do (see harness.ours.numerics)."""
@@ -311,7 +311,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def load_model(path, device: str = "cpu", dtype: str | torch.dtype = "float32",
                kv_dtype: torch.dtype | None = None, mirror: str | None = None,
-               torch_dequant: bool | None = None, lazy_weights: bool = False) -> Qwen2:
+               torch_dequant: bool | None = None, lazy_weights: bool = False) -> Model:
     """A Qwen2 built from a qwen2 GGUF (see harness.gguf.load for the errors it raises).
     ``torch_dequant`` (default: on for CUDA) dequantizes the weights on ``device``;
     ``lazy_weights`` keeps the matrices quantized there and expands one at a time when used."""
@@ -319,4 +319,4 @@ def load_model(path, device: str = "cpu", dtype: str | torch.dtype = "float32",
     if torch_dequant is None:
         torch_dequant = str(device).startswith("cuda")
     gm = load_gguf(path, device=device, dtype=dt, torch_dequant=torch_dequant, lazy=lazy_weights)
-    return Qwen2(gm, kv_dtype=kv_dtype, mirror=mirror)
+    return Model(gm, kv_dtype=kv_dtype, mirror=mirror)

@@ -381,11 +381,11 @@ def _cpu_name() -> str:
 
 
 def _gguf_info(path: str, weight_type: str) -> dict:
-    from harness.gguf.load import _open_reader
+    from harness.gguf.load import open_gguf
     info = {"file": os.path.basename(path), "path": path, "bytes": os.path.getsize(path),
             "sha256": _sha256(path), "weight_type": weight_type}
     try:
-        name = _open_reader(path).fields.get("general.name")
+        name = open_gguf(path).fields.get("general.name")
         if name is not None:
             info["general_name"] = str(name)
     except Exception:
@@ -430,7 +430,7 @@ def record(gguf, name: str, tokens: list[int] | None = None, prompt: str | None 
     """Capture llama.cpp on ``gguf`` (prefill of the prompt + ``steps`` greedy decodes) into
     ``out_dir/name``. ``on_estimate(SizeEstimate)`` is called before anything is captured; a run
     whose estimate exceeds ``max_bytes`` is refused. The tensors stream to disk one step at a time."""
-    from harness.gguf.load import _open_reader, read_config
+    from harness.gguf.load import read_config_file
     from harness.llama.runner import LlamaOptions
     from harness.llama.worker import open_runner
     from harness.sites import validate_pattern
@@ -440,7 +440,7 @@ def record(gguf, name: str, tokens: list[int] | None = None, prompt: str | None 
         raise RunError("give exactly one of tokens or prompt")
     if steps < 0:
         raise RunError(f"steps must be >= 0, got {steps}")
-    cfg = read_config(_open_reader(gguf), gguf)
+    cfg = read_config_file(gguf)
     if sites:
         validate_pattern(sites, cfg.n_layer)
     if layers is not None:
