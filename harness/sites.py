@@ -149,6 +149,16 @@ def shape_of(name: str, dims: dict[str, int]) -> tuple[int, ...]:
     return tuple(dims[d] for d in parse_site(name)[1].layout)
 
 
+def split_patterns(pattern: str) -> list[str]:
+    """The globs of a comma-separated site pattern (``"blk.0.q, logits"`` -> two)."""
+    return [p.strip() for p in pattern.split(",") if p.strip()]
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Does the site ``name`` match any glob of the comma-separated ``pattern``?"""
+    return any(fnmatch.fnmatchcase(name, p) for p in split_patterns(pattern))
+
+
 @dataclass(frozen=True)
 class SiteFilter:
     """Which (step, site) pairs to keep. Patterns are shell globs over site names
@@ -158,10 +168,8 @@ class SiteFilter:
     steps: frozenset[int] | None = None
 
     def wants_site(self, name: str) -> bool:
-        if self.pattern:
-            pats = [p.strip() for p in self.pattern.split(",") if p.strip()]
-            if not any(fnmatch.fnmatchcase(name, p) for p in pats):
-                return False
+        if self.pattern and not matches(name, self.pattern):
+            return False
         if self.layers is not None:
             layer = parse_site(name)[0]
             if layer is not None and layer not in self.layers:
@@ -175,6 +183,6 @@ class SiteFilter:
 def validate_pattern(pattern: str, n_layer: int) -> None:
     """Raise SiteError when a site pattern matches no site at all (a typo)."""
     names = all_sites(n_layer)
-    for p in (p.strip() for p in pattern.split(",")):
-        if p and not any(fnmatch.fnmatchcase(n, p) for n in names):
+    for p in split_patterns(pattern):
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
             raise SiteError(f"site pattern {p!r} matches no site (e.g. 'blk.*.q', 'logits')")

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from harness.sites import split_patterns
+
 
 @dataclass
 class HookContext:
@@ -36,7 +38,7 @@ def site_matcher(pattern: str | Callable[[str], bool]) -> Callable[[str], bool]:
     """Globs over site names (``blk.*.q``), comma-separated alternatives, or a predicate."""
     if callable(pattern):
         return pattern
-    pats = [p.strip() for p in pattern.split(",") if p.strip()]
+    pats = split_patterns(pattern)
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in pats)
 
 
