@@ -114,12 +114,14 @@ def parse_site(name: str) -> tuple[int | None, SiteSpec]:
     raise SiteError(f"unknown site {name!r} (expected e.g. 'embd', 'blk.0.q_rope', 'logits')")
 
 
-def all_sites(n_layer: int) -> list[str]:
-    """Every site name in execution order."""
-    names = ["embd"]
+def all_sites(n_layer: int, keys: tuple[str, ...] | None = None) -> list[str]:
+    """Every site name in execution order; ``keys``: only these site keys (an architecture's,
+    ``ArchSpec.sites``; default every key of the table)."""
+    keep = set(keys) if keys is not None else set(BY_KEY)
+    names = [k for k in ("embd",) if k in keep]
     for i in range(n_layer):
-        names += [site_name(k, i) for k in LAYER_KEYS]
-    return names + ["output_norm", "logits"]
+        names += [site_name(k, i) for k in LAYER_KEYS if k in keep]
+    return names + [k for k in ("output_norm", "logits") if k in keep]
 
 
 def order_key(name: str, n_layer: int) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Synthetic qwen2 GGUF fixtures: random weights and a small but valid byte-level BPE tokenizer.
+"""Synthetic GGUF fixtures (qwen2 presets): random weights and a small but valid byte-level BPE tokenizer.
 
 ``write_synthetic`` writes a file that both :func:`harness.gguf.load.load_gguf` and llama.cpp load,
 deterministic per seed: each tensor's values depend only on (seed, tensor name), drawn by numpy
@@ -41,6 +41,7 @@ class Preset:
     tied: bool            # default for write_synthetic(tied=None)
     n_regular: int        # byte tokens + merged tokens
     n_special: int        # leading entries of SPECIAL_TOKENS that follow the regular vocab
+    arch: str = "qwen2"   # general.architecture (harness.gguf.arch.ARCHS)
 
     @property
     def head_dim(self) -> int:
@@ -53,7 +54,8 @@ class Preset:
         f32 = lambda x: float(np.float32(x))  # noqa: E731
         return ModelConfig(n_layer=self.n_layer, d_model=self.d_model, d_ff=self.d_ff,
                            n_head=self.n_head, n_head_kv=self.n_head_kv, rope_base=f32(self.rope_base),
-                           rms_eps=f32(self.rms_eps), n_ctx=self.n_ctx, n_vocab=self.n_vocab)
+                           rms_eps=f32(self.rms_eps), n_ctx=self.n_ctx, n_vocab=self.n_vocab,
+                           architecture=self.arch)
 
 
 PRESETS: dict[str, Preset] = {
@@ -169,10 +171,11 @@ def build_tokenizer(preset: Preset) -> dict:
 
 def _tensor_plan(preset: Preset, tied: bool) -> dict[str, tuple[int, ...]]:
     """Tensor name -> numpy shape (torch order), in file order."""
-    from harness.gguf.load import expected_shapes
-    shapes = expected_shapes(preset.config())
+    from harness.gguf.load import expected_shapes, optional_shapes
+    cfg = preset.config()
+    shapes = expected_shapes(cfg)
     if not tied:
-        shapes["output.weight"] = (preset.n_vocab, preset.d_model)
+        shapes.update(optional_shapes(cfg))       # output.weight
     return shapes
 
 
@@ -233,7 +236,7 @@ def _write_float(path: str, preset: Preset, name: str, float_dtype, seed: int, t
     """Stream an F32/F16 GGUF to ``path``: one tensor in memory at a time."""
     import gguf
     tok = build_tokenizer(preset)
-    w = gguf.GGUFWriter(path, "qwen2")
+    w = gguf.GGUFWriter(path, preset.arch)
     w.add_name(name)
     w.add_file_type(int(gguf.LlamaFileType.ALL_F32 if float_dtype == np.float32
                         else gguf.LlamaFileType.MOSTLY_F16))
@@ -302,7 +305,7 @@ def _temp_path(directory: str, base: str, tag: str) -> str:
 
 def write_synthetic(out_path: str | os.PathLike, preset: str = "tiny", wtype: str = "f32",
                     seed: int = 0, tied: bool | None = None) -> str:
-    """Write a random-weight qwen2 GGUF to ``out_path`` atomically and return its path.
+    """Write a random-weight GGUF of a preset to ``out_path`` atomically and return its path.
 
     ``tied=None`` takes the preset's default; ``tied=True`` omits output.weight."""
     _check_choice("preset", preset, PRESETS)

@@ -12,7 +12,7 @@ STEPS = 4
 
 def _hf_model(model):
     cfg, w = model.config, model.gguf.weights
-    hf_cfg = transformers.ModelConfig(
+    hf_cfg = transformers.Qwen2Config(
         vocab_size=cfg.n_vocab, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head_kv,
         rms_norm_eps=cfg.rms_eps, rope_theta=cfg.rope_base, max_position_embeddings=cfg.n_ctx,

@@ -1,4 +1,6 @@
-"""Read a qwen2 GGUF into a config record and dequantized torch weights (gguf-py does the parsing).
+"""Read a GGUF of a supported architecture (:mod:`harness.gguf.arch`) into a config record and
+dequantized torch weights. The header is read by :mod:`harness.gguf.header`; tensors are
+dequantized by gguf-py, or on the device by :mod:`harness.gguf.dequant`.
 
 Every failure is a :class:`GGUFError` whose message is one line naming the file and the problem.
 """
@@ -10,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from harness.gguf.arch import ARCHS, ArchSpec, supported
 
 GGUF_MAGIC = b"GGUF"
 
@@ -29,10 +33,17 @@ class ModelConfig:
     rms_eps: float
     n_ctx: int
     n_vocab: int
+    key_length: int | None = None     # attention.key_length when the file states it
+    architecture: str = "qwen2"       # general.architecture: which ArchSpec (harness.gguf.arch)
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        """``attention.key_length`` when present (not always d_model / n_head), else d_model / n_head."""
+        return self.key_length or self.d_model // self.n_head
+
+    @property
+    def spec(self) -> ArchSpec:
+        return ARCHS[self.architecture]
 
     def dims(self, T: int = 0, P: int = 0) -> dict[str, int]:
         """Symbolic layout dims of :mod:`harness.sites` resolved for one step."""
@@ -85,12 +96,6 @@ _META = {  # config field -> (metadata key suffix, python type)
     "n_head_kv": ("attention.head_count_kv", int), "rope_base": ("rope.freq_base", float),
     "rms_eps": ("attention.layer_norm_rms_epsilon", float), "n_ctx": ("context_length", int),
 }
-_LAYER_TENSORS = {  # suffix -> shape in torch order, symbolic
-    "attn_norm.weight": ("D",), "attn_q.weight": ("QD", "D"), "attn_q.bias": ("QD",),
-    "attn_k.weight": ("KD", "D"), "attn_k.bias": ("KD",), "attn_v.weight": ("KD", "D"),
-    "attn_v.bias": ("KD",), "attn_output.weight": ("D", "QD"), "ffn_norm.weight": ("D",),
-    "ffn_gate.weight": ("F", "D"), "ffn_up.weight": ("F", "D"), "ffn_down.weight": ("D", "F"),
-}
 
 
 def open_gguf(path: str):
@@ -137,25 +142,39 @@ def _field(hdr, key: str, path: str, kind=None):
 
 def read_config(hdr, path: str) -> ModelConfig:
     arch = _field(hdr, "general.architecture", path, str)
-    if arch != "qwen2":
-        raise GGUFError(f"{path}: architecture {arch!r} is not supported (llamadiff models qwen2)")
-    values = {name: _field(hdr, f"qwen2.{suffix}", path, kind) for name, (suffix, kind) in _META.items()}
+    if arch not in ARCHS:
+        raise GGUFError(f"{path}: architecture {arch!r} is not supported (llamadiff models {supported()})")
+    spec = ARCHS[arch]
+    values = {name: _field(hdr, f"{spec.prefix}.{suffix}", path, kind) for name, (suffix, kind) in _META.items()}
+    key_length = f"{spec.prefix}.attention.key_length"
+    if key_length in hdr.fields:
+        values["key_length"] = _field(hdr, key_length, path, int)
     tok = _field(hdr, "tokenizer.ggml.tokens", path)
-    cfg = ModelConfig(n_vocab=len(tok), **values)
-    if cfg.d_model % cfg.n_head or cfg.n_head % cfg.n_head_kv:
+    cfg = ModelConfig(n_vocab=len(tok), architecture=arch, **values)
+    if (cfg.key_length is None and cfg.d_model % cfg.n_head) or cfg.n_head % cfg.n_head_kv:
         raise GGUFError(f"{path}: inconsistent heads: embedding_length {cfg.d_model}, "
                         f"head_count {cfg.n_head}, head_count_kv {cfg.n_head_kv}")
     return cfg
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a qwen2 GGUF must hold, in torch (row, col) order."""
-    sym = dict(D=cfg.d_model, F=cfg.d_ff, QD=cfg.n_head * cfg.head_dim, KD=cfg.n_head_kv * cfg.head_dim)
-    shapes = {"token_embd.weight": (cfg.n_vocab, cfg.d_model), "output_norm.weight": (cfg.d_model,)}
+    """Every tensor a GGUF of ``cfg``'s architecture must hold (its optional ones left out), in
+    torch (row, col) order."""
+    spec = cfg.spec
+    sym = dict(D=cfg.d_model, F=cfg.d_ff, QD=cfg.n_head * cfg.head_dim, KD=cfg.n_head_kv * cfg.head_dim,
+               Dh=cfg.head_dim, V=cfg.n_vocab)
+    shapes = {n: tuple(sym[d] for d in dims) for n, dims in spec.global_tensors.items() if n not in spec.optional}
     for i in range(cfg.n_layer):
-        for suffix, dims in _LAYER_TENSORS.items():
-            shapes[f"blk.{i}.{suffix}"] = tuple(sym[d] for d in dims)
+        for suffix, dims in spec.layer_tensors.items():
+            if suffix not in spec.optional:
+                shapes[f"blk.{i}.{suffix}"] = tuple(sym[d] for d in dims)
     return shapes
+
+
+def optional_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors a file of ``cfg``'s architecture may hold or omit (``output.weight``: tied)."""
+    sym = dict(D=cfg.d_model, V=cfg.n_vocab)
+    return {n: tuple(sym[d] for d in dims) for n, dims in cfg.spec.global_tensors.items() if n in cfg.spec.optional}
 
 
 def _raw(t, path: str) -> np.ndarray:
@@ -202,7 +221,7 @@ def _torch_decodable(qtype) -> bool:
 def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32, torch_dequant: bool = False,
               lazy: bool = False) -> GGUFModel:
-    """Config and every weight of a qwen2 GGUF, dequantized to ``dtype`` on ``device``.
+    """Config and every weight of a GGUF, dequantized to ``dtype`` on ``device``.
 
     Tensors are read one at a time with plain reads (no memory map), so host memory holds at most
     one raw tensor. ``torch_dequant``: move each tensor's raw bytes to ``device`` and dequantize
@@ -214,9 +233,8 @@ def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
     cfg = read_config(hdr, path)
     by_name = {t.name: t for t in hdr.tensors}
     shapes = expected_shapes(cfg)
+    shapes.update({n: want for n, want in optional_shapes(cfg).items() if n in by_name})
     tied = "output.weight" not in by_name
-    if not tied:
-        shapes["output.weight"] = (cfg.n_vocab, cfg.d_model)
     types = tensor_types(hdr)
     weights = {}
     for name, want in shapes.items():

@@ -29,14 +29,21 @@ import re
 import torch
 
 from harness.llama.ggml_struct import GGML_TYPE_F16, GGML_TYPE_F32, GGMLFuncs, GGMLTensor, cuda_copier
+from harness.gguf.arch import QWEN2
 from harness.sites import BY_KEY, SITES, SiteFilter, all_sites, parse_site, shape_of, site_name
 from harness.trace import Sink
 
 FLASH_MISSING = ("kq", "attn_weights")   # fused away by FLASH_ATTN_EXT
 _TORCH_TYPES = {GGML_TYPE_F32: torch.float32, GGML_TYPE_F16: torch.float16}
 _ITEMSIZE = {GGML_TYPE_F32: 4, GGML_TYPE_F16: 2}
-_NODE_SITES: dict[tuple[str, str | None], str] = {
-    (s.llama_name, s.llama_op): s.key for s in SITES if s.llama_name}
+
+
+def graph_node_sites(spec) -> dict[tuple[str, str | None], str]:
+    """(llama.cpp graph name, op) -> site key, for an architecture's sites (``ArchSpec``)."""
+    return {(name, op): key for key, (name, op) in spec.graph_names().items() if name}
+
+
+_NODE_SITES = graph_node_sites(QWEN2)
 _LAYER_RE = re.compile(r"^(.+)-(\d+)$")
 _UNNAMED_RE = re.compile(rb"^(node_\d+)?$")
 _UNNAMED_MM = object()          # classification: an unnamed MUL_MAT, identified by its weight
@@ -45,11 +52,13 @@ _REDUCED = {"ffn_inp", "ffn_norm", "ffn_gate", "ffn_up", "ffn_act", "ffn_out", "
 NOTHING = SiteFilter(steps=frozenset())
 
 
-def node_site(name: str, op: str) -> str | None:
-    """Canonical site name of a graph node, or None."""
+def node_site(name: str, op: str, nodes: dict | None = None) -> str | None:
+    """Canonical site name of a graph node, or None; ``nodes``: :func:`graph_node_sites` of the
+    model's architecture (default qwen2's)."""
+    nodes = _NODE_SITES if nodes is None else nodes
     m = _LAYER_RE.match(name)
     base, layer = (m.group(1), int(m.group(2))) if m else (name, None)
-    key = _NODE_SITES.get((base, op)) or _NODE_SITES.get((base, None))
+    key = nodes.get((base, op)) or nodes.get((base, None))
     if key is None or BY_KEY[key].per_layer != (layer is not None):
         return None
     return site_name(key, layer)
@@ -94,6 +103,7 @@ class Capture:
 
     def __init__(self, g: GGMLFuncs, cfg, lc, on_device: bool = False):
         self.g, self.cfg, self.on_device = g, cfg, on_device
+        self._nodes = graph_node_sites(cfg.spec)
         self.cb = lc.ggml_backend_sched_eval_callback(self._callback)  # keep alive with the runner
         self._kinds: dict[tuple[bytes, int], object] = {}    # (name, op) -> site | _UNNAMED_MM | None
         self._host_buffers: dict[int, bool] = {}
@@ -118,7 +128,7 @@ class Capture:
     def begin_step(self, step: int, T: int, P: int) -> None:
         self.step, self.dims = step, self.cfg.dims(T, P)
         self.records = []
-        self.want = frozenset(n for n in all_sites(self.cfg.n_layer) if self.filt.wants(step, n))
+        self.want = frozenset(n for n in all_sites(self.cfg.n_layer, self.cfg.spec.sites) if self.filt.wants(step, n))
         self._layouts = {}
         for spec in SITES:       # per site kind: shape, contiguous strides, numel, no slicing needed
             shape = tuple(self.dims[d] for d in spec.layout)
@@ -156,7 +166,7 @@ class Capture:
         op = self.g.op_name(t.op)
         if op == "MUL_MAT" and _UNNAMED_RE.match(t.name):
             return _UNNAMED_MM
-        return node_site(t.name.decode(errors="replace"), op)
+        return node_site(t.name.decode(errors="replace"), op, self._nodes)
 
     def _observe(self, addr) -> bool:
         t = GGMLTensor.from_address(addr)

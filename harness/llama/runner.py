@@ -60,7 +60,7 @@ def _lib():
 
 
 def _read_gguf(path: str):
-    """Config and matrix weight type of a qwen2 GGUF, as LlamaError when unusable."""
+    """Config and matrix weight type of a GGUF, as LlamaError when unusable."""
     try:
         hdr = open_gguf(path)
         cfg = read_config(hdr, path)
@@ -121,7 +121,7 @@ class LlamaRunner:
         model = self.lc.llama_model_load_from_file(self.path.encode(), mp)
         if not model:
             raise LlamaError(f"{self.path}: llama.cpp could not load this GGUF "
-                             f"(qwen2, {self.config.n_layer} layers, weights {self.weight_type})")
+                             f"({self.config.architecture}, {self.config.n_layer} layers, weights {self.weight_type})")
         return model
 
     def _new_context(self, n_ctx: int, cb):
@@ -271,7 +271,7 @@ class LlamaRunner:
         return trace
 
     def _unavailable(self, filt: SiteFilter, steps: int, captured: set) -> dict:
-        names = all_sites(self.config.n_layer)
+        names = all_sites(self.config.n_layer, self.config.spec.sites)
         missing = [n for n in names if any(filt.wants(s, n) and (s, n) not in captured
                                            for s in range(steps + 1))]
         why = {n: "fused into FLASH_ATTN_EXT (flash attention is on)"

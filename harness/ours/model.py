@@ -1,4 +1,6 @@
-"""Qwen2 in PyTorch, one small class per block, a hook point at every site of harness.sites.
+"""The model in PyTorch (qwen2 today; what differs by architecture comes from its
+:class:`~harness.gguf.arch.ArchSpec`), one small class per block, a hook point at every site of
+harness.sites that the architecture has.
 
 Weights are used exactly as the GGUF stores them (torch layout = reversed ggml ``ne``): nothing
 is fused or permuted, so every activation lines up element by element with llama.cpp's.
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.gguf.load import GGUFModel, LazyWeight, ModelConfig, load_gguf
+from harness.gguf.load import GGUFError, GGUFModel, LazyWeight, ModelConfig, load_gguf
 from harness.ours.hooks import Hook, HookManager, HookPoint, site_matcher
 from harness.ours.numerics import act_rounder
 from harness.provenance import machine_provenance
@@ -77,6 +79,9 @@ def rope_neox(x: torch.Tensor, pos: torch.Tensor, base: float, mirror: str | Non
     return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin
 
 
+ROPE = {"neox": rope_neox}        # ArchSpec.rope -> implementation (NORM pairing: not needed yet)
+
+
 class MatMul:
     """x @ W^T, optionally rounding x first the way llama.cpp's CPU kernels do (harness.ours.numerics).
     ``weight`` is a float tensor, or a :class:`~harness.gguf.load.LazyWeight` expanded on use."""
@@ -104,17 +109,18 @@ class KVCache:
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.store_dtype = store_dtype
 
-    def _round(self, t: torch.Tensor) -> torch.Tensor:
+    def rounded(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` rounded to the cache's store dtype (llama.cpp's F16 operands), in ``t``'s dtype."""
         return t.to(self.store_dtype).to(t.dtype) if self.store_dtype is not None else t
 
     def reround(self, t: torch.Tensor) -> torch.Tensor:
-        """``_round`` of what :meth:`update` returned: skipped where rounding again provably
+        """``rounded`` of what :meth:`update` returned: skipped where rounding again provably
         changes nothing (the model dtype holds every value of the store dtype exactly)."""
         exact = self.store_dtype in (None, t.dtype) or t.dtype in (torch.float32, torch.float64)
-        return t if exact else self._round(t)
+        return t if exact else self.rounded(t)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self._round(k), self._round(v)
+        k, v = self.rounded(k), self.rounded(v)
         if self.k[layer] is not None:
             k, v = torch.cat([self.k[layer], k]), torch.cat([self.v[layer], v])
         self.k[layer], self.v[layer] = k, v
@@ -125,15 +131,18 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, w: dict, mm: dict, i: int, hp, mirror: str | None = None):
         super().__init__()
         self.cfg, self.i, self.hp, self.mirror = cfg, i, hp, mirror
-        p = f"blk.{i}."
-        self.mq, self.bq = mm[p + "attn_q.weight"], w[p + "attn_q.bias"]
-        self.mk, self.bk = mm[p + "attn_k.weight"], w[p + "attn_k.bias"]
-        self.mv, self.bv = mm[p + "attn_v.weight"], w[p + "attn_v.bias"]
+        p, bias = f"blk.{i}.", cfg.spec.qkv_bias
+        self.mq, self.bq = mm[p + "attn_q.weight"], w[p + "attn_q.bias"] if bias else None
+        self.mk, self.bk = mm[p + "attn_k.weight"], w[p + "attn_k.bias"] if bias else None
+        self.mv, self.bv = mm[p + "attn_v.weight"], w[p + "attn_v.bias"] if bias else None
         self.mo = mm[p + "attn_output.weight"]
+        self.rope = ROPE[cfg.spec.rope]
 
     def _qkv(self, x, name, mat, bias, nh):
         T, Dh = x.shape[0], self.cfg.head_dim
         proj = self.hp[f"{name}_proj"](mat(x).view(T, nh, Dh), x=x, weight=mat.weight)  # (T, nh, Dh)
+        if bias is None:
+            return proj
         return self.hp[name](proj + bias.view(nh, Dh), x=proj, bias=bias)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, mask: torch.Tensor, rope: tuple):
@@ -143,16 +152,16 @@ class Attention(nn.Module):
         k = self._qkv(x, "k", self.mk, self.bk, Hkv)                           # (T, Hkv, Dh)
         v = self._qkv(x, "v", self.mv, self.bv, Hkv)                           # (T, Hkv, Dh)
         m, base = self.mirror, cfg.rope_base
-        q = hp["q_rope"](rope_neox(q, pos, base, m, rope), x=q, pos=pos, base=base, mirror=m)
-        k = hp["k_rope"](rope_neox(k, pos, base, m, rope), x=k, pos=pos, base=base, mirror=m)
+        q = hp["q_rope"](self.rope(q, pos, base, m, rope), x=q, pos=pos, base=base, mirror=m)
+        k = hp["k_rope"](self.rope(k, pos, base, m, rope), x=k, pos=pos, base=base, mirror=m)
         K, V = cache.update(self.i, k, v)                                      # (P, Hkv, Dh)
-        rq, rk, rv = cache._round(q), cache.reround(K), cache.reround(V)  # F16 cache: llama.cpp's dot operands
+        rq, rk, rv = cache.rounded(q), cache.reround(K), cache.reround(V)  # F16 cache: llama.cpp's dot operands
         g = H // Hkv
         kq = torch.einsum("thd,phd->htp", rq, rk.repeat_interleave(g, dim=1))  # (H, T, P)
         kq = hp["kq"](kq, q=q, k=K, group=g)
         scale = cfg.head_dim ** -0.5
         w = hp["attn_weights"](torch.softmax(kq * scale + mask, dim=-1), kq=kq, mask=mask, scale=scale)
-        kqv = torch.einsum("htp,phd->thd", cache._round(w), rv.repeat_interleave(g, dim=1))
+        kqv = torch.einsum("htp,phd->thd", cache.rounded(w), rv.repeat_interleave(g, dim=1))
         kqv = hp["kqv"](kqv, weights=w, v=V, group=g)                          # (T, H, Dh)
         flat = kqv.reshape(T, H * cfg.head_dim)
         return hp["attn_out"](self.mo(flat), x=flat, weight=self.mo.weight)  # (T, D)
@@ -176,7 +185,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, w: dict, mm: dict, i: int, manager: HookManager,
                  mirror: str | None = None):
         super().__init__()
-        self.hp = nn.ModuleDict({k: HookPoint(site_name(k, i), i, manager) for k in LAYER_KEYS})
+        self.hp = nn.ModuleDict({k: HookPoint(site_name(k, i), i, manager) for k in LAYER_KEYS
+                                 if k in cfg.spec.sites})
         p, self.eps = f"blk.{i}.", cfg.rms_eps
         self.attn_norm_w, self.ffn_norm_w = w[p + "attn_norm.weight"], w[p + "ffn_norm.weight"]
         self.attn = Attention(cfg, w, mm, i, self.hp, mirror)
@@ -199,6 +209,9 @@ class Model(nn.Module):
         super().__init__()
         self.gguf, self.config = gm, gm.config
         w, cfg = gm.weights, gm.config
+        if cfg.spec.qk_norm or cfg.spec.rope not in ROPE:
+            raise GGUFError(f"{gm.path}: architecture {cfg.architecture!r} needs per-head Q/K norms or "
+                            f"{cfg.spec.rope} RoPE, which our model does not implement yet")
         self.manager = HookManager(self)
         self.kv_dtype, self.mirror = kv_dtype, mirror
         mm = {n: MatMul(t, act_rounder(gm.types.get(n), mirror) if mirror else None)
@@ -312,7 +325,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def load_model(path, device: str = "cpu", dtype: str | torch.dtype = "float32",
                kv_dtype: torch.dtype | None = None, mirror: str | None = None,
                torch_dequant: bool | None = None, lazy_weights: bool = False) -> Model:
-    """A Qwen2 built from a qwen2 GGUF (see harness.gguf.load for the errors it raises).
+    """Our model built from a GGUF (see harness.gguf.load for the errors it raises).
     ``torch_dequant`` (default: on for CUDA) dequantizes the weights on ``device``;
     ``lazy_weights`` keeps the matrices quantized there and expands one at a time when used."""
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
