@@ -12,7 +12,7 @@ import re
 from rich.console import Console
 from rich.table import Table
 
-from harness.report.text import _f, _jsonable
+from harness.report.text import fmt_short, jsonable
 
 from probes.zoo import ZooResult
 
@@ -99,7 +99,7 @@ def zoo_markdown(res: ZooResult) -> str:
 
 
 def zoo_json(res: ZooResult) -> str:
-    return json.dumps(_jsonable(dict(ok=res.ok, verdict=zoo_verdict(res), meta=res.meta, rows=res.rows)),
+    return json.dumps(jsonable(dict(ok=res.ok, verdict=zoo_verdict(res), meta=res.meta, rows=res.rows)),
                       indent=1, allow_nan=False)
 
 
@@ -116,7 +116,7 @@ def _probe_rows(summary: list[dict]) -> list[list[str]]:
     for s in summary:
         at = "-" if s["step"] is None else f"{s['site']} @ step {s['step']}"
         rows.append([s["name"], "FIRED" if s["fired"] else "ok", f"{s['failed']}/{s['total']}", at,
-                     _f(s["value"]), _f(s["threshold"]), s["detail"]])
+                     fmt_short(s["value"]), fmt_short(s["threshold"]), s["detail"]])
     return rows
 
 
@@ -145,7 +145,7 @@ def probe_markdown(summary: list[dict], meta: dict) -> str:
 
 
 def probe_json(summary: list[dict], records: list[dict], meta: dict) -> str:
-    return json.dumps(_jsonable(dict(fired=[s["name"] for s in summary if s["fired"]], meta=meta, summary=summary,
+    return json.dumps(jsonable(dict(fired=[s["name"] for s in summary if s["fired"]], meta=meta, summary=summary,
                                      records=records)), indent=1, allow_nan=False)
 
 

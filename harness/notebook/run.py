@@ -45,7 +45,7 @@ from harness.diff import DiffRequest, DiffResult, diff_gguf
 from harness.sites import parse_site
 from harness.compare.tolerance import Policy
 from harness.trace import Trace
-from harness.notebook.views import DiffTable, FirstView, SitePair, _as_list, _table  # noqa: F401  (re-exported)
+from harness.notebook.views import DiffTable, FirstView, SitePair, as_list, diff_table
 
 RUN_FORMAT = 1
 
@@ -83,7 +83,7 @@ class Drilldown:
     def table(self) -> DiffTable:
         """Every compared (step, site) in execution order (see harness.compare.comparator for the columns)."""
         f = self.comparison.first
-        return _table(self.comparison.table, first=(f.step, f.site) if f else None)
+        return diff_table(self.comparison.table, first=(f.step, f.site) if f else None)
 
     @property
     def first(self) -> FirstView | None:
@@ -114,11 +114,11 @@ class Drilldown:
     @property
     def logits(self) -> DiffTable:
         """Per (step, token row): top-1 agreement, top-k overlap, KL."""
-        return _table(self.comparison.logit_rows)
+        return diff_table(self.comparison.logit_rows)
 
     @property
     def spikes(self) -> DiffTable:
-        return _table(self.comparison.spikes)
+        return diff_table(self.comparison.spikes)
 
     def steps(self) -> list[int]:
         return sorted(set(int(s) for s in self.comparison.table["step"]))
@@ -129,7 +129,7 @@ class Drilldown:
     def summary(self) -> DiffTable:
         """One row per layer: worst errors, failures (render.layer_summary)."""
         from harness.report.text import layer_summary
-        return _table(layer_summary(self.comparison))
+        return diff_table(layer_summary(self.comparison))
 
     # token text
     @property
@@ -144,7 +144,8 @@ class Drilldown:
         return v[tok] if v is not None and 0 <= tok < len(v) else None
 
     # element access
-    def _row(self, step: int, site: str) -> dict | None:
+    def table_row(self, step: int, site: str) -> dict | None:
+        """The table row of (step, site) as a dict, or None when it was not compared."""
         if self._rows is None:
             self._rows = {(int(r["step"]), r["site"]): r for r in self.comparison.table.to_dict("records")}
         return self._rows.get((step, site))
@@ -173,7 +174,7 @@ class Drilldown:
         names = [n for n in self.sites() if fnmatch.fnmatchcase(n, site)]
         if not names:
             raise KeyError(f"no site matching {site!r} (see run.sites())")
-        steps = self.steps() if step is None else _as_list(step)
+        steps = self.steps() if step is None else as_list(step)
         parts = []
         for n in names:
             for s in steps:
@@ -182,8 +183,8 @@ class Drilldown:
                     parts.append(p.worst(k, local=local))
         df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
         if df.empty:
-            return _table(df)
-        return _table(df.sort_values("abs_diff", ascending=False, kind="stable").head(k).reset_index(drop=True))
+            return diff_table(df)
+        return diff_table(df.sort_values("abs_diff", ascending=False, kind="stable").head(k).reset_index(drop=True))
 
     def filter(self, layer=None, site=None, step=None, failed: bool | None = None, family=None,
                local_failed: bool | None = None) -> DiffTable:
@@ -193,22 +194,22 @@ class Drilldown:
         t = self.comparison.table
         m = pd.Series(True, index=t.index)
         if layer is not None:
-            m &= t["layer"].isin(_as_list(layer))
+            m &= t["layer"].isin(as_list(layer))
         if site is not None:
-            pats = _as_list(site)
+            pats = as_list(site)
             m &= pd.Series([any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(k, p) for p in pats)
                             for n, k in zip(t["site"], t["op"])], index=t.index, dtype=bool)
         if step is not None:
-            m &= t["step"].isin(_as_list(step))
+            m &= t["step"].isin(as_list(step))
         if family is not None:
-            m &= t["family"].isin(_as_list(family))
+            m &= t["family"].isin(as_list(family))
         if failed is not None:
             col = "local_passed" if t["local_passed"].notna().any() else "passed"
             m &= t[col].map(lambda v: not pd.isna(v) and not bool(v)) == failed
         if local_failed is not None:
             m &= t["local_passed"].map(lambda v: not pd.isna(v) and not bool(v)) == local_failed
         f = self.comparison.first
-        return _table(t[m.to_numpy(dtype=bool)], first=(f.step, f.site) if f else None)
+        return diff_table(t[m.to_numpy(dtype=bool)], first=(f.step, f.site) if f else None)
 
     # plots (harness.report.plots)
     def plot_layers(self, **kw):
@@ -278,10 +279,10 @@ class Drilldown:
         return render_text_table(self.comparison, width=120)
 
     def _repr_html_(self) -> str:
-        from harness.report.text import _header, _logit_lines
+        from harness.report.text import header_lines, logit_lines
         cmp = self.comparison
         parts = [f'<div class="llamadiff"><style>{CSS}</style>']
-        parts += [f'<p class="meta">{esc(line)}</p>' for line in _header(cmp)]
+        parts += [f'<p class="meta">{esc(line)}</p>' for line in header_lines(cmp)]
         parts.append(verdict_html(cmp))
         if cmp.first is not None:
             parts.append(first_html(cmp))
@@ -289,7 +290,7 @@ class Drilldown:
         if not summary.empty:
             parts.append("<p>per-layer summary (worst over steps and sites):</p>")
             parts.append(frame_html(summary))
-        parts += [f"<pre>{esc(line)}</pre>" for line in _logit_lines(cmp)[:1]]
+        parts += [f"<pre>{esc(line)}</pre>" for line in logit_lines(cmp)[:1]]
         parts.append('<p class="meta">explore: run.table, run.first, run["blk.0.q", 0], run.worst(site), '
                      "run.filter(layer=, site=, step=), run.plot_layers()</p></div>")
         return "".join(parts)

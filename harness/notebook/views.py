@@ -47,14 +47,16 @@ class DiffTable(pd.DataFrame):
 _HIDDEN = {"op", "family", "worst_index", "nonfinite", "local_ours", "local_ref"}
 
 
-def _table(df: pd.DataFrame, first: tuple[int, str] | None = None) -> DiffTable:
+def diff_table(df: pd.DataFrame, first: tuple[int, str] | None = None) -> DiffTable:
+    """``df`` as a DiffTable; ``first`` (step, site) marks the first divergence's row."""
     t = DiffTable(df)
     if first is not None:
         t.attrs["first"] = first
     return t
 
 
-def _as_list(x) -> list | None:
+def as_list(x) -> list | None:
+    """None stays None; a scalar or string becomes ``[x]``, an iterable a list."""
     if x is None:
         return None
     if isinstance(x, (str, bytes)) or not isinstance(x, Iterable):
@@ -73,7 +75,7 @@ class SitePair:
         self.layer, spec = parse_site(site)
         self.op, self.layout = spec.key, spec.layout
         self.dims = tuple(DIM_NAMES[d] for d in spec.layout)
-        self.row: dict | None = run._row(self.step, site)
+        self.row: dict | None = run.table_row(self.step, site)
         self._cache: dict[str, torch.Tensor | None] = {}
 
     def _get(self, which: str) -> torch.Tensor | None:
@@ -137,7 +139,7 @@ class SitePair:
             rows.append({dim: i, "rel_l2": float(dn[i] / bn[i]) if float(bn[i]) > 0 else float(dn[i]),
                          "max_abs": float(d[i].abs().max()) if d.shape[1] else 0.0,
                          "ours": float(a[i, j]), "ref": float(b[i, j])})
-        return _table(pd.DataFrame(rows))
+        return diff_table(pd.DataFrame(rows))
 
     def by_head(self, local: bool = False) -> DiffTable:
         return self.per("head" if "head" in self.dims else "kv_head", local)
@@ -195,7 +197,7 @@ def _worst_elements(run: "Drilldown", site: str, step: int, ours: torch.Tensor, 
         row.update(index=idx, ours=o, ref=r, diff=o - r, abs_diff=float(mag[flat]),
                    err_rms=float(mag[flat]) / rms if rms > 0 else float("inf"))
         rows.append(row)
-    return _table(pd.DataFrame(rows))
+    return diff_table(pd.DataFrame(rows))
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> bool:
@@ -310,11 +312,11 @@ class FirstView:
         part = at[at["site"].isin(role)].copy()
         part.insert(0, "role", part["site"].map(role))
         part["_o"] = part["site"].map(lambda n: order_key(n, self.run.n_layer))
-        return _table(part.sort_values("_o").drop(columns="_o"), first=(self.step, self.site))
+        return diff_table(part.sort_values("_o").drop(columns="_o"), first=(self.step, self.site))
 
     def __repr__(self) -> str:
-        from harness.report.text import _first_lines
-        return "\n".join(_first_lines(self.run.comparison))
+        from harness.report.text import first_lines
+        return "\n".join(first_lines(self.run.comparison))
 
     def _repr_html_(self) -> str:
         ctx = self.context._repr_html_()

@@ -177,7 +177,7 @@ def verdict_html(cmp: Comparison) -> str:
 
 def first_html(cmp: Comparison) -> str:
     """The first divergence: a section whose data attributes name it, its report lines, its inputs."""
-    from harness.report.text import _first_lines
+    from harness.report.text import first_lines
     f = cmp.first
     if f is None:
         return ('<section id="first-divergence" data-site="" data-step="" data-layer="" data-kind="">'
@@ -187,7 +187,7 @@ def first_html(cmp: Comparison) -> str:
              f'data-layer="{esc(layer)}" data-kind="{esc(f.kind)}">',
              f"<p><b>{esc(f.site)}</b> at <b>{esc(step_label(f.step))}</b> ({esc(f.kind)} error decides)"
              f' &mdash; <a href="#first-row">its row in the table</a></p>',
-             f"<pre>{esc(chr(10).join(_first_lines(cmp)))}</pre>"]
+             f"<pre>{esc(chr(10).join(first_lines(cmp)))}</pre>"]
     if f.inputs:
         parts.append(frame_html(pd.DataFrame(f.inputs), columns={
             "site": "input site", "rel_l2": "rel L2", "passed": "e2e", "local_rel_l2": "local rel L2",
@@ -203,10 +203,10 @@ def render_html(res, vocab: list[str] | None = None, title: str = "llamadiff rep
     if vocab is None:
         vocab = getattr(res, "vocab", None)
     from harness.report import plots as plotting
-    from harness.report.text import _header, _logit_lines, layer_summary
+    from harness.report.text import header_lines, logit_lines, layer_summary
     cmp: Comparison = res.comparison
     body = [f"<h1>{esc(title)}</h1>"]
-    body += [f'<p class="meta">{esc(line)}</p>' for line in _header(cmp)]
+    body += [f'<p class="meta">{esc(line)}</p>' for line in header_lines(cmp)]
     body.append(verdict_html(cmp))
 
     body.append("<h2>First divergence</h2>")
@@ -253,7 +253,7 @@ def render_html(res, vocab: list[str] | None = None, title: str = "llamadiff rep
                                 f'<tr class="first"><td>{esc(first_layer)}</td>', 1)
         body.append(rows)
 
-    logit = _logit_lines(cmp)
+    logit = logit_lines(cmp)
     if logit:
         body.append("<h2>Logits</h2>")
         body.append(f"<pre>{esc(chr(10).join(logit))}</pre>")

@@ -14,7 +14,8 @@ from harness.compare.comparator import Comparison, step_label
 from harness.provenance import EXTRA_BUFTS_NOTE, summary_line
 
 
-def _f(x, nd=3) -> str:
+def fmt_short(x, nd=3) -> str:
+    """A value for a text cell: ``nd`` significant digits, "-" for None/NaN, "inf" for an infinity."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     if isinstance(x, float):
@@ -22,17 +23,18 @@ def _f(x, nd=3) -> str:
     return str(x)
 
 
-def _jsonable(x):
+def jsonable(x):
+    """``x`` with only JSON types: NaN and NA -> None, an infinity -> its string, numpy/torch scalars -> Python."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, float):
         return None if math.isnan(x) else (str(x) if math.isinf(x) else x)
     if x is pd.NA or x is None:
         return None
     if hasattr(x, "item"):
-        return _jsonable(x.item())
+        return jsonable(x.item())
     return x
 
 
@@ -43,7 +45,7 @@ def to_dict(cmp: Comparison) -> dict:
         f = cmp.first
         first = dict(step=f.step, layer=f.layer, site=f.site, kind=f.kind, explanation=f.explanation,
                      row=f.row, inputs=f.inputs, also_failing_locally=f.also_failing_locally)
-    return _jsonable(dict(
+    return jsonable(dict(
         verdict="divergence" if cmp.diverged else "match", first_divergence=first,
         first_end_to_end_failure=cmp.first_e2e, meta=cmp.meta,
         table=cmp.table.to_dict("records"), logits=cmp.logit_rows.to_dict("records"),
@@ -73,7 +75,8 @@ def layer_summary(cmp: Comparison) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _header(cmp: Comparison) -> list[str]:
+def header_lines(cmp: Comparison) -> list[str]:
+    """The report's header: model, both engines, tokens, tolerance regime, provenance, warnings, faults."""
     m = cmp.meta
     ref, ours = m.get("ref", {}), m.get("ours", {})
     lines = [f"model {ours.get('gguf', '?')} ({ours.get('weight_type', '?')}); reference "
@@ -100,21 +103,24 @@ def verdict_line(cmp: Comparison) -> str:
     return "DIVERGENCE: " + cmp.first.explanation
 
 
-def _first_lines(cmp: Comparison) -> list[str]:
+def first_lines(cmp: Comparison) -> list[str]:
+    """The first divergence in a few lines: both errors, its inputs, drift and other failing ops."""
     f = cmp.first
     if f is None:
         return []
     r = f.row
     out = [f"first divergence: {f.site} at {step_label(f.step)} ({f.kind} error decides)",
-           f"  end to end: rel {_f(r['rel_l2'])}, max |diff| {_f(r['max_abs'])}, cosine {_f(r['cosine'], 6)}, "
-           f"worst {r['worst']}: ours {_f(r['ours'], 5)}, ref {_f(r['ref'], 5)}"]
+           f"  end to end: rel {fmt_short(r['rel_l2'])}, max |diff| {fmt_short(r['max_abs'])}, "
+           f"cosine {fmt_short(r['cosine'], 6)}, worst {r['worst']}: ours {fmt_short(r['ours'], 5)}, "
+           f"ref {fmt_short(r['ref'], 5)}"]
     if "local_rel_l2" in r and r.get("local_rel_l2") is not None:
-        out.append(f"  local (on the reference's inputs): rel {_f(r['local_rel_l2'])} (tolerance "
-                   f"{_f(r['local_tol_rel'])}), worst {r['local_worst']}: ours {_f(r['local_ours'], 5)}, "
-                   f"ref {_f(r['local_ref'], 5)}")
+        out.append(f"  local (on the reference's inputs): rel {fmt_short(r['local_rel_l2'])} (tolerance "
+                   f"{fmt_short(r['local_tol_rel'])}), worst {r['local_worst']}: "
+                   f"ours {fmt_short(r['local_ours'], 5)}, ref {fmt_short(r['local_ref'], 5)}")
     for i in f.inputs:
         state = "matches" if i["passed"] and i.get("local_passed") is not False else "differs"
-        out.append(f"  input {i['site']}: {state} (rel {_f(i['rel_l2'])}, local {_f(i.get('local_rel_l2'))})")
+        out.append(f"  input {i['site']}: {state} (rel {fmt_short(i['rel_l2'])}, "
+                   f"local {fmt_short(i.get('local_rel_l2'))})")
     if cmp.first_e2e and cmp.first_e2e != (f.step, f.site):
         s, n = cmp.first_e2e
         out.append(f"  note: end-to-end error first exceeds tolerance at {n} ({step_label(s)}); that is drift "
@@ -127,12 +133,13 @@ def _first_lines(cmp: Comparison) -> list[str]:
     return out
 
 
-def _logit_lines(cmp: Comparison) -> list[str]:
+def logit_lines(cmp: Comparison) -> list[str]:
+    """The logit summary (top-1 agreement, top-10 overlap, KL) and the worst one-sided spikes."""
     lr = cmp.logit_rows
     if lr.empty:
         return []
     out = [f"logits: top-1 agreement {lr['top1_agree'].mean():.1%} of {len(lr)} token rows, mean top-10 "
-           f"overlap {lr['topk_overlap'].mean():.2f}, max KL {_f(float(lr['kl'].max()))}"]
+           f"overlap {lr['topk_overlap'].mean():.2f}, max KL {fmt_short(float(lr['kl'].max()))}"]
     for s in cmp.spikes.head(5).to_dict("records"):
         out.append(f"  one-sided logit spike at step {s['step']} row {s['row']} token {s['token']}: "
                    f"ours {s['ours']:.4g}, ref {s['ref']:.4g} ({s['side']})")
@@ -144,10 +151,10 @@ def render_text_table(cmp: Comparison, width: int = 120, color: bool = False) ->
     buf = io.StringIO()
     con = Console(file=buf, width=width, force_terminal=color, color_system="standard" if color else None,
                   force_jupyter=False)   # in Jupyter, rich would display instead of writing to buf
-    for line in _header(cmp):
+    for line in header_lines(cmp):
         con.print(line, highlight=False)
     con.print(Text(verdict_line(cmp), style="bold red" if cmp.diverged else "bold green"))
-    for line in _first_lines(cmp):
+    for line in first_lines(cmp):
         con.print(line, highlight=False)
     summary = layer_summary(cmp)
     if not summary.empty:
@@ -159,23 +166,23 @@ def render_text_table(cmp: Comparison, width: int = 120, color: bool = False) ->
             first_layer = f"blk.{cmp.first.layer}" if cmp.first.layer is not None else cmp.first.site
         for rec in summary.to_dict("records"):
             style = "bold red" if rec["layer"] == first_layer else None
-            tab.add_row(*[_f(v) for v in rec.values()], style=style)
+            tab.add_row(*[fmt_short(v) for v in rec.values()], style=style)
         con.print(tab)
-    for line in _logit_lines(cmp):
+    for line in logit_lines(cmp):
         con.print(line, highlight=False)
     return buf.getvalue()
 
 
 def render_markdown(cmp: Comparison) -> str:
-    lines = ["# llamadiff report", ""] + [f"- {h}" for h in _header(cmp)] + ["", f"**{verdict_line(cmp)}**", ""]
+    lines = ["# llamadiff report", ""] + [f"- {h}" for h in header_lines(cmp)] + ["", f"**{verdict_line(cmp)}**", ""]
     if cmp.first is not None:
-        lines += ["```"] + _first_lines(cmp) + ["```", ""]
+        lines += ["```"] + first_lines(cmp) + ["```", ""]
     summary = layer_summary(cmp)
     if not summary.empty:
         lines += ["| " + " | ".join(summary.columns) + " |", "|" + "---|" * len(summary.columns)]
-        lines += ["| " + " | ".join(_f(v) for v in rec.values()) + " |" for rec in summary.to_dict("records")]
+        lines += ["| " + " | ".join(fmt_short(v) for v in rec.values()) + " |" for rec in summary.to_dict("records")]
         lines.append("")
-    lines += _logit_lines(cmp)
+    lines += logit_lines(cmp)
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -20,7 +21,9 @@ import pandas as pd
 
 from harness.compare.comparator import Comparison, step_label
 from harness.provenance import machine_provenance, numerics_differences, summary_line
-from harness.runs.store import RecordedRun, RunError, _SYNTH_RE, _sha256, check_compatible, compare_runs, load_run
+from harness.runs.store import RecordedRun, RunError, check_compatible, compare_runs, load_run, sha256_file
+
+_SYNTH_RE = re.compile(r"^synthetic-(.+)-(f32|f16|q8_0|q4_k_m)-s(\d+)(-tied)?$")   # harness.synth's general.name
 
 
 @dataclass
@@ -114,7 +117,7 @@ def locate_gguf(run: RecordedRun, model: str | None = None) -> str:
         candidates = existing
     if not want:
         return candidates[0]
-    got = [_sha256(c) for c in candidates]
+    got = [sha256_file(c) for c in candidates]
     for c, h in zip(candidates, got):
         if h == want:
             return c

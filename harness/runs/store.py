@@ -40,7 +40,6 @@ REQUIRED = ("format_version", "n_layer", "tokens", "n_prompt", "tensors")
 STORAGE_OF_TAG = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _TENSOR_RE = re.compile(r"^(\d+)/(.+)$")
-_SYNTH_RE = re.compile(r"^synthetic-(.+)-(f32|f16|q8_0|q4_k_m)-s(\d+)(-tied)?$")
 
 
 class RunError(Exception):
@@ -262,7 +261,8 @@ def _read_header(path: str, fpath: str) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -308,7 +308,7 @@ def load_run(path, filt: SiteFilter | None = None, verify: bool = True) -> Recor
         fpath = os.path.join(path, fname)
         header, _ = _read_header(path, fpath)
         info = files.get(fname) if isinstance(files.get(fname), dict) else {}
-        if verify and info.get("sha256") and _sha256(fpath) != info["sha256"]:
+        if verify and info.get("sha256") and sha256_file(fpath) != info["sha256"]:
             raise _fail(path, f"{fname} does not match the sha256 in the manifest: the file is corrupted")
         for (step, site), e in entries:
             h = header.get(e["name"])
@@ -383,7 +383,7 @@ def _cpu_name() -> str:
 def _gguf_info(path: str, weight_type: str) -> dict:
     from harness.gguf.load import open_gguf
     info = {"file": os.path.basename(path), "path": path, "bytes": os.path.getsize(path),
-            "sha256": _sha256(path), "weight_type": weight_type}
+            "sha256": sha256_file(path), "weight_type": weight_type}
     try:
         name = open_gguf(path).fields.get("general.name")
         if name is not None:
