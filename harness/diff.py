@@ -11,7 +11,7 @@ import torch
 
 from harness.compare.comparator import Comparator, Comparison, compare_traces
 from harness.llama.runner import LlamaOptions
-from harness.llama.worker import open_runner
+from harness.llama.worker import n_ctx_needed, open_runner
 from harness.ours.model import Model, load_model
 from harness.sites import SiteFilter
 from harness.compare.tolerance import Policy
@@ -101,9 +101,8 @@ def diff_gguf(req: DiffRequest, model: Model | None = None, ref: Trace | None = 
 
 
 def _ctx_needed(req: DiffRequest) -> int:
-    """Context cells a request needs; a text prompt's bytes bound its byte-level BPE token count."""
-    n = len(req.tokens) if req.tokens else len((req.prompt or "").encode()) + 8
-    return n + req.steps + 1
+    """Context cells a request needs (:func:`~harness.llama.worker.n_ctx_needed`), plus one spare."""
+    return n_ctx_needed(list(req.tokens) if req.tokens else req.prompt or "", req.steps) + 1
 
 
 def diff_on_device(req: DiffRequest, model: Model | None = None, runner=None,

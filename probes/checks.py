@@ -533,7 +533,7 @@ def probe_trace(gguf: str, source: str = "torch", tokens: list[int] | None = Non
     model's with ``faults`` injected (``"torch"``: greedy decoding, an F16 KV cache like
     llama.cpp's default). A text prompt is tokenized by llama.cpp; neither: DEFAULT_PROMPT."""
     from harness.llama.runner import LlamaOptions
-    from harness.llama.worker import open_runner
+    from harness.llama.worker import n_ctx_needed, open_runner
     opts = LlamaOptions(device=device, extra_bufts=extra_bufts)
     if source not in ("torch", "llama"):
         raise CheckError(f"unknown source {source!r} (torch or llama)")
@@ -544,8 +544,7 @@ def probe_trace(gguf: str, source: str = "torch", tokens: list[int] | None = Non
     if source == "llama":
         if faults:
             raise CheckError("faults can only be injected into the PyTorch model (source torch)")
-        n = len(tokens) if tokens else len(prompt.encode()) + 8
-        with open_runner(gguf, opts, n_ctx_needed=n + steps + 1) as r:
+        with open_runner(gguf, opts, n_ctx_needed(tokens if tokens else prompt, steps) + 1) as r:
             toks = list(tokens) if tokens else r.tokenize(prompt)
             return r.run(toks, steps), gguf
     from harness.ours.model import load_model
@@ -553,7 +552,7 @@ def probe_trace(gguf: str, source: str = "torch", tokens: list[int] | None = Non
     model = load_model(gguf, device=device, kv_dtype=torch.float16)
     if tokens is None:
         with open_runner(gguf, LlamaOptions(device="cpu", extra_bufts=extra_bufts),
-                         n_ctx_needed=len(prompt.encode()) + 8) as r:
+                         n_ctx_needed(prompt, 0)) as r:
             tokens = r.tokenize(prompt)
     tokens = [int(t) for t in tokens]
     if not tokens:

@@ -2,8 +2,10 @@ import math
 
 import torch
 
-from harness.compare.comparator import compare_traces
-from harness.compare.metrics import logit_stats, pair_stats
+import pandas as pd
+
+from harness.compare.comparator import compare_traces, decisive_column, group_of, layer_group
+from harness.compare.metrics import abs_error, logit_stats, pair_stats
 from harness.compare.tolerance import Policy
 from harness.trace import Trace
 
@@ -27,6 +29,24 @@ def test_pair_stats_nonfinite_and_masked_inf():
     bad[2] = float("nan")
     s = pair_stats(bad, ref)
     assert s.nonfinite == 1 and math.isinf(s.rel_l2) and s.worst_index == (2,)
+
+
+def test_abs_error_is_inf_aware_like_the_metrics():
+    inf, nan = float("inf"), float("nan")
+    ref = torch.tensor([1.0, -inf, inf, 2.0, 3.0])
+    ours = torch.tensor([1.5, -inf, -inf, nan, inf])
+    err = abs_error(ours, ref)
+    assert err.dtype == torch.float64 and err.tolist() == [0.5, 0.0, inf, inf, inf]
+    assert float(err.max()) == pair_stats(ours, ref).max_abs
+
+
+def test_decisive_column_and_layer_groups():
+    t = pd.DataFrame(dict(layer=[None, 0, 0, 1, None], site=["embd", "blk.0.q", "blk.0.k", "blk.1.q", "logits"],
+                          passed=[True] * 5, local_passed=[pd.NA] * 5))
+    assert decisive_column(t) == "passed" and decisive_column(t.drop(columns="local_passed")) == "passed"
+    assert decisive_column(t.assign(local_passed=[pd.NA, True, False, True, pd.NA])) == "local_passed"
+    assert list(layer_group(t)) == ["embd", "blk.0", "blk.0", "blk.1", "logits"]
+    assert [group_of(lay, s) for lay, s in zip([None, 0, 1], ["embd", "blk.0.q", "blk.1.q"])] == ["embd", "blk.0", "blk.1"]
 
 
 def test_logit_spike_found_on_one_side_only():

@@ -82,6 +82,18 @@ def test_worst_elements(run):
     assert list(logits.columns[:4]) == ["step", "site", "token", "token_id"] and "text" in logits
 
 
+def test_comma_separated_site_globs(run):
+    both = run.worst("blk.0.q,blk.0.k", k=50, step=0)             # one reading of site patterns everywhere
+    assert set(both["site"]) == {"blk.0.q", "blk.0.k"}
+    assert list(both["abs_diff"]) == sorted(both["abs_diff"], reverse=True)
+    assert set(run.worst("blk.0.q, logits", k=1000, step=0)["site"]) == {"blk.0.q", "logits"}
+    f = run.filter(layer=0, site="q,k", step=0)
+    assert list(f["site"]) == ["blk.0.q", "blk.0.k"]
+    assert list(run.filter(site=["q", "blk.0.k,blk.0.v"], step=0, layer=0)["site"]) == ["blk.0.q", "blk.0.k", "blk.0.v"]
+    with pytest.raises(KeyError, match="no site matching"):
+        run.worst("blk.0.nope,blk.0.nah")
+
+
 def test_filter(run):
     f = run.filter(layer=0, site="q*", step=0)
     assert list(f["site"]) == ["blk.0.q_proj", "blk.0.q", "blk.0.q_rope"]

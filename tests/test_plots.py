@@ -74,6 +74,13 @@ def test_plot_custom_size_and_jupyter_display(res, vocab):
     assert png_size(fig._repr_png_()) == (480, 280)                  # what Jupyter shows
 
 
+def test_step_errors_takes_comma_separated_globs(res):
+    fig = plots.step_errors(res, "blk.0.q, blk.1.k*")
+    labels = {line.get_label() for line in fig.axes[0].get_lines()}
+    assert {"blk.0.q local", "blk.1.k_proj local", "blk.1.k_rope end to end"} <= labels
+    assert not any(label.startswith("blk.0.k") for label in labels)
+
+
 @pytest.mark.parametrize("name", ["layer_errors", "attention"])
 def test_plot_custom_size(name, res, vocab):
     make, _ = PLOTS[name]

@@ -280,6 +280,23 @@ def _first_divergence(table: pd.DataFrame, has_local: bool, ref_name: str) -> Fi
                            _explain(step, site, row, inputs, kind, ref_name), others)
 
 
+def decisive_column(table: pd.DataFrame) -> str:
+    """The verdict column that decides: ``local_passed`` when local errors were measured, else
+    ``passed`` (end to end)."""
+    return "local_passed" if "local_passed" in table and table["local_passed"].notna().any() else "passed"
+
+
+def group_of(layer: int | None, site: str) -> str:
+    """A site's group in per-layer summaries: ``blk.{i}`` for the sites of layer i, the site's own
+    name for the global sites (``embd``, ``output_norm``, ``logits``)."""
+    return f"blk.{int(layer)}" if layer is not None and pd.notna(layer) else site
+
+
+def layer_group(table: pd.DataFrame) -> pd.Series:
+    """:func:`group_of` of every row of a divergence table."""
+    return table["layer"].map(lambda x: f"blk.{int(x)}" if pd.notna(x) else None).fillna(table["site"])
+
+
 def step_label(step: int) -> str:
     return "prefill" if step == 0 else f"decode step {step}"
 

@@ -62,12 +62,26 @@ def optimistic_stats(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return _finite_stats(*_flat64(ours, ref))
 
 
-def _masked(a: torch.Tensor, b: torch.Tensor):
-    """Elementwise part of the reductions: an inf equal on both sides is ignored (masked -inf
-    agrees), any other non-finite element is ``bad`` and its error inf. Returns
-    (bad, fa, fb, d, diff): both kinds zeroed in fa and fb, d = fa - fb, diff = |d| or inf."""
+def nonfinite_masks(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bad, both_inf) of two same-shaped tensors: ``both_inf`` where both hold the same infinity
+    (a masked -inf agrees), ``bad`` where any other non-finite value is on either side."""
     both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
     bad = ~(torch.isfinite(a) & torch.isfinite(b)) & ~both_inf
+    return bad, both_inf
+
+
+def abs_error(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Elementwise |ours - ref| in float64 as the metrics count it: 0 where both hold the same
+    infinity, inf where any other non-finite value is on either side (see :func:`nonfinite_masks`)."""
+    a, b = ours.detach().double(), ref.detach().to(ours.device).double()
+    bad, both_inf = nonfinite_masks(a, b)
+    return torch.where(bad, torch.inf, torch.where(both_inf, 0.0, a - b).abs())
+
+
+def _masked(a: torch.Tensor, b: torch.Tensor):
+    """Elementwise part of the reductions (see :func:`nonfinite_masks`). Returns
+    (bad, fa, fb, d, diff): both kinds zeroed in fa and fb, d = fa - fb, diff = |d| or inf."""
+    bad, both_inf = nonfinite_masks(a, b)
     skip = bad | both_inf
     fa, fb = torch.where(skip, 0.0, a), torch.where(skip, 0.0, b)
     d = fa - fb

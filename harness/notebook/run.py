@@ -31,7 +31,6 @@ time (:class:`LazyTensors`); a run computed in this process holds its traces in 
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 from collections.abc import Mapping, MutableMapping
@@ -39,10 +38,10 @@ from collections.abc import Mapping, MutableMapping
 import pandas as pd
 import torch
 
-from harness.compare.comparator import Comparison, FirstDivergence, compare_traces
+from harness.compare.comparator import Comparison, FirstDivergence, compare_traces, decisive_column
 from harness.report.html import CSS, esc, first_html, frame_html, verdict_html
 from harness.diff import DiffRequest, DiffResult, diff_gguf
-from harness.sites import parse_site
+from harness.sites import matches, parse_site
 from harness.compare.tolerance import Policy
 from harness.trace import Trace
 from harness.notebook.views import DiffTable, FirstView, SitePair, as_list, diff_table
@@ -169,9 +168,9 @@ class Drilldown:
         return self[site, step]
 
     def worst(self, site: str, k: int = 10, step: int | None = None, local: bool = False) -> DiffTable:
-        """The ``k`` worst elements of ``site`` (a name or glob) over every step (or ``step``),
-        with their indices named by the site's layout."""
-        names = [n for n in self.sites() if fnmatch.fnmatchcase(n, site)]
+        """The ``k`` worst elements of ``site`` (a name or glob, several comma-separated) over every
+        step (or ``step``), with their indices named by the site's layout."""
+        names = [n for n in self.sites() if matches(n, site)]
         if not names:
             raise KeyError(f"no site matching {site!r} (see run.sites())")
         steps = self.steps() if step is None else as_list(step)
@@ -189,23 +188,23 @@ class Drilldown:
     def filter(self, layer=None, site=None, step=None, failed: bool | None = None, family=None,
                local_failed: bool | None = None) -> DiffTable:
         """Table rows by layer (int or list; global sites have none), site (globs over the op key
-        or the full name, e.g. ``"q*"``, ``"blk.0.*"``), step, family, and verdict: ``failed``
-        uses the deciding verdict (local when measured), ``local_failed`` the local one."""
+        or the full name, e.g. ``"q*"``, ``"blk.0.*"``; a list or comma-separated), step, family,
+        and verdict: ``failed`` uses the deciding verdict (local when measured), ``local_failed``
+        the local one."""
         t = self.comparison.table
         m = pd.Series(True, index=t.index)
         if layer is not None:
             m &= t["layer"].isin(as_list(layer))
         if site is not None:
             pats = as_list(site)
-            m &= pd.Series([any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(k, p) for p in pats)
+            m &= pd.Series([any(matches(n, p) or matches(k, p) for p in pats)
                             for n, k in zip(t["site"], t["op"])], index=t.index, dtype=bool)
         if step is not None:
             m &= t["step"].isin(as_list(step))
         if family is not None:
             m &= t["family"].isin(as_list(family))
         if failed is not None:
-            col = "local_passed" if t["local_passed"].notna().any() else "passed"
-            m &= t[col].map(lambda v: not pd.isna(v) and not bool(v)) == failed
+            m &= t[decisive_column(t)].map(lambda v: not pd.isna(v) and not bool(v)) == failed
         if local_failed is not None:
             m &= t["local_passed"].map(lambda v: not pd.isna(v) and not bool(v)) == local_failed
         f = self.comparison.first

@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from harness.compare.comparator import FirstDivergence, step_label
+from harness.compare.metrics import abs_error
 from harness.report.html import CSS, esc, first_html, frame_html
 from harness.sites import DIM_NAMES, input_sites, order_key, parse_site
 
@@ -173,10 +174,7 @@ class SitePair:
 
 def _worst_elements(run: "Drilldown", site: str, step: int, ours: torch.Tensor, ref: torch.Tensor, k: int) -> DiffTable:
     a, b = ours.detach().double(), ref.detach().double()
-    both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
-    bad = ~(torch.isfinite(a) & torch.isfinite(b)) & ~both_inf
-    diff = torch.where(both_inf, 0.0, a - b)
-    mag = torch.where(bad, torch.inf, diff.abs()).reshape(-1)
+    mag = abs_error(a, b).reshape(-1)
     fb = torch.where(torch.isfinite(b), b, 0.0)
     rms = float(fb.norm()) / max(b.numel(), 1) ** 0.5
     k = min(k, mag.numel())

@@ -18,7 +18,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from harness.compare.comparator import Comparison, step_label
+from harness.compare.comparator import Comparison, group_of, step_label
 
 # Every selector is scoped under .llamadiff so the notebook fragments do not restyle Jupyter.
 CSS = """
@@ -244,9 +244,7 @@ def render_html(res, vocab: list[str] | None = None, title: str = "llamadiff rep
     summary = layer_summary(cmp)
     if not summary.empty:
         body.append("<h2>Per-layer summary</h2>")
-        first_layer = None
-        if cmp.first is not None:
-            first_layer = f"blk.{cmp.first.layer}" if cmp.first.layer is not None else cmp.first.site
+        first_layer = group_of(cmp.first.layer, cmp.first.site) if cmp.first is not None else None
         rows = frame_html(summary)
         if first_layer is not None:   # mark the layer of the first divergence
             rows = rows.replace(f"<tr><td>{esc(first_layer)}</td>",

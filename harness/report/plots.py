@@ -17,7 +17,6 @@ error_hist         histogram of element errors of one site at one step
 """
 from __future__ import annotations
 
-import fnmatch
 import io
 import math
 import os
@@ -31,8 +30,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
 
-from harness.compare.comparator import Comparison, step_label
-from harness.sites import SITES, parse_site
+from harness.compare.comparator import Comparison, decisive_column, step_label
+from harness.compare.metrics import abs_error
+from harness.sites import SITES, matches, parse_site
 
 FLOOR = 1e-12          # log axes: exact zeros are drawn at this value
 FAMILY_ORDER = tuple(dict.fromkeys(s.family for s in SITES))
@@ -131,7 +131,7 @@ def layer_errors(res, *, step: int | list[int] | None = None, width: float = 12.
     if step is not None:
         t = t[t["step"].isin([step] if isinstance(step, int) else list(step))]
     n_layer = _n_layer(res, t)
-    has_local = _has_local(t)
+    has_local, verdict = _has_local(t), decisive_column(t)
     x = np.where(t["layer"].notna(), t["layer"].fillna(-1),
                  np.where(t["site"] == "embd", -1, n_layer)).astype(int)
     t = t.assign(_x=x)
@@ -158,7 +158,7 @@ def layer_errors(res, *, step: int | list[int] | None = None, width: float = 12.
             ax.plot(xs, _pos(g["local_rel_l2"].max().to_numpy(dtype=float)), "s--", color=LOCAL_COLOR, ms=3, lw=1.2)
             ax.axhline(float(part["local_tol_rel"].astype(float).max()), color=LOCAL_COLOR, ls=":", lw=1)
         col = "local_rel_l2" if has_local else "rel_l2"
-        bad = part[part["local_passed" if has_local else "passed"].map(_failed)]
+        bad = part[part[verdict].map(_failed)]
         if len(bad):
             bg = bad.groupby("_x")[col].max()
             ax.plot(bg.index.to_numpy(dtype=int), _pos(bg.to_numpy(dtype=float)), "x", color=FAIL_COLOR, ms=8, mew=2)
@@ -195,10 +195,10 @@ def layer_errors(res, *, step: int | list[int] | None = None, width: float = 12.
 # -- error over steps --------------------------------------------------------------------------
 def step_errors(res, site: str, *, max_lines: int = 10, width: float = 9.0, height: float = 4.5,
                 dpi: float = 100) -> Plot:
-    """Relative error of ``site`` over the steps (prefill = 0); a glob (``blk.*.q``) draws one
-    line per matching site (at most ``max_lines``)."""
+    """Relative error of ``site`` over the steps (prefill = 0); a glob (``blk.*.q``, several
+    comma-separated) draws one line per matching site (at most ``max_lines``)."""
     t = _comparison(res).table
-    names = [n for n in dict.fromkeys(t["site"]) if fnmatch.fnmatchcase(n, site)]
+    names = [n for n in dict.fromkeys(t["site"]) if matches(n, site)]
     if not names:
         raise KeyError(f"no site matching {site!r} in the comparison")
     has_local = _has_local(t)
@@ -322,11 +322,10 @@ def logits(res, *, step: int = 0, row: int = -1, k: int = 8, vocab: list[str] | 
 
 # -- element error histogram -------------------------------------------------------------------
 def _elem_err(ours: torch.Tensor, ref: torch.Tensor) -> tuple[np.ndarray, float]:
-    a, b = ours.double().numpy().ravel(), ref.double().numpy().ravel()
+    b = ref.double().numpy().ravel()
     fin = np.isfinite(b)
     rms = float(np.sqrt(np.mean(b[fin] ** 2))) if fin.any() else 1.0
-    err = np.abs(a - b)
-    err = np.where(np.isinf(a) & np.isinf(b) & (a == b), 0.0, err)
+    err = abs_error(ours, ref).numpy().ravel()
     return err / max(rms, 1e-30), rms
 
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from harness.compare.comparator import Comparison, step_label
+from harness.compare.comparator import Comparison, decisive_column, group_of, layer_group, step_label
 from harness.provenance import EXTRA_BUFTS_NOTE, summary_line
 
 
@@ -61,13 +61,12 @@ def layer_summary(cmp: Comparison) -> pd.DataFrame:
     t = cmp.table
     if t.empty:
         return pd.DataFrame()
-    group = t["layer"].map(lambda x: f"blk.{int(x)}" if pd.notna(x) else None).fillna(t["site"])
     rows = []
-    for g, part in t.groupby(group, sort=False):
+    for g, part in t.groupby(layer_group(t), sort=False):
         w = part.loc[part["rel_l2"].idxmax()]
         row = dict(layer=g, sites=len(part), failed=int((part["passed"] == False).sum()),  # noqa: E712
                    worst_rel=w["rel_l2"], worst_site=f"{w['op']}@{w['step']}")
-        if part["local_passed"].notna().any():
+        if decisive_column(part) == "local_passed":
             lw = part.loc[part["local_rel_l2"].astype(float).idxmax()]
             row.update(local_failed=int((part["local_passed"] == False).sum()),  # noqa: E712
                        worst_local_rel=lw["local_rel_l2"], worst_local_site=f"{lw['op']}@{lw['step']}")
@@ -161,9 +160,7 @@ def render_text_table(cmp: Comparison, width: int = 120, color: bool = False) ->
         tab = Table(title="per-layer summary (worst over steps and sites)")
         for col in summary.columns:
             tab.add_column(col, justify="right" if summary[col].dtype.kind in "if" else "left")
-        first_layer = None
-        if cmp.first is not None:
-            first_layer = f"blk.{cmp.first.layer}" if cmp.first.layer is not None else cmp.first.site
+        first_layer = group_of(cmp.first.layer, cmp.first.site) if cmp.first is not None else None
         for rec in summary.to_dict("records"):
             style = "bold red" if rec["layer"] == first_layer else None
             tab.add_row(*[fmt_short(v) for v in rec.values()], style=style)

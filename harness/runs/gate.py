@@ -17,9 +17,7 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-import pandas as pd
-
-from harness.compare.comparator import Comparison, step_label
+from harness.compare.comparator import Comparison, decisive_column, layer_group, step_label
 from harness.provenance import machine_provenance, numerics_differences, summary_line
 from harness.runs.store import RecordedRun, RunError, check_compatible, compare_runs, load_run, sha256_file
 
@@ -53,16 +51,14 @@ class GateResult:
     @property
     def decisive(self) -> str:
         """The table column that decides: local errors when measured, else end to end."""
-        t = self.comparison.table
-        return "local_passed" if "local_passed" in t and t["local_passed"].notna().any() else "passed"
+        return decisive_column(self.comparison.table)
 
     def groups(self) -> list[Group]:
         t, col = self.comparison.table, self.decisive
         if t.empty:
             return []
-        key = t["layer"].map(lambda x: f"blk.{int(x)}" if pd.notna(x) else None).fillna(t["site"])
         out = []
-        for name, part in t.groupby(key, sort=False):
+        for name, part in t.groupby(layer_group(t), sort=False):
             bad = part[part[col] == False]  # noqa: E712  (NA rows are not failures)
             local = part["local_rel_l2"].astype(float) if "local_rel_l2" in part else None
             out.append(Group(str(name), len(part), len(bad), bad.iloc[0].to_dict() if len(bad) else None,
@@ -220,11 +216,11 @@ def junit_xml(res: GateResult) -> str:
     for w in res.warnings:
         ET.SubElement(props, "property", name="provenance_warning", value=w)
     t = res.comparison.table
+    key = layer_group(t) if groups else None
     for g in groups:
         case = ET.SubElement(suite, "testcase", classname=cls, name=g.name, time="0")
         if g.first_failure is None:
             continue
-        key = t["layer"].map(lambda x: f"blk.{int(x)}" if pd.notna(x) else None).fillna(t["site"])
         bad = t[(key == g.name) & (t[col] == False)]  # noqa: E712
         lines = [failure_line(r, col) for r in bad.head(20).to_dict("records")]
         if len(bad) > 20:

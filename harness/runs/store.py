@@ -432,7 +432,7 @@ def record(gguf, name: str, tokens: list[int] | None = None, prompt: str | None 
     whose estimate exceeds ``max_bytes`` is refused. The tensors stream to disk one step at a time."""
     from harness.gguf.load import read_config_file
     from harness.llama.runner import LlamaOptions
-    from harness.llama.worker import open_runner
+    from harness.llama.worker import n_ctx_needed, open_runner
     from harness.sites import validate_pattern
     check_name(name)
     gguf = os.fspath(gguf)
@@ -452,7 +452,7 @@ def record(gguf, name: str, tokens: list[int] | None = None, prompt: str | None 
     if os.path.exists(dest) and not overwrite:
         raise RunError(f"{dest} already exists (choose another --name or pass --force)")
     dtype = "float16" if float16 else "float32"
-    n_ctx = (len(tokens) if tokens is not None else len(prompt.encode()) + 8) + steps + 1
+    n_ctx = n_ctx_needed(list(tokens) if tokens is not None else prompt, steps) + 1
     opts = LlamaOptions(device=device, flash_attn=flash_attn, kv_type=kv_type, extra_bufts=extra_bufts)
     with open_runner(gguf, opts, n_ctx) as runner:
         toks = list(tokens) if tokens is not None else runner.tokenize(prompt)
