@@ -352,33 +352,15 @@ def _is_recorded_run(obj) -> bool:
 
 def _compare_recorded(rec, gguf, *, tokens, device, dtype, sites, inject, local, model) -> Drilldown:
     """Our model against a recorded reference run (what ``llamadiff gate`` does), keeping the traces."""
-    from harness.diff import model_for, run_ours
-    from harness.runs.store import check_compatible, compare_runs
-    from harness.sites import SiteFilter, all_sites
+    from harness.runs.gate import locate_gguf, replay
     ref = rec.trace
     if tokens is not None and list(tokens) != list(ref.tokens[:ref.n_prompt]):
         raise ValueError("tokens= differ from the recorded run's prompt tokens")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda': no CUDA device is visible to PyTorch")
-    if gguf is None:
-        from harness.runs.gate import locate_gguf
-        gguf = locate_gguf(rec)
-    gguf = os.fspath(gguf)
-    faults = _faults(inject)
-    req = DiffRequest(gguf, tokens=list(ref.tokens[:ref.n_prompt]), steps=ref.n_steps, device=device, dtype=dtype,
-                      sites=sites, faults=faults, kv_type=rec.engine.get("kv_type", "f16"), local=local)
-    net = model if model is not None else model_for(req, ref)
-    recorded = ref.sites()
-    if sites:
-        filt = SiteFilter(sites)
-    else:
-        filt = None if len(recorded) == len(all_sites(ref.n_layer)) else SiteFilter(",".join(recorded))
-    ours = run_ours(net, ref, faults, filt)
-    check_compatible(ref, ours, rec.path, "our model")
-    loc = run_ours(net, ref, faults, filt, anchor=ref) if local else None
-    cmp = compare_runs(rec, ours, loc, dtype=dtype)
-    cmp.meta["faults"] = [f.name for f in faults]
-    return Drilldown(DiffResult(cmp, ref, ours, loc), gguf=gguf, request=req)
+    gguf = os.fspath(gguf) if gguf is not None else locate_gguf(rec)
+    result, req = replay(rec, gguf, _faults(inject), device, dtype, sites=sites, local=local, model=model)
+    return Drilldown(result, gguf=gguf, request=req)
 
 
 def drilldown_recorded(reference, candidate) -> Drilldown:

@@ -5,8 +5,9 @@ PyTorch model on the recorded tokens, built from the GGUF the run was recorded o
 the recorded path or given explicitly, and checked by sha256) or the path of another trace. For
 the torch candidate it also measures local errors by anchoring every op on the recorded
 reference's inputs, exactly as ``llamadiff report`` does against a live llama.cpp, so the verdict
-names the op at fault. Outputs for CI systems: :func:`junit_xml` (one test case per layer,
-plus the global sites, each failure carrying its first failing row) and :func:`markdown_summary`.
+names the op at fault (:func:`replay`, which the notebook's ``drilldown(ref=RUN)`` runs too).
+Outputs for CI systems: :func:`junit_xml` (one test case per layer, plus the global sites, each
+failure carrying its first failing row) and :func:`markdown_summary`.
 """
 from __future__ import annotations
 
@@ -136,28 +137,43 @@ def run_gate(run_path, candidate: str = "torch", model: str | None = None, fault
         warnings = _provenance_warnings(run, cand.provenance, cmp)
         return GateResult(run, cmp, cand.path, None, [], time.time() - t0, warnings)
 
-    from harness.diff import DiffRequest, model_for, run_ours
-    from harness.sites import SiteFilter, all_sites
     gguf = locate_gguf(run, model)
-    ref = run.trace
-    req = DiffRequest(gguf, tokens=ref.tokens[:ref.n_prompt], steps=ref.n_steps, device=device, dtype=dtype,
-                      faults=faults, kv_type=run.engine.get("kv_type", "f16"))
-    net = model_for(req, ref)
+    cmp = replay(run, gguf, faults, device, dtype)[0].comparison
+    desc = f"torch {dtype} on {device}" + (f" with faults {', '.join(cmp.meta['faults'])}" if faults else "")
+    warnings = _provenance_warnings(run, torch_provenance(run, device), cmp)
+    return GateResult(run, cmp, desc, gguf, cmp.meta["faults"], time.time() - t0, warnings)
+
+
+def replay(run: RecordedRun, gguf: str, faults=(), device: str = "cpu", dtype: str = "float32",
+           sites: str | None = None, local: bool = True, model=None):
+    """Our model against a recorded reference run: built from ``gguf`` (or ``model``, already
+    loaded) to mirror the recorded backend and KV type, run on the run's tokens with ``faults``
+    over the recorded sites (or those matching ``sites``), end to end and, with ``local``, anchored
+    on the recorded tensors, then compared (:func:`~harness.runs.store.compare_runs`). What the torch
+    candidate of ``llamadiff gate`` and the notebook's ``drilldown(ref=RUN)`` run. Returns
+    ``(DiffResult, DiffRequest)``; RunError when the model does not fit the run."""
+    from harness.diff import DiffRequest, DiffResult, model_for, run_ours
+    from harness.sites import SiteFilter, all_sites
+    faults, ref = list(faults), run.trace
+    req = DiffRequest(gguf, tokens=list(ref.tokens[:ref.n_prompt]), steps=ref.n_steps, device=device, dtype=dtype,
+                      sites=sites, faults=faults, kv_type=run.engine.get("kv_type", "f16"), local=local)
+    net = model if model is not None else model_for(req, ref)
     cfg = net.config
     if cfg.n_layer != ref.n_layer:
         raise RunError(f"{gguf} has {cfg.n_layer} layers, the run {ref.n_layer}")
     if max(ref.tokens) >= cfg.n_vocab:
         raise RunError(f"the run's token {max(ref.tokens)} is outside {gguf}'s vocabulary ({cfg.n_vocab})")
-    sites = ref.sites()
-    filt = None if len(sites) == len(all_sites(ref.n_layer)) else SiteFilter(",".join(sites))
+    if sites:
+        filt = SiteFilter(sites)
+    else:
+        recorded = ref.sites()
+        filt = None if len(recorded) == len(all_sites(ref.n_layer)) else SiteFilter(",".join(recorded))
     ours = run_ours(net, ref, faults, filt)
     check_compatible(ref, ours, run.path, "our model")
-    local = run_ours(net, ref, faults, filt, anchor=ref)
-    cmp = compare_runs(run, ours, local, dtype=dtype)
+    loc = run_ours(net, ref, faults, filt, anchor=ref) if local else None
+    cmp = compare_runs(run, ours, loc, dtype=dtype)
     cmp.meta["faults"] = [f.name for f in faults]
-    desc = f"torch {dtype} on {device}" + (f" with faults {', '.join(cmp.meta['faults'])}" if faults else "")
-    warnings = _provenance_warnings(run, torch_provenance(run, device), cmp)
-    return GateResult(run, cmp, desc, gguf, cmp.meta["faults"], time.time() - t0, warnings)
+    return DiffResult(cmp, ref, ours, loc), req
 
 
 def torch_provenance(run: RecordedRun, device: str = "cpu") -> dict:
