@@ -4,7 +4,7 @@ A 24-layer model with tiny dimensions (so compute is small and what is timed is 
 and per-site Python overhead that also dominates the GPU report) runs a prefill + decode steps with
 every site captured, as ``diff_on_device`` does. Reported: best and median over repeats of this
 process's CPU time (1 torch thread; CPU rather than wall time, so a busy machine disturbs it less):
-  plain             ``Qwen2.run``, no hooks
+  plain             ``Model.run``, no hooks
   sink              ``run_with_cache`` into a sink that drops each tensor
   anchored          the same, anchored on a reference trace (the local-error pass)
   compare per-pair  a Comparator fed every pair of both passes, then its table, one pair at a time

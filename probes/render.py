@@ -183,4 +183,4 @@ def render_faults(faults, fmt: str = "table", color: bool = False) -> str:
     if fmt == "markdown":
         return "\n".join(["# llamadiff faults", ""] + _md_table(FAULT_COLUMNS, cells)) + "\n"
     return _table_text("registered faults (llamadiff zoo runs them all)", FAULT_COLUMNS, cells, [None] * len(cells),
-                       [], ["user faults: --inject module:function@site-pattern (see probes/faults.py)"], color)
+                       [], ["user faults: --inject module:function@site-pattern (see harness/ours/inject.py)"], color)

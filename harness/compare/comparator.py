@@ -70,7 +70,7 @@ def _values(s: PairStats) -> tuple:
 
 class Comparator:
     """Builds a Comparison one tensor pair at a time, so tensors can be dropped as they are
-    compared (the streaming GPU path) or fed from whole traces (:func:`compare`).
+    compared (the streaming GPU path) or fed from whole traces (:func:`compare_traces`).
 
     ``batched``: queue pairs and reduce them in segmented batches, brought to the host together
     in :meth:`result`; None (default) does so for GPU tensors and compares CPU pairs at once."""

@@ -126,7 +126,7 @@ class Drilldown:
         return list(dict.fromkeys(self.comparison.table["site"]))
 
     def summary(self) -> DiffTable:
-        """One row per layer: worst errors, failures (render.layer_summary)."""
+        """One row per layer: worst errors, failures (:func:`harness.report.text.layer_summary`)."""
         from harness.report.text import layer_summary
         return diff_table(layer_summary(self.comparison))
 

@@ -16,7 +16,7 @@ Write a module anywhere on ``sys.path`` (``PYTHONPATH=.`` for the current folder
 function ``fn(x, ctx) -> Tensor | None``. ``x`` is the activation at the site, ``ctx`` a
 :class:`harness.ours.hooks.HookContext`: ``ctx.site`` ("blk.3.q"), ``ctx.layer``, ``ctx.step`` (0 =
 prefill), ``ctx.pos`` (position of the step's first token), ``ctx.inputs`` (the op's inputs, e.g.
-``ctx.inputs["x"]`` and ``ctx.inputs["weight"]`` for a matmul site; see harness/model.py) and
+``ctx.inputs["x"]`` and ``ctx.inputs["weight"]`` for a matmul site; see harness/ours/model.py) and
 ``ctx.model``. Return a tensor of x's shape to replace the activation, or None to leave it::
 
     # mybugs.py

@@ -7,7 +7,7 @@ the run (site names, fault names, token text, file names) goes through :func:`es
 
 The first divergence is also written as data attributes of ``<section id="first-divergence">``
 (``data-site``, ``data-step``, ``data-layer``, ``data-kind``) so that tools (and the tests) can
-read it back without scraping prose; it is the same as ``render.to_dict(...)["first_divergence"]``.
+read it back without scraping prose; it is the same as ``harness.report.text.to_dict(...)["first_divergence"]``.
 """
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ def first_html(cmp: Comparison) -> str:
 
 def render_html(res, vocab: list[str] | None = None, title: str = "llamadiff report", plots: bool = True) -> str:
     """The whole report of a :class:`~harness.diff.DiffResult` (or a notebook ``Drilldown``) as one
-    self-contained HTML document. ``vocab`` (``gguf_io.read_tokens``) labels logit outliers with
+    self-contained HTML document. ``vocab`` (``harness.gguf.load.read_tokens``) labels logit outliers with
     their text (a ``Drilldown`` brings its own); ``plots=False`` leaves the images out (faster)."""
     if vocab is None:
         vocab = getattr(res, "vocab", None)

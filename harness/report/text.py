@@ -1,4 +1,4 @@
-"""Everything that turns results into text: rich tables, markdown, JSON. The only place that prints."""
+"""A comparison as text: rich tables, markdown, JSON. Functions return strings; the CLI prints them."""
 from __future__ import annotations
 
 import io
