@@ -11,7 +11,7 @@ T      tokens processed in this step (prompt length at prefill, 1 at decode)
 P      cached positions attended over (positions before this step + T)
 D      hidden size (``embedding_length``)
 F      feed-forward size (``feed_forward_length``)
-H      query heads; ``Hkv`` key/value heads; ``Dh`` head size (D // H)
+H      query heads; ``Hkv`` key/value heads; ``Dh`` head size (``attention.key_length``, else D // H)
 V      vocabulary size (rows of the output matrix)
 =====  ============================================================
 
@@ -59,6 +59,10 @@ SITES: tuple[SiteSpec, ...] = (
     _S("v_proj", True, ("T", "Hkv", "Dh"), "matmul", ("attn_norm",), "Vcur", "MUL_MAT",
        "x @ Wv^T, before the bias"),
     _S("v", True, ("T", "Hkv", "Dh"), "bias", ("v_proj",), "Vcur", "ADD", "v_proj + bv"),
+    _S("q_norm", True, ("T", "H", "Dh"), "norm", ("q_proj",), "Qcur_normed", "MUL",
+       "RMSNorm of each query head over Dh * attn_q_norm.weight, before RoPE (qwen3)"),
+    _S("k_norm", True, ("T", "Hkv", "Dh"), "norm", ("k_proj",), "Kcur_normed", "MUL",
+       "RMSNorm of each key head over Dh * attn_k_norm.weight, before RoPE (qwen3)"),
     _S("q_rope", True, ("T", "H", "Dh"), "rope", ("q",), "Qcur", "ROPE",
        "RoPE (NEOX pairing: dim j with j + Dh/2) at the token positions"),
     _S("k_rope", True, ("T", "Hkv", "Dh"), "rope", ("k",), "Kcur", "ROPE", "RoPE of k"),
@@ -132,11 +136,12 @@ def order_key(name: str, n_layer: int) -> tuple[int, int]:
     return layer, _ORDER[spec.key]
 
 
-def input_sites(name: str) -> list[str]:
-    """Full names of the sites the op at ``name`` reads ("@in" is the layer's input)."""
+def input_sites(name: str, inputs: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """Full names of the sites the op at ``name`` reads ("@in" is the layer's input);
+    ``inputs``: an architecture's overrides of the table's ``inputs`` (``ArchSpec.inputs``)."""
     layer, spec = parse_site(name)
     out = []
-    for key in spec.inputs:
+    for key in (inputs or {}).get(spec.key, spec.inputs):
         if key == "@in":
             if layer is None:   # output_norm reads the last layer's l_out; unknown here
                 continue

@@ -42,10 +42,11 @@ class Preset:
     n_regular: int        # byte tokens + merged tokens
     n_special: int        # leading entries of SPECIAL_TOKENS that follow the regular vocab
     arch: str = "qwen2"   # general.architecture (harness.gguf.arch.ARCHS)
+    key_length: int | None = None   # head size written as attention.key_length/value_length (qwen3)
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.key_length or self.d_model // self.n_head
 
     def config(self):
         """The :class:`harness.gguf.load.ModelConfig` a file written from this preset loads as
@@ -55,7 +56,7 @@ class Preset:
         return ModelConfig(n_layer=self.n_layer, d_model=self.d_model, d_ff=self.d_ff,
                            n_head=self.n_head, n_head_kv=self.n_head_kv, rope_base=f32(self.rope_base),
                            rms_eps=f32(self.rms_eps), n_ctx=self.n_ctx, n_vocab=self.n_vocab,
-                           architecture=self.arch)
+                           key_length=self.key_length, architecture=self.arch)
 
 
 PRESETS: dict[str, Preset] = {
@@ -68,8 +69,18 @@ PRESETS: dict[str, Preset] = {
     "qwen2.5-7b": Preset(n_layer=28, d_model=3584, d_ff=18944, n_head=28, n_head_kv=4,
                          n_vocab=152064, n_ctx=32768, rope_base=1e6, rms_eps=1e-6, tied=False,
                          n_regular=151643, n_special=22),
+    # Qwen3: no QKV biases, per-head Q/K norms, head size 128 from attention.key_length
+    "tiny-qwen3": Preset(n_layer=3, d_model=256, d_ff=512, n_head=4, n_head_kv=2, n_vocab=1024,
+                         n_ctx=2048, rope_base=1e6, rms_eps=1e-6, tied=True, n_regular=1000, n_special=3,
+                         arch="qwen3", key_length=128),
+    "qwen3-0.6b": Preset(n_layer=28, d_model=1024, d_ff=3072, n_head=16, n_head_kv=8,
+                         n_vocab=151936, n_ctx=40960, rope_base=1e6, rms_eps=1e-6, tied=True,
+                         n_regular=151643, n_special=22, arch="qwen3", key_length=128),
+    "qwen3-8b": Preset(n_layer=36, d_model=4096, d_ff=12288, n_head=32, n_head_kv=8,
+                       n_vocab=151936, n_ctx=40960, rope_base=1e6, rms_eps=1e-6, tied=False,
+                       n_regular=151643, n_special=22, arch="qwen3", key_length=128),
 }
-_F16_BASE = {"qwen2.5-7b"}   # presets quantized from an F16 (not F32) file, to halve the temp file
+_F16_BASE = {"qwen2.5-7b", "qwen3-8b"}   # presets quantized from an F16 (not F32) file, to halve the temp file
 WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_k_m")
 
 # Qwen2.5's added tokens, in id order. The first three are the ones llama.cpp's chat/eos logic uses.
@@ -247,6 +258,9 @@ def _write_float(path: str, preset: Preset, name: str, float_dtype, seed: int, t
     w.add_feed_forward_length(preset.d_ff)
     w.add_head_count(preset.n_head)
     w.add_head_count_kv(preset.n_head_kv)
+    if preset.key_length is not None:
+        w.add_key_length(preset.key_length)
+        w.add_value_length(preset.key_length)
     w.add_rope_freq_base(preset.rope_base)
     w.add_layer_norm_rms_eps(preset.rms_eps)
     w.add_tokenizer_model("gpt2")

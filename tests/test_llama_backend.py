@@ -7,6 +7,7 @@ pytest.importorskip("llama_cpp")
 from harness.llama.runner import LlamaError, LlamaOptions, LlamaRunner  # noqa: E402
 from harness.llama.worker import capture, observer_check  # noqa: E402
 from harness.ours.model import load_model  # noqa: E402
+from harness.gguf.arch import QWEN2  # noqa: E402
 from harness.sites import SiteFilter, all_sites, parse_site, shape_of  # noqa: E402
 from harness.synth import write_synthetic  # noqa: E402
 
@@ -59,7 +60,7 @@ def worst_by_key(trace, ref, keys=None):
 
 def test_every_site_every_step_with_canonical_shapes(tiny, runner_f32, trace_f32):
     cfg = runner_f32.config
-    names = all_sites(cfg.n_layer)
+    names = all_sites(cfg.n_layer, cfg.spec.sites)
     assert set(trace_f32.tensors) == {(s, n) for s in range(STEPS + 1) for n in names}
     assert trace_f32.meta["unavailable"] == []
     assert trace_f32.n_prompt == len(PROMPT) and len(trace_f32.tokens) == len(PROMPT) + STEPS
@@ -170,7 +171,7 @@ def test_flash_attention_reports_scores_unavailable(tiny, trace_f16):
     missing = [f"blk.{i}.{k}" for i in range(n_layer) for k in ("kq", "attn_weights")]
     assert sorted(tr.meta["unavailable"]) == sorted(missing)
     assert all("flash" in tr.meta["unavailable_reason"][n] for n in missing)
-    names = [n for n in all_sites(n_layer) if n not in missing]
+    names = [n for n in all_sites(n_layer, QWEN2.sites) if n not in missing]
     assert set(tr.tensors) == {(s, n) for s in range(STEPS + 1) for n in names}
     assert tr.meta["flash_attn"] is True
     assert rel(tr[STEPS, "logits"], trace_f16[STEPS, "logits"]) < 1e-2

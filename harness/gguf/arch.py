@@ -34,6 +34,8 @@ class ArchSpec:
     qkv_bias: bool = True                      # attn_q/k/v biases added after the projections
     optional: frozenset[str] = frozenset({"output.weight"})   # tensors a file may omit (tied embeddings)
     global_tensors: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(GLOBAL_TENSORS))
+    inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)   # site key -> its inputs, where
+                                                                       # they differ from the site table
 
     @property
     def prefix(self) -> str:
@@ -46,9 +48,21 @@ class ArchSpec:
         return {k: by_key[k] for k in self.sites}
 
 
-QWEN2 = ArchSpec(name="qwen2", layer_tensors=QWEN2_LAYER_TENSORS, sites=tuple(s.key for s in SITES))
+QWEN2 = ArchSpec(name="qwen2", layer_tensors=QWEN2_LAYER_TENSORS,
+                 sites=tuple(s.key for s in SITES if s.key not in ("q_norm", "k_norm")))
 
-ARCHS: dict[str, ArchSpec] = {QWEN2.name: QWEN2}
+# Qwen3 (llama.cpp src/models/qwen3.cpp): no QKV biases; per-head RMSNorm of q and k (weights of
+# size head_dim) before NEOX RoPE; head size from attention.key_length (128 on Qwen3-0.6B, where
+# d_model / n_head = 64); output.weight optional (tied embeddings on the small models).
+QWEN3 = ArchSpec(
+    name="qwen3",
+    layer_tensors={**{k: v for k, v in QWEN2_LAYER_TENSORS.items() if not k.endswith(".bias")},
+                   "attn_q_norm.weight": ("Dh",), "attn_k_norm.weight": ("Dh",)},
+    sites=tuple(s.key for s in SITES if s.key not in ("q", "k", "v")),
+    qk_norm=True, qkv_bias=False,
+    inputs={"q_rope": ("q_norm",), "k_rope": ("k_norm",), "kqv": ("attn_weights", "v_proj")})
+
+ARCHS: dict[str, ArchSpec] = {QWEN2.name: QWEN2, QWEN3.name: QWEN3}
 
 
 def supported() -> str:

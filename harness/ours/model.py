@@ -1,4 +1,4 @@
-"""The model in PyTorch (qwen2 today; what differs by architecture comes from its
+"""The model in PyTorch (qwen2, qwen3; what differs by architecture comes from its
 :class:`~harness.gguf.arch.ArchSpec`), one small class per block, a hook point at every site of
 harness.sites that the architecture has.
 
@@ -137,6 +137,8 @@ class Attention(nn.Module):
         self.mv, self.bv = mm[p + "attn_v.weight"], w[p + "attn_v.bias"] if bias else None
         self.mo = mm[p + "attn_output.weight"]
         self.rope = ROPE[cfg.spec.rope]
+        qk = cfg.spec.qk_norm                # per-head RMSNorm of q and k before RoPE (qwen3)
+        self.q_norm_w, self.k_norm_w = (w[p + "attn_q_norm.weight"], w[p + "attn_k_norm.weight"]) if qk else (None, None)
 
     def _qkv(self, x, name, mat, bias, nh):
         T, Dh = x.shape[0], self.cfg.head_dim
@@ -145,11 +147,17 @@ class Attention(nn.Module):
             return proj
         return self.hp[name](proj + bias.view(nh, Dh), x=proj, bias=bias)
 
+    def _head_norm(self, name: str, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        if weight is None:
+            return x
+        eps = self.cfg.rms_eps
+        return self.hp[name](rms_norm(x, weight, eps), x=x, weight=weight, eps=eps)   # over Dh, per head
+
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, mask: torch.Tensor, rope: tuple):
         cfg, hp, T = self.cfg, self.hp, x.shape[0]
         H, Hkv = cfg.n_head, cfg.n_head_kv
-        q = self._qkv(x, "q", self.mq, self.bq, H)                             # (T, H, Dh)
-        k = self._qkv(x, "k", self.mk, self.bk, Hkv)                           # (T, Hkv, Dh)
+        q = self._head_norm("q_norm", self._qkv(x, "q", self.mq, self.bq, H), self.q_norm_w)   # (T, H, Dh)
+        k = self._head_norm("k_norm", self._qkv(x, "k", self.mk, self.bk, Hkv), self.k_norm_w)  # (T, Hkv, Dh)
         v = self._qkv(x, "v", self.mv, self.bv, Hkv)                           # (T, Hkv, Dh)
         m, base = self.mirror, cfg.rope_base
         q = hp["q_rope"](self.rope(q, pos, base, m, rope), x=q, pos=pos, base=base, mirror=m)
@@ -209,9 +217,9 @@ class Model(nn.Module):
         super().__init__()
         self.gguf, self.config = gm, gm.config
         w, cfg = gm.weights, gm.config
-        if cfg.spec.qk_norm or cfg.spec.rope not in ROPE:
-            raise GGUFError(f"{gm.path}: architecture {cfg.architecture!r} needs per-head Q/K norms or "
-                            f"{cfg.spec.rope} RoPE, which our model does not implement yet")
+        if cfg.spec.rope not in ROPE:
+            raise GGUFError(f"{gm.path}: architecture {cfg.architecture!r} needs {cfg.spec.rope} RoPE, "
+                            "which our model does not implement yet")
         self.manager = HookManager(self)
         self.kv_dtype, self.mirror = kv_dtype, mirror
         mm = {n: MatMul(t, act_rounder(gm.types.get(n), mirror) if mirror else None)
