@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,10 +85,16 @@ class GGUFModel:
     types: dict[str, str] = field(default_factory=dict)  # GGUF tensor name -> "Q4_K", "F32", ...
     tied: bool = False                        # no output.weight: logits use token_embd.weight
 
+    file_type: str | None = None              # general.file_type as llama.cpp names it ("Q4_K_M")
+
     @property
     def weight_type(self) -> str:
         """The type of the attention/FFN matrices (what the tolerance policy keys on)."""
         return self.types.get("blk.0.ffn_down.weight") or self.types.get("token_embd.weight", "F32")
+
+    def type_mix(self) -> dict[str, int]:
+        """Tensor type -> how many tensors have it, most common first."""
+        return dict(Counter(self.types.values()).most_common())
 
 
 _META = {  # config field -> (metadata key suffix, python type)
@@ -155,6 +162,36 @@ def read_config(hdr, path: str) -> ModelConfig:
         raise GGUFError(f"{path}: inconsistent heads: embedding_length {cfg.d_model}, "
                         f"head_count {cfg.n_head}, head_count_kv {cfg.n_head_kv}")
     return cfg
+
+
+def file_type_name(hdr) -> str | None:
+    """``general.file_type`` as llama.cpp names it (``MOSTLY_Q4_K_M`` -> ``Q4_K_M``), or None."""
+    value = hdr.fields.get("general.file_type")
+    if value is None:
+        return None
+    from gguf import LlamaFileType
+    try:
+        return LlamaFileType(int(value)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (ValueError, TypeError):
+        return f"file type {value}"
+
+
+def check_forward_metadata(hdr, cfg: ModelConfig, path: str) -> None:
+    """Refuse, in one line naming the key, metadata that makes llama.cpp compute a forward pass our
+    model does not: RoPE scaling (linear factor, YaRN, LongRoPE), RoPE over part of the head, a
+    value head size other than the key's. Keys that only concern tokenization or chat (template,
+    BOS/EOS flags) are llama.cpp's side: both engines run on the tokens llama.cpp makes."""
+    p, f = cfg.spec.prefix, hdr.fields
+    why = "our model implements plain RoPE over the whole head and equal K/V head sizes"
+    checks = [(f"{p}.rope.scaling.type", lambda v: str(v) in ("none", "linear")),
+              (f"{p}.rope.scaling.factor", lambda v: float(v) in (0.0, 1.0)),
+              (f"{p}.rope.scale_linear", lambda v: float(v) in (0.0, 1.0)),
+              (f"{p}.rope.dimension_count", lambda v: int(v) == cfg.head_dim),
+              (f"{p}.attention.value_length", lambda v: int(v) == cfg.head_dim)]
+    for key, ok in checks:
+        if key in f and not ok(f[key]):
+            raise GGUFError(f"{path}: {key} = {f[key]!r} is not supported ({why}); llamadiff refuses "
+                            "rather than compare a different model than llama.cpp runs")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -231,6 +268,7 @@ def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
     path = os.fspath(path)
     hdr = open_gguf(path)
     cfg = read_config(hdr, path)
+    check_forward_metadata(hdr, cfg, path)
     by_name = {t.name: t for t in hdr.tensors}
     shapes = expected_shapes(cfg)
     shapes.update({n: want for n, want in optional_shapes(cfg).items() if n in by_name})
@@ -252,7 +290,8 @@ def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
         if w is None:
             w = torch.from_numpy(np.ascontiguousarray(_dequantize(t, raw, path), dtype=np.float32))
         weights[name] = w.to(device=device, dtype=dtype)
-    return GGUFModel(path=path, config=cfg, weights=weights, types={n: types[n] for n in shapes}, tied=tied)
+    return GGUFModel(path=path, config=cfg, weights=weights, types={n: types[n] for n in shapes}, tied=tied,
+                     file_type=file_type_name(hdr))
 
 
 def float_bytes(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> int:
