@@ -111,7 +111,7 @@ def _run_errors(fn):
 
 
 def cmd_record(args) -> int:
-    from harness.runs.store import human_bytes, record
+    from harness.runs.record import human_bytes, record
     if (args.prompt is None) == (args.tokens is None):
         raise UsageError("give exactly one of --prompt TEXT or --tokens 1,2,3")
     if args.steps < 0:

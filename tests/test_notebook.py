@@ -12,6 +12,7 @@ pytest.importorskip("llama_cpp")
 
 import harness  # noqa: E402
 from harness.notebook import run as notebook  # noqa: E402
+from harness.notebook.storage import LazyTensors  # noqa: E402
 from harness.sites import SiteError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,14 +127,14 @@ def test_inject_forms(tiny_f32):
 def test_save_and_load_without_recomputing(run, tmp_path):
     path = run.save(tmp_path / "saved")
     back = notebook.load(path)
-    assert isinstance(back.ref.tensors, notebook.LazyTensors)          # read on demand
+    assert isinstance(back.ref.tensors, LazyTensors)          # read on demand
     pd.testing.assert_frame_equal(back.comparison.table, run.comparison.table)
     assert back.first.where == run.first.where and back.first.explanation == run.first.explanation
     assert back.comparison.first_e2e == run.comparison.first_e2e
     assert torch.equal(back["blk.0.q", 1].local, run["blk.0.q", 1].local)
     assert back.worst("blk.0.q", k=2).equals(run.worst("blk.0.q", k=2))
     again = harness.drilldown(tiny_f32_path(run), ref=path, inject=["drop_qkv_bias"])   # llama.cpp not rerun
-    assert again.first.where == run.first.where and again.ref.tensors.__class__ is notebook.LazyTensors
+    assert again.first.where == run.first.where and again.ref.tensors.__class__ is LazyTensors
 
 
 def tiny_f32_path(run):
@@ -147,10 +148,10 @@ def test_from_traces(run):
 
 
 def test_recorded_reference_run(run, tmp_path):
-    runs = pytest.importorskip("harness.runs.store")
-    rec = runs.record(run.gguf, "tiny", prompt=PROMPT, steps=1, out_dir=tmp_path, sites="blk.0.*,logits")
+    from harness.runs.record import record
+    rec = record(run.gguf, "tiny", prompt=PROMPT, steps=1, out_dir=tmp_path, sites="blk.0.*,logits")
     got = harness.drilldown(ref=rec.path, inject=["drop_qkv_bias"])         # the GGUF comes from the manifest
-    assert isinstance(got.ref.tensors, notebook.LazyTensors)
+    assert isinstance(got.ref.tensors, LazyTensors)
     assert got.first.where == (0, 0, "blk.0.q") and got.tokens == rec.manifest["tokens"]
     assert set(got.sites()) == {n for _, n in got.ref.keys()} and "blk.1.q" not in got.sites()
     assert not harness.drilldown(run.gguf, ref=rec.path, local=False).diverged

@@ -7,7 +7,8 @@ import pytest
 from harness.cli import main
 from harness.provenance import (CPU_MODEL_NOTE, EXTRA_BUFTS_NOTE, ISA_FLAGS, cpu_info, from_engine, machine_provenance,
                                 numerics_differences, summary_line)
-from harness.runs.store import load_run, record
+from harness.runs.record import record
+from harness.runs.store import load_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F32_RUN = os.path.join(ROOT, "reference_runs", "tiny-f32")

@@ -14,8 +14,8 @@ import torch
 from harness import sites
 from harness.cli import main
 from harness.gguf.load import ModelConfig
-from harness.runs.store import (RunError, estimate_size, load_run, load_tensor, read_manifest, record, run_size,
-                          write_trace)
+from harness.runs.record import estimate_size, record, run_size
+from harness.runs.store import RunError, load_run, load_tensor, read_manifest, write_trace
 from harness.sites import SiteFilter
 from harness.runs.writer import GLOBAL_LAYOUTS, LAYER_LAYOUTS, TraceWriteError, TraceWriter
 
