@@ -167,7 +167,7 @@ def replay(run: RecordedRun, gguf: str, faults=(), device: str = "cpu", dtype: s
         filt = SiteFilter(sites)
     else:
         recorded = ref.sites()
-        filt = None if len(recorded) == len(all_sites(ref.n_layer)) else SiteFilter(",".join(recorded))
+        filt = None if len(recorded) == len(all_sites(ref.n_layer, cfg.spec.sites)) else SiteFilter(",".join(recorded))
     ours = run_ours(net, ref, faults, filt)
     check_compatible(ref, ours, run.path, "our model")
     loc = run_ours(net, ref, faults, filt, anchor=ref) if local else None

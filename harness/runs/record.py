@@ -49,7 +49,7 @@ def estimate_size(cfg, n_prompt: int, steps: int, filt: SiteFilter | None = None
     for step in range(steps + 1):
         T = n_prompt if step == 0 else 1
         dims = cfg.dims(T, (0 if step == 0 else n_prompt + step - 1) + T)
-        for site in all_sites(cfg.n_layer):
+        for site in all_sites(cfg.n_layer, cfg.spec.sites):
             if filt.wants(step, site):
                 item = 2 if dtype == "float16" and parse_site(site)[1].key not in KEEP_FLOAT32 else 4
                 total += math.prod(shape_of(site, dims)) * item + 160   # + header and manifest entry
@@ -160,7 +160,8 @@ def record(gguf, name: str, tokens: list[int] | None = None, prompt: str | None 
         try:
             trace = runner.run(toks, steps, sink=lambda s, n, t: writer.add(s, n, t.numpy()), filt=filt)
             meta = trace.meta
-            recorded = sorted({k[1] for k in writer.seen}, key=lambda n: all_sites(cfg.n_layer).index(n))
+            order = all_sites(cfg.n_layer, cfg.spec.sites)
+            recorded = sorted({k[1] for k in writer.seen}, key=order.index)
             writer.close(
                 tokens=trace.tokens, name=name,
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
