@@ -67,3 +67,22 @@ def test_an_architecture_our_model_lacks_is_refused_in_one_line(monkeypatch, tmp
     path = rewrite(tiny_f32, tmp_path / "normrope.gguf", arch="normrope")
     with pytest.raises(GGUFError, match="'normrope' needs norm RoPE, which our model does not implement yet"):
         load_model(path)
+
+
+def test_qwen3_every_site_matches_llama_cpp(synth_dir):
+    """tiny-qwen3 (head size 128 from key_length, d_model / n_head = 64): llama.cpp's graph has
+    every qwen3 site (Qcur_normed / Kcur_normed for the head norms, no bias adds), and our model
+    agrees with it site by site (F32 weights, F32 KV cache)."""
+    from harness.gguf.arch import QWEN3
+    from harness.llama.runner import LlamaOptions, LlamaRunner
+    from harness.synth import default_fixture
+    path = default_fixture("f32", preset="tiny-qwen3", seed=0, cache_dir=synth_dir)
+    with LlamaRunner(path, LlamaOptions(device="cpu", kv_type="f32", isolate=False)) as r:
+        ref = r.run(PROMPT, 2)
+    assert ref.meta["unavailable"] == [] and r.config.head_dim == 128 and r.config.d_model // r.config.n_head == 64
+    names = all_sites(3, QWEN3.sites)
+    assert set(ref.tensors) == {(s, n) for s in range(3) for n in names}
+    ours = load_model(path).run_with_cache(ref.tokens[:len(PROMPT)], 2, ref.tokens[len(PROMPT):])
+    for key, x in ref.items():
+        rel = float((ours[key].double() - x.double()).norm() / x.double().norm())
+        assert rel < 2e-6, (key, rel)

@@ -1,4 +1,5 @@
-"""Independent check of the PyTorch Qwen2: same weights through Hugging Face transformers' Qwen2."""
+"""Independent check of our PyTorch model: same weights through Hugging Face transformers' Qwen2
+and Qwen3 (per-head Q/K norms, head size 128 where d_model / n_head is 64)."""
 import pytest
 import torch
 
@@ -12,19 +13,25 @@ STEPS = 4
 
 def _hf_model(model):
     cfg, w = model.config, model.gguf.weights
-    hf_cfg = transformers.Qwen2Config(
+    common = dict(
         vocab_size=cfg.n_vocab, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head_kv,
         rms_norm_eps=cfg.rms_eps, rope_theta=cfg.rope_base, max_position_embeddings=cfg.n_ctx,
         tie_word_embeddings=model.gguf.tied, use_sliding_window=False, attn_implementation="eager")
-    hf = transformers.Qwen2ForCausalLM(hf_cfg).eval()
+    if cfg.architecture == "qwen3":
+        hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=cfg.head_dim, **common)).eval()
+    else:
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)).eval()
     sd = {"model.embed_tokens.weight": w["token_embd.weight"], "model.norm.weight": w["output_norm.weight"],
           "lm_head.weight": w["token_embd.weight"] if model.gguf.tied else w["output.weight"]}
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     for i in range(cfg.n_layer):
         for hf_name, g in names.items():
+            if f"blk.{i}.{g}.weight" not in w:         # q/k norms: qwen3 only
+                continue
             sd[f"model.layers.{i}.{hf_name}.weight"] = w[f"blk.{i}.{g}.weight"]
             if f"blk.{i}.{g}.bias" in w:
                 sd[f"model.layers.{i}.{hf_name}.bias"] = w[f"blk.{i}.{g}.bias"]
@@ -37,9 +44,16 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_logits_and_hidden_states_match_transformers(tiny_f32, tiny_tied_f32, tied):
-    model = load_model(tiny_tied_f32 if tied else tiny_f32)
+@pytest.fixture(scope="module")
+def tiny_qwen3(synth_dir):
+    from harness.synth import default_fixture
+    return default_fixture("f32", preset="tiny-qwen3", seed=0, cache_dir=synth_dir)
+
+
+@pytest.mark.parametrize("case", ["qwen2", "qwen2-tied", "qwen3"])
+def test_logits_and_hidden_states_match_transformers(tiny_f32, tiny_tied_f32, tiny_qwen3, case):
+    model = load_model({"qwen2": tiny_f32, "qwen2-tied": tiny_tied_f32, "qwen3": tiny_qwen3}[case])
+    assert model.config.architecture == case.split("-")[0]
     hf = _hf_model(model)
     trace = model.run_with_cache(PROMPT, steps=STEPS)
     tokens = trace.tokens
