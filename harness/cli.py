@@ -183,7 +183,8 @@ def cmd_zoo(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from probes.checks import CheckError, probe
+    from probes.checks import probe
+    from probes.context import CheckError
     from probes.render import render_probes
     checks = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else None
     try:

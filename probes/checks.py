@@ -5,8 +5,8 @@ model's or llama.cpp's) plus what the GGUF says (config, and for the layout prob
 and returns plain records ``dict(name, site, step, passed, value, threshold, detail)``; ``value``
 is the measured violation (bigger is worse), ``passed`` is ``value <= threshold``. A probe
 *fires* when any of its records fails. ``run_checks`` runs them all; ``summarize`` keeps one
-row per probe (its worst record); ``probe_trace`` makes a trace to probe (llama.cpp's, or ours
-with faults injected). Thresholds are properties of the invariant (float32 rounding, softmax
+row per probe (its worst record); ``probe`` makes a trace to probe (llama.cpp's, or ours with
+faults injected: :func:`probes.context.probe_trace`) and runs them. Thresholds are properties of the invariant (float32 rounding, softmax
 underflow, angle precision), not tuned to the fixtures.
 
 =================  ============================================================  ====================
@@ -37,12 +37,12 @@ probe only catches blow-ups; the residual adds themselves are checked exactly in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from harness.gguf.load import GGUFModel
+from probes.context import CheckError, ProbeContext, check_record, layer_sites, probe_trace, step_positions
 
 # thresholds (see each check's docstring for where they come from)
 ROW_SUM_TOL = 1e-4            # float32 softmax rows sum to 1 within ~P * 1e-7
@@ -55,66 +55,20 @@ RESIDUAL_TOL = 1e-4           # relative error of a float32 add
 LAYOUT_TOL = 0.05             # relative error within which a layout "reproduces" a matmul output
 
 
-def _rec(name, site, step, value, threshold, detail, passed=None) -> dict:
-    value = float(value)
-    if passed is None:
-        passed = bool(value <= threshold)          # NaN fails
-    return dict(name=name, site=site, step=int(step), passed=bool(passed), value=value,
-                threshold=float(threshold), detail=detail)
-
-
-@dataclass
-class ProbeContext:
-    """What the checks may know besides the trace: the GGUF's config, and (lazily) its weights."""
-    cfg: object
-    gguf_path: str | None = None
-    _weights: GGUFModel | None = field(default=None, repr=False)
-
-    @classmethod
-    def of(cls, model_or_path) -> "ProbeContext":
-        if isinstance(model_or_path, ProbeContext):
-            return model_or_path
-        if isinstance(model_or_path, GGUFModel):
-            return cls(model_or_path.config, model_or_path.path, model_or_path)
-        if hasattr(model_or_path, "gguf") and isinstance(model_or_path.gguf, GGUFModel):   # a Model
-            return cls.of(model_or_path.gguf)
-        from harness.gguf.load import read_config_file
-        path = str(model_or_path)
-        return cls(read_config_file(path), path)
-
-    @property
-    def weights(self) -> GGUFModel:
-        if self._weights is None:
-            from harness.gguf.load import load_gguf
-            self._weights = load_gguf(self.gguf_path)
-        return self._weights
-
-
-def _layer_sites(trace, key: str):
-    """(step, layer, site, tensor) of one per-layer site, in execution order."""
-    for (step, site), t in trace.items():
-        if site.startswith("blk.") and site.endswith("." + key):
-            yield step, int(site.split(".")[1]), site, t
-
-
-def _positions(trace, step: int, T: int) -> torch.Tensor:
-    return torch.arange(trace.start_pos(step), trace.start_pos(step) + T)
-
-
 # -- attention --------------------------------------------------------------------------------
 def check_attention_rows(trace, pc: ProbeContext) -> list[dict]:
     """Each softmax row sums to 1 (float32: within ~P * 1e-7, threshold 1e-4) and gives exactly
     0 to positions after the query's own (the causal mask): value = the larger violation."""
     out = []
-    for step, _, site, w in _layer_sites(trace, "attn_weights"):
+    for step, _, site, w in layer_sites(trace, "attn_weights"):
         H, T, P = w.shape
         w = w.double()
         if not bool(torch.isfinite(w).all()):
             n = int((~torch.isfinite(w)).sum())
-            out.append(_rec("attention_rows", site, step, math.inf, ROW_SUM_TOL, f"{n} non-finite attention weights"))
+            out.append(check_record("attention_rows", site, step, math.inf, ROW_SUM_TOL, f"{n} non-finite attention weights"))
             continue
         dev = (w.sum(-1) - 1).abs()                                         # (H, T)
-        qpos = _positions(trace, step, T)
+        qpos = step_positions(trace, step, T)
         future = torch.arange(P)[None, :] > qpos[:, None]                   # (T, P)
         fut = w.abs() * future
         d, f = float(dev.max()), float(fut.max()) if P else 0.0
@@ -127,7 +81,7 @@ def check_attention_rows(trace, pc: ProbeContext) -> list[dict]:
             detail = f"row of head {h} token {t} sums to {float(w.sum(-1)[h, t]):.6g}, not 1"
         else:
             detail = f"rows sum to 1 within {d:.2g}; future positions 0"
-        out.append(_rec("attention_rows", site, step, max(d, f), ROW_SUM_TOL, detail))
+        out.append(check_record("attention_rows", site, step, max(d, f), ROW_SUM_TOL, detail))
     return out
 
 
@@ -138,7 +92,7 @@ def check_kv_positions(trace, pc: ProbeContext) -> list[dict]:
     maximum cannot come from a softmax with scale <= 1 (e^-80 is far from float32 underflow):
     such a cell was not attended. value = wrong cell counts + skipped cells; threshold 0."""
     out, last_p = [], {}
-    for step, layer, site, w in _layer_sites(trace, "attn_weights"):
+    for step, layer, site, w in layer_sites(trace, "attn_weights"):
         H, T, P = w.shape
         want = trace.start_pos(step) + T
         problems, value = [], 0.0
@@ -154,7 +108,7 @@ def check_kv_positions(trace, pc: ProbeContext) -> list[dict]:
             value += abs(P - last_p[layer][1] - 1)
         last_p[layer] = (step, P)
         if kq is not None and kq.shape == w.shape and bool(torch.isfinite(kq).all()):
-            qpos = _positions(trace, step, T)
+            qpos = step_positions(trace, step, T)
             visible = torch.arange(P)[None, None, :] <= qpos[None, :, None]          # (1, T, P)
             gap = kq.double().amax(-1, keepdim=True) - kq.double()
             skipped = visible & (w == 0) & (gap < UNDERFLOW_GAP)
@@ -167,7 +121,7 @@ def check_kv_positions(trace, pc: ProbeContext) -> list[dict]:
                                 f"their scores are close to the row maximum: the KV length is not advancing")
                 value += n
         detail = "; ".join(problems) or f"{P} cells = n_prompt {trace.n_prompt} + step {step}, all read"
-        out.append(_rec("kv_positions", site, step, value, 0.0, detail))
+        out.append(check_record("kv_positions", site, step, value, 0.0, detail))
     return out
 
 
@@ -186,7 +140,7 @@ def _wrap(a: torch.Tensor) -> torch.Tensor:
 def _rope_pairs(trace):
     """(step, layer, site, z_in, z_out) for q_rope and k_rope sites whose input is in the trace."""
     for key, src in (("q_rope", "q"), ("k_rope", "k")):
-        for step, layer, site, y in _layer_sites(trace, key):
+        for step, layer, site, y in layer_sites(trace, key):
             x = trace.tensors.get((step, f"blk.{layer}.{src}"))
             if x is not None and x.shape == y.shape:
                 yield step, layer, site, _pairs(x), _pairs(y)
@@ -218,7 +172,7 @@ def check_rope_pair_norm(trace, pc: ProbeContext) -> list[dict]:
                       f"-> {float(no[t, h, j]):.4g}: not a rotation of NEOX pairs (interleaved pairing?)")
         else:
             detail = f"pair norms preserved within {v:.2g}"
-        out.append(_rec("rope_pair_norm", site, step, v, PAIR_NORM_TOL, detail))
+        out.append(check_record("rope_pair_norm", site, step, v, PAIR_NORM_TOL, detail))
     return out
 
 
@@ -228,7 +182,7 @@ def _angle_table(trace):
     for step, layer, site, zi, zo in _rope_pairs(trace):
         phi, ok = _angles(zi, zo)
         key = (layer, site.rsplit(".", 1)[1])
-        for t, p in enumerate(_positions(trace, step, zi.shape[0]).tolist()):
+        for t, p in enumerate(step_positions(trace, step, zi.shape[0]).tolist()):
             by_pos.setdefault(key, {})[p] = (phi[t], ok[t])
             sites.setdefault((step, site, key), []).append(p)
     return by_pos, sites
@@ -240,7 +194,7 @@ def _angle_check(name: str, trace, omega_of: Callable, what: str, hint: str, lab
     for (step, site, key), positions in sites.items():
         omega = omega_of(by_pos[key])
         if omega is None:
-            out.append(_rec(name, site, step, 0.0, ANGLE_TOL, "needs the angles at position 1 (two tokens)"))
+            out.append(check_record(name, site, step, 0.0, ANGLE_TOL, "needs the angles at position 1 (two tokens)"))
             continue
         worst, where = 0.0, None
         for p in positions:
@@ -255,7 +209,7 @@ def _angle_check(name: str, trace, omega_of: Callable, what: str, hint: str, lab
                       f"{float(_wrap(p * omega[j])):.4f}: {hint}")
         else:
             detail = f"angles match {label} within {worst:.2g} rad"
-        out.append(_rec(name, site, step, worst, ANGLE_TOL, detail))
+        out.append(check_record(name, site, step, worst, ANGLE_TOL, detail))
     return out
 
 
@@ -289,7 +243,7 @@ def check_logit_spikes(trace, pc: ProbeContext) -> list[dict]:
     """No logit far outside its row's distribution: robust z = (x - median) / (1.4826 MAD) per
     token row; value = the largest |z| (threshold 20: random and trained heads alike stay well
     below; garbage rows, e.g. an uninitialized padded vocabulary tail, do not)."""
-    from harness.ours.inject import padded_vocab_tail
+    from harness.ours.faults import padded_vocab_tail
     tail = padded_vocab_tail(pc.gguf_path) if pc.gguf_path else None
     out = []
     for (step, site), lg in trace.items():
@@ -298,7 +252,7 @@ def check_logit_spikes(trace, pc: ProbeContext) -> list[dict]:
         x = lg.double()
         if not bool(torch.isfinite(x).all()):
             n = int((~torch.isfinite(x)).sum())
-            out.append(_rec("logit_spikes", site, step, math.inf, SPIKE_Z, f"{n} non-finite logits"))
+            out.append(check_record("logit_spikes", site, step, math.inf, SPIKE_Z, f"{n} non-finite logits"))
             continue
         med = x.median(-1, keepdim=True).values
         mad = (x - med).abs().median(-1, keepdim=True).values * 1.4826
@@ -312,7 +266,7 @@ def check_logit_spikes(trace, pc: ProbeContext) -> list[dict]:
                       f"{v:.0f} (row median {float(med[t]):.3g}, MAD {float(mad[t]):.3g})")
         else:
             detail = f"largest robust z {v:.1f} (token {tok})"
-        out.append(_rec("logit_spikes", site, step, v, SPIKE_Z, detail))
+        out.append(check_record("logit_spikes", site, step, v, SPIKE_Z, detail))
     return out
 
 
@@ -349,7 +303,7 @@ def check_hidden_norms(trace, pc: ProbeContext) -> list[dict]:
                           f"cosine {cos:.2f}) at token {t}")
         if worst <= NORM_JUMP:
             detail = f"largest jump x{worst:.3g}: {detail}"
-        out.append(_rec("hidden_norms", site, step, worst, NORM_JUMP, detail))
+        out.append(check_record("hidden_norms", site, step, worst, NORM_JUMP, detail))
     return out
 
 
@@ -357,7 +311,7 @@ def check_residual_adds(trace, pc: ProbeContext) -> list[dict]:
     """The residual adds hold exactly: ffn_inp = layer input + attn_out and l_out = ffn_inp +
     ffn_out (float32 adds; threshold 1e-4 relative). value = the worse relative error."""
     out = []
-    for step, layer, site, r in _layer_sites(trace, "ffn_inp"):
+    for step, layer, site, r in layer_sites(trace, "ffn_inp"):
         g = trace.tensors.get
         x_in = g((step, "embd" if layer == 0 else f"blk.{layer - 1}.l_out"))
         a, f, lo = (g((step, f"blk.{layer}.{k}")) for k in ("attn_out", "ffn_out", "l_out"))
@@ -374,7 +328,7 @@ def check_residual_adds(trace, pc: ProbeContext) -> list[dict]:
         v = v if math.isfinite(v) else math.inf
         detail = f"{what} (relative error {v:.3g}): residual connection dropped?" if v > RESIDUAL_TOL \
             else f"residual adds exact within {v:.2g}"
-        out.append(_rec("residual_adds", where, step, v, RESIDUAL_TOL, detail))
+        out.append(check_record("residual_adds", where, step, v, RESIDUAL_TOL, detail))
     return out
 
 
@@ -464,7 +418,7 @@ def check_matmul_layout(trace, pc: ProbeContext) -> list[dict]:
             else:
                 tried = ", ".join(f"{r[0]} {r[2]:.2g}" for r in results)
                 detail = f"no candidate layout of {wname} reproduces it ({tried})"
-        out.append(_rec("matmul_layout", site, step, stored, LAYOUT_TOL, detail))
+        out.append(check_record("matmul_layout", site, step, stored, LAYOUT_TOL, detail))
     return out
 
 
@@ -479,10 +433,6 @@ CHECKS: dict[str, Callable] = {
     "residual_adds": check_residual_adds,
     "matmul_layout": check_matmul_layout,
 }
-
-
-class CheckError(ValueError):
-    """Unknown probe name; one-line message."""
 
 
 def run_checks(trace, model_or_path, checks=None) -> list[dict]:
@@ -521,50 +471,6 @@ def summarize(records: list[dict], checks=None) -> list[dict]:
                          step=worst["step"], value=worst["value"], threshold=worst["threshold"],
                          detail=worst["detail"]))
     return rows
-
-
-# -- making a trace to probe ------------------------------------------------------------------
-DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog"
-
-
-def probe_trace(gguf: str, source: str = "torch", tokens: list[int] | None = None, prompt: str | None = None,
-                steps: int = 3, faults=(), device: str = "cpu", extra_bufts: bool = False):
-    """``(trace, model_or_path)`` to probe: llama.cpp's trace (``source="llama"``) or our PyTorch
-    model's with ``faults`` injected (``"torch"``: greedy decoding, an F16 KV cache like
-    llama.cpp's default). A text prompt is tokenized by llama.cpp; neither: DEFAULT_PROMPT."""
-    from harness.llama.runner import LlamaOptions
-    from harness.llama.worker import n_ctx_needed, open_runner
-    opts = LlamaOptions(device=device, extra_bufts=extra_bufts)
-    if source not in ("torch", "llama"):
-        raise CheckError(f"unknown source {source!r} (torch or llama)")
-    if steps < 0:
-        raise CheckError(f"steps must be >= 0, got {steps}")
-    if tokens is None and prompt is None:
-        prompt = DEFAULT_PROMPT
-    if source == "llama":
-        if faults:
-            raise CheckError("faults can only be injected into the PyTorch model (source torch)")
-        with open_runner(gguf, opts, n_ctx_needed(tokens if tokens else prompt, steps) + 1) as r:
-            toks = list(tokens) if tokens else r.tokenize(prompt)
-            return r.run(toks, steps), gguf
-    from harness.ours.model import load_model
-    from harness.sites import validate_pattern
-    model = load_model(gguf, device=device, kv_dtype=torch.float16)
-    if tokens is None:
-        with open_runner(gguf, LlamaOptions(device="cpu", extra_bufts=extra_bufts),
-                         n_ctx_needed(prompt, 0)) as r:
-            tokens = r.tokenize(prompt)
-    tokens = [int(t) for t in tokens]
-    if not tokens:
-        raise CheckError("empty prompt: give at least one token")
-    bad = [t for t in tokens if not 0 <= t < model.config.n_vocab]
-    if bad:
-        raise CheckError(f"token id {bad[0]} out of range (vocabulary has {model.config.n_vocab} tokens)")
-    for f in faults:
-        validate_pattern(f.patterns, model.config.n_layer)
-    with model.hooks([h for f in faults for h in f.hooks]):
-        trace = model.run_with_cache(tokens, steps)
-    return trace, model
 
 
 def probe(gguf: str, source: str = "torch", tokens: list[int] | None = None, prompt: str | None = None,

@@ -20,7 +20,7 @@ from harness.gguf.load import read_config_file
 from harness.diff import DiffRequest, capture_reference, diff_gguf, model_for
 from harness.sites import validate_pattern
 
-from probes.checks import DEFAULT_PROMPT
+from probes.context import DEFAULT_PROMPT
 from harness.ours.inject import REGISTRY, Fault, RunInfo, get_fault
 
 CLEAN_NAME = "(clean)"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from harness.cli import main
-from probes.checks import CHECKS, fired, probe_trace, run_checks, summarize
+from probes.checks import CHECKS, fired, run_checks, summarize
+from probes.context import probe_trace
 from harness.ours.inject import REGISTRY, Fault
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]

@@ -172,7 +172,7 @@ def test_zoo_markdown_and_faults_list(tiny_f32, capsys):
     (["zoo", "{f32}", "--tokens", "1,99999"], "out of range"),
     (["zoo", "{f32}", "--tokens", "1", "--faults", "no_such_fault"], "unknown fault"),
     (["zoo", "{f32}", "--tokens", "1", "--faults", "no_such_module_xyz:fn@blk.*.q"], "cannot load fault"),
-    (["zoo", "{f32}", "--tokens", "1", "--faults", "harness.ours.inject:drop_qkv_bias@blk.*.nope"], "matches no site"),
+    (["zoo", "{f32}", "--tokens", "1", "--faults", "harness.ours.faults:drop_qkv_bias@blk.*.nope"], "matches no site"),
     (["zoo", "{f32}", "--tokens", "1", "--format", "pdf"], None),
 ])
 def test_zoo_bad_input_exits_2(tiny_f32, capsys, argv, message):
