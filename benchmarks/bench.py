@@ -73,7 +73,7 @@ def child_capture(gguf: str, T: int, steps: int, repeats: int) -> dict:
     plain = _median(lambda: runner.logits_plain(prompt, steps, toks), repeats)
     drop = lambda step, site, t: None  # noqa: E731
     dev = _median(lambda: runner.run(prompt, steps, toks, sink=drop), repeats)
-    runner._capture.on_device = False      # the naive path: every tensor copied to host
+    runner.on_device = False      # the naive path: every tensor copied to host
     host = _median(lambda: runner.run(prompt, steps, toks, sink=drop), repeats)
     return dict(plain_s=plain, cap_dev_s=dev, cap_host_s=host)
 

@@ -81,7 +81,7 @@ def cmd_report(args) -> int:
     _check_report_args(args)
     cfg = read_config_file(args.model)
     if args.sites:
-        validate_pattern(args.sites, cfg.n_layer)
+        validate_pattern(args.sites, cfg.n_layer, cfg.spec.sites)
     req = DiffRequest(args.model, prompt=args.prompt, tokens=parse_tokens(args.tokens) if args.tokens else None,
                       steps=args.steps, device=args.device, dtype=args.dtype, sites=args.sites,
                       faults=_faults(args.inject), kv_type=args.kv_type, lazy_weights=args.lazy_weights,

@@ -18,7 +18,7 @@ V      vocabulary size (rows of the output matrix)
 llama.cpp columns: ``llama_name`` is the graph name without the ``-{i}`` layer suffix and
 ``llama_op`` the ``ggml_op`` name that tells apart nodes sharing a name (``Qcur-0`` labels the
 MUL_MAT, the bias ADD, a RESHAPE and the ROPE). ``attn_out`` has no name in llama.cpp's graph:
-it is the MUL_MAT whose weight operand is ``blk.{i}.attn_output.weight`` (see ``llama_capture``).
+it is the MUL_MAT whose weight operand is ``blk.{i}.attn_output.weight`` (see :mod:`harness.llama.capture`).
 """
 from __future__ import annotations
 
@@ -187,9 +187,10 @@ class SiteFilter:
         return (self.steps is None or step in self.steps) and self.wants_site(name)
 
 
-def validate_pattern(pattern: str, n_layer: int) -> None:
-    """Raise SiteError when a site pattern matches no site at all (a typo)."""
-    names = all_sites(n_layer)
+def validate_pattern(pattern: str, n_layer: int, keys: tuple[str, ...] | None = None) -> None:
+    """Raise SiteError when a site pattern matches no site at all (a typo); ``keys``: the
+    architecture's sites (``ArchSpec.sites``), so that e.g. ``blk.*.q_norm`` is refused on qwen2."""
+    names = all_sites(n_layer, keys)
     for p in split_patterns(pattern):
         if not any(fnmatch.fnmatchcase(n, p) for n in names):
             raise SiteError(f"site pattern {p!r} matches no site (e.g. 'blk.*.q', 'logits')")

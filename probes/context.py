@@ -101,7 +101,7 @@ def probe_trace(gguf: str, source: str = "torch", tokens: list[int] | None = Non
     if bad:
         raise CheckError(f"token id {bad[0]} out of range (vocabulary has {model.config.n_vocab} tokens)")
     for f in faults:
-        validate_pattern(f.patterns, model.config.n_layer)
+        validate_pattern(f.patterns, model.config.n_layer, model.config.spec.sites)
     with model.hooks([h for f in faults for h in f.hooks]):
         trace = model.run_with_cache(tokens, steps)
     return trace, model

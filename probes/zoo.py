@@ -103,7 +103,7 @@ def run_zoo(gguf: str, tokens: list[int] | None = None, prompt: str | None = Non
                       kv_type=kv_type, extra_bufts=extra_bufts)
     cfg = read_config_file(str(gguf))
     for f in todo:
-        validate_pattern(f.patterns, cfg.n_layer)             # a user fault's typo: SiteError, before any work
+        validate_pattern(f.patterns, cfg.n_layer, cfg.spec.sites)             # a user fault's typo: SiteError, before any work
     t0 = time.perf_counter()
     ref = ref if ref is not None else capture_reference(req)
     t_ref = time.perf_counter() - t0

@@ -82,7 +82,7 @@ def test_lazy_weights_on_cuda_equal_eager_and_capture_equals_host_copy(synth_dir
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a.keys())
     with LlamaRunner(path, LlamaOptions(device="cuda", keep_on_device=True), 64) as r:
         dev = r.run(PROMPT, 2)
-        r._capture.on_device = False
+        r.on_device = False
         host = r.run(PROMPT, 2)
     assert dev.keys() == host.keys() and len(dev) == 3 * (3 * 20 + 3)
     assert all(dev[k].is_cuda and not host[k].is_cuda and torch.equal(dev[k].cpu(), host[k]) for k in dev.keys())

@@ -10,7 +10,7 @@ type, ``ne`` and ``nb``. Turning records into canonical site tensors and handing
 happens after the step's ``llama_decode`` returns (:meth:`Capture.finish_step`). Measured on an
 H100 (Qwen2.5-0.5B shapes, 483 nodes per step): a callback that only says yes to those nodes
 already costs ~15 us per node over a plain decode (graph split + device synchronize); this one
-adds ~25 us (copy ~12 us); the previous one, building a torch tensor inside the callback, ~100 us.
+adds ~25 us (copy ~12 us).
 
 Graph nodes are matched by name *and* op (``Qcur-0`` labels a MUL_MAT, an ADD, a RESHAPE and a
 ROPE), see the ``llama_name``/``llama_op`` columns of :mod:`harness.sites`. ``attn_out`` (the

@@ -155,6 +155,16 @@ class LlamaRunner:
             meta["device_name"] = ", ".join(gpu_device_names(self.g.lib)) or "?"
         return meta
 
+    @property
+    def on_device(self) -> bool:
+        """Whether captured nodes stay on the GPU (``keep_on_device`` on a CUDA build); set it to
+        False to copy them to the host instead (the naive path, for comparisons)."""
+        return self._capture.on_device
+
+    @on_device.setter
+    def on_device(self, value: bool) -> None:
+        self._capture.on_device = bool(value)
+
     def close(self) -> None:
         lc = getattr(self, "lc", None)
         if lc is None:

@@ -324,7 +324,8 @@ def drilldown(gguf: str | os.PathLike | None = None, prompt: str | None = None, 
     if sites:
         from harness.gguf.load import read_config_file
         from harness.sites import validate_pattern
-        validate_pattern(sites, read_config_file(gguf).n_layer)
+        cfg = read_config_file(gguf)
+        validate_pattern(sites, cfg.n_layer, cfg.spec.sites)
     req = DiffRequest(gguf, prompt=prompt, tokens=list(tokens) if tokens is not None else None, steps=steps,
                       device=device, dtype=dtype, sites=sites, faults=_faults(inject), kv_type=kv_type,
                       flash_attn=flash_attn, local=local, extra_bufts=extra_bufts, isolate=isolate)

@@ -131,7 +131,7 @@ def record(gguf, name: str, tokens: list[int] | None = None, prompt: str | None 
         raise RunError(f"steps must be >= 0, got {steps}")
     cfg = read_config_file(gguf)
     if sites:
-        validate_pattern(sites, cfg.n_layer)
+        validate_pattern(sites, cfg.n_layer, cfg.spec.sites)
     if layers is not None:
         bad = [i for i in layers if not 0 <= i < cfg.n_layer]
         if bad or not layers:
