@@ -324,6 +324,8 @@ class Model(nn.Module):
                 "kv_dtype": str(self.kv_dtype).replace("torch.", "") if self.kv_dtype else None,
                 "mirror": self.mirror,
                 "weight_type": self.gguf.weight_type, "gguf": os.path.basename(self.gguf.path),
+                "architecture": self.config.architecture, "file_type": self.gguf.file_type,
+                "type_mix": self.gguf.type_mix(),
                 "machine": machine_provenance(self.device)}
 
 
