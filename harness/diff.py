@@ -55,7 +55,15 @@ def llama_options(req: DiffRequest, **kw) -> LlamaOptions:
 def capture_reference(req: DiffRequest) -> Trace:
     with open_runner(req.gguf, llama_options(req), n_ctx_needed=_ctx_needed(req)) as runner:
         prompt = list(req.tokens) if req.tokens else runner.tokenize(req.prompt or "")
-        return runner.run(prompt, req.steps, filt=SiteFilter(req.sites) if req.sites else None)
+        return with_architecture(runner.run(prompt, req.steps, filt=SiteFilter(req.sites) if req.sites else None),
+                                 runner)
+
+
+def with_architecture(trace: Trace, runner) -> Trace:
+    """``trace`` (llama.cpp's) with the architecture of the GGUF it ran in its meta, so that a
+    comparison on it alone knows the op inputs (harness.gguf.arch.ArchSpec.inputs)."""
+    trace.meta.setdefault("architecture", runner.config.architecture)
+    return trace
 
 
 def run_ours(model: Model, ref: Trace, faults=(), filt: SiteFilter | None = None,
@@ -117,7 +125,7 @@ def diff_on_device(req: DiffRequest, model: Model | None = None, runner=None,
         runner = runner or open_runner(req.gguf, opts, n_ctx_needed=_ctx_needed(req))
         try:
             prompt = list(req.tokens) if req.tokens else runner.tokenize(req.prompt or "")
-            ref = runner.run(prompt, req.steps, filt=filt)
+            ref = with_architecture(runner.run(prompt, req.steps, filt=filt), runner)
         finally:
             if own:
                 runner.close()

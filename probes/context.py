@@ -86,7 +86,9 @@ def probe_trace(gguf: str, source: str = "torch", tokens: list[int] | None = Non
             raise CheckError("faults can only be injected into the PyTorch model (source torch)")
         with open_runner(gguf, opts, n_ctx_needed(tokens if tokens else prompt, steps) + 1) as r:
             toks = list(tokens) if tokens else r.tokenize(prompt)
-            return r.run(toks, steps), gguf
+            trace = r.run(toks, steps)
+            trace.meta.setdefault("architecture", r.config.architecture)
+            return trace, gguf
     from harness.ours.model import load_model
     from harness.sites import validate_pattern
     model = load_model(gguf, device=device, kv_dtype=torch.float16)

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from harness.compare.metrics import PairStats, batch_stats, finish_many, logit_stats, optimistic_stats, pair_stats, stats_vector
+from harness.gguf.arch import ARCHS, ArchSpec
 from harness.sites import DIM_NAMES, SITES, SiteSpec, input_sites, parse_site
 from harness.compare.tolerance import Policy, Tol
 from harness.trace import Trace
@@ -232,8 +233,11 @@ class Comparator:
         table = pd.DataFrame([self.rows[k] for k in keys])
         if len(table) and "local_passed" not in table:
             table["local_passed"] = pd.NA
-        first = _first_divergence(table, self.has_local, ref.meta.get("source") or "the reference")
+        spec = trace_arch(ours_meta, ref.meta, {k[1] for k in keys})
+        first = _first_divergence(table, self.has_local, ref.meta.get("source") or "the reference",
+                                  spec.inputs if spec is not None else None)
         meta = dict(ours=ours_meta, ref=ref.meta, tokens=ref.tokens, n_prompt=ref.n_prompt,
+                    architecture=spec.name if spec is not None else None,
                     policy=self.policy.describe(), compared=len(table), missing_in_ours=len(ref) - len(table))
         return Comparison(table, pd.DataFrame(self.logit_rows), pd.DataFrame(self.spikes), first,
                           _first(table, "passed"), meta)
@@ -259,7 +263,29 @@ def _first(table: pd.DataFrame, col: str):
     return None if bad.empty else (int(bad.iloc[0]["step"]), bad.iloc[0]["site"])
 
 
-def _first_divergence(table: pd.DataFrame, has_local: bool, ref_name: str) -> FirstDivergence | None:
+def trace_arch(ours_meta: dict | None, ref_meta: dict | None, sites=()) -> ArchSpec | None:
+    """The architecture two traces were run on, whose op inputs explain a divergence
+    (``ArchSpec.inputs``: on qwen3, q_rope reads q_norm): the one either meta names
+    (``architecture``: our model's describe(), a recorded run's config), else the first
+    registered architecture that has every site key of ``sites`` (an engine's dump without
+    the key), else None."""
+    for meta in (ours_meta or {}, ref_meta or {}):
+        spec = ARCHS.get(str(meta.get("architecture")))
+        if spec is not None:
+            return spec
+    keys = {parse_site(n)[1].key for n in sites}
+    return next((a for a in ARCHS.values() if keys and keys <= set(a.sites)), None)
+
+
+def op_inputs(meta: dict) -> dict[str, tuple[str, ...]] | None:
+    """The op-input overrides (``ArchSpec.inputs``) of a Comparison's architecture (its
+    ``meta["architecture"]``, else what its traces' metas name), for :func:`harness.sites.input_sites`."""
+    spec = ARCHS.get(str(meta.get("architecture"))) or trace_arch(meta.get("ours"), meta.get("ref"))
+    return spec.inputs if spec is not None else None
+
+
+def _first_divergence(table: pd.DataFrame, has_local: bool, ref_name: str,
+                      op_in: dict[str, tuple[str, ...]] | None = None) -> FirstDivergence | None:
     col = "local_passed" if has_local else "passed"
     hit = _first(table, col)
     if hit is None:
@@ -268,7 +294,7 @@ def _first_divergence(table: pd.DataFrame, has_local: bool, ref_name: str) -> Fi
     rows = {(r["step"], r["site"]): r for r in table.to_dict("records")}
     row = rows[(step, site)]
     inputs = []
-    for name in input_sites(site):
+    for name in input_sites(site, op_in):
         r = rows.get((step, name))
         if r is not None:
             inputs.append(dict(site=name, passed=bool(r["passed"]), rel_l2=r["rel_l2"],

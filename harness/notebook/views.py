@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from harness.compare.comparator import FirstDivergence, step_label
+from harness.compare.comparator import FirstDivergence, op_inputs, step_label
 from harness.compare.metrics import abs_error
 from harness.report.html import CSS, esc, first_html, frame_html
 from harness.sites import DIM_NAMES, input_sites, order_key, parse_site
@@ -217,7 +217,7 @@ def _hints(p: SitePair, local: bool) -> list[str]:
         out.append(f"{nonfin} more non-finite elements in ours than in the reference")
     # the op looks skipped: our output equals one of its inputs (local: the reference's input)
     src = p.run.ref if local else p.run.ours
-    for name in input_sites(p.site):
+    for name in input_sites(p.site, op_inputs(p.run.comparison.meta)):
         if src is not None and (p.step, name) in src:
             x = src[p.step, name].float()
             if _close(ours.reshape(x.shape) if ours.numel() == x.numel() else ours, x):
@@ -303,7 +303,7 @@ class FirstView:
         t = self.run.comparison.table
         at = t[t["step"] == self.step]
         names = list(at["site"])
-        inputs = [n for n in input_sites(self.site) if n in names]
+        inputs = [n for n in input_sites(self.site, op_inputs(self.run.comparison.meta)) if n in names]
         i = names.index(self.site)
         after = [n for n in names[i + 1:i + 6] if parse_site(n)[0] == self.layer][:4]
         role = {**{n: "input" for n in inputs}, self.site: "first divergence", **{n: "after" for n in after}}
