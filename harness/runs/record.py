@@ -167,7 +167,7 @@ def record(gguf, name: str, tokens: list[int] | None = None, prompt: str | None 
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 harness_version=__version__, policy_version=POLICY_VERSION,
                 weight_type=runner.weight_type, gguf=_gguf_info(gguf, runner.weight_type),
-                config={"architecture": "qwen2", **dataclasses.asdict(cfg)}, engine=_engine_info(meta),
+                config=dataclasses.asdict(cfg), engine=_engine_info(meta),
                 selection={"sites": sites, "layers": sorted(layers) if layers is not None else None},
                 sites=recorded, unavailable=meta.get("unavailable", []),
                 unavailable_reason=meta.get("unavailable_reason", {}))

@@ -159,7 +159,9 @@ def _config_dims(m: dict) -> dict[str, int]:
     if isinstance(cfg, dict):
         names = dict(D="d_model", F="d_ff", H="n_head", Hkv="n_head_kv", V="n_vocab")
         out.update({d: cfg[k] for d, k in names.items() if isinstance(cfg.get(k), int)})
-        if "D" in out and out.get("H"):
+        if isinstance(cfg.get("key_length"), int):        # the head size when the file states it (qwen3)
+            out["Dh"] = cfg["key_length"]
+        elif "D" in out and out.get("H"):
             out["Dh"] = out["D"] // out["H"]
     dims = m.get("dims")
     if isinstance(dims, dict):
@@ -232,7 +234,8 @@ def sha256_file(path: str) -> str:
 def _trace_meta(m: dict, path: str, storage: str) -> dict:
     e = m.get("engine") if isinstance(m.get("engine"), dict) else {}
     g = m.get("gguf") if isinstance(m.get("gguf"), dict) else {}
-    meta = {"source": e.get("name", "trace"), "backend": e.get("backend"), "device": e.get("device"),
+    cfg = m.get("config") if isinstance(m.get("config"), dict) else {}
+    meta = {"source": e.get("name", "trace"), "architecture": cfg.get("architecture"), "backend": e.get("backend"), "device": e.get("device"),
             "kv_type": e.get("kv_type"), "flash_attn": e.get("flash_attn"), "extra_bufts": e.get("extra_bufts"),
             "provenance": from_engine(e), "device_name": e.get("device_name"),
             "weight_type": m.get("weight_type") or e.get("weight_type") or g.get("weight_type"),
