@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU-side checks, run on the GPU machine from the repository root:
 #   source .device/setup.sh && bash benchmarks/gpu_checks.sh PHASE
-# PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b. Logs go to $OUT (or /tmp/out).
+# PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b | qwen3. Logs go to $OUT (or /tmp/out).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -31,6 +31,18 @@ gate)
   rm -rf "$OUT/runs" ;;
 bench)
   LIMIT=560 run python benchmarks/bench.py --out "$OUT" ;;
+qwen3)
+  # issue 14 on the GPU: CUDA tolerances for qwen3 (merged into the table), the Qwen3 zoo, and
+  # clean 512-token + 16-step reports of the real-shaped qwen3 and mixed-type qwen2.5 files
+  LIMIT=300 run python -m harness.calibrate --device cuda --preset tiny-qwen3,qwen3-0.6b
+  cp harness/compare/tolerances.json "$OUT/tolerances.json"
+  m=$(fix qwen3-0.6b f16)
+  LIMIT=200 run python -m harness.cli zoo "$m" --device cuda --steps 3
+  p=$(python -c "print(','.join(str(300 + 7 * i) for i in range(512)))")
+  run python -m harness.cli report "$m" --tokens "$p" --steps 16 --device cuda --format markdown --out "$OUT/qwen3-0.6b-f16.md"
+  run python -m harness.cli report "$(fix qwen3-0.6b q4_k_m)" --tokens "$p" --steps 16 --device cuda --format markdown --out "$OUT/qwen3-0.6b-q4_k_m.md"
+  t=$(python -c "from harness.synth import default_fixture as d; print(d('q4_k_m', preset='qwen2.5-0.5b', seed=0, cache_dir='$F', tied=True))")
+  run python -m harness.cli report "$t" --tokens "$p" --steps 16 --device cuda --format markdown --out "$OUT/qwen2.5-0.5b-tied-q4_k_m.md" ;;
 bench7b)
   LIMIT=560 run python benchmarks/bench.py --out "$OUT" --lengths '' --with-7b ;;
 esac; done 2>&1 | tee -a "$OUT/log.txt"
