@@ -78,13 +78,16 @@ def cmd_report(args) -> int:
     from harness.diff import DiffRequest, diff_gguf, diff_on_device
     from harness.report.text import render
     from harness.sites import validate_pattern
+    from harness.ours.inject import check_faults
     _check_report_args(args)
     cfg = read_config_file(args.model)
     if args.sites:
         validate_pattern(args.sites, cfg.n_layer, cfg.spec.sites)
+    faults = _faults(args.inject)
+    check_faults(faults, cfg)                 # before llama.cpp runs: a fault this model cannot have
     req = DiffRequest(args.model, prompt=args.prompt, tokens=parse_tokens(args.tokens) if args.tokens else None,
                       steps=args.steps, device=args.device, dtype=args.dtype, sites=args.sites,
-                      faults=_faults(args.inject), kv_type=args.kv_type, lazy_weights=args.lazy_weights,
+                      faults=faults, kv_type=args.kv_type, lazy_weights=args.lazy_weights,
                       extra_bufts=args.extra_bufts, isolate=not args.in_process)
     res = diff_on_device(req) if args.device == "cuda" else diff_gguf(req)
     fmt = args.format

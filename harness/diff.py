@@ -68,7 +68,10 @@ def with_architecture(trace: Trace, runner) -> Trace:
 
 def run_ours(model: Model, ref: Trace, faults=(), filt: SiteFilter | None = None,
              anchor: Trace | None = None) -> Trace:
-    """Our model with ``faults`` installed, teacher-forced on the reference's tokens."""
+    """Our model with ``faults`` installed, teacher-forced on the reference's tokens
+    (FaultError for a fault that does not exist in the model's architecture)."""
+    from harness.ours.inject import check_faults
+    check_faults(faults, model.config)
     hooks = [h for f in faults for h in f.hooks]
     with model.hooks(hooks):
         return model.run_with_cache(ref.tokens[:ref.n_prompt], ref.n_steps, ref.tokens[ref.n_prompt:],
@@ -142,6 +145,8 @@ def diff_on_device(req: DiffRequest, model: Model | None = None, runner=None,
         if r is not None:
             comp.add_local(step, site, x, r)
 
+    from harness.ours.inject import check_faults
+    check_faults(req.faults, model.config)
     hooks = [h for f in req.faults for h in f.hooks]
     args = (ref.tokens[:ref.n_prompt], ref.n_steps, ref.tokens[ref.n_prompt:])
     with model.hooks(hooks):

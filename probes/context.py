@@ -89,9 +89,10 @@ def probe_trace(gguf: str, source: str = "torch", tokens: list[int] | None = Non
             trace = r.run(toks, steps)
             trace.meta.setdefault("architecture", r.config.architecture)
             return trace, gguf
+    from harness.ours.inject import check_faults
     from harness.ours.model import load_model
-    from harness.sites import validate_pattern
     model = load_model(gguf, device=device, kv_dtype=torch.float16)
+    check_faults(faults, model.config)
     if tokens is None:
         with open_runner(gguf, LlamaOptions(device="cpu", extra_bufts=extra_bufts),
                          n_ctx_needed(prompt, 0)) as r:
@@ -102,8 +103,6 @@ def probe_trace(gguf: str, source: str = "torch", tokens: list[int] | None = Non
     bad = [t for t in tokens if not 0 <= t < model.config.n_vocab]
     if bad:
         raise CheckError(f"token id {bad[0]} out of range (vocabulary has {model.config.n_vocab} tokens)")
-    for f in faults:
-        validate_pattern(f.patterns, model.config.n_layer, model.config.spec.sites)
     with model.hooks([h for f in faults for h in f.hooks]):
         trace = model.run_with_cache(tokens, steps)
     return trace, model

@@ -16,7 +16,8 @@ from harness.report.text import fmt_short, jsonable
 
 from probes.zoo import ZooResult
 
-_STATUS_STYLE = {"hit": "green", "clean": "green", "unscored": "yellow", "miss": "bold red", "false alarm": "bold red"}
+_STATUS_STYLE = {"hit": "green", "clean": "green", "unscored": "yellow", "skipped": "dim", "miss": "bold red",
+                 "false alarm": "bold red"}
 
 
 def _table_text(title: str, columns: list[str], rows: list[list[str]], styles: list[str | None],
@@ -51,7 +52,8 @@ ZOO_COLUMNS = ["fault", "expected location", "found location", "result"]
 
 
 def zoo_verdict(res: ZooResult) -> str:
-    faults = [r for r in res.rows if r["status"] != "clean" and r["status"] != "false alarm"]
+    faults = [r for r in res.rows if r["status"] not in ("clean", "false alarm", "skipped")]
+    skipped = [r["fault"] for r in res.rows if r["status"] == "skipped"]
     hits = sum(r["status"] == "hit" for r in faults)
     scored = sum(r["status"] in ("hit", "miss") for r in faults)
     clean = next((r for r in res.rows if r["status"] in ("clean", "false alarm")), None)
@@ -62,13 +64,16 @@ def zoo_verdict(res: ZooResult) -> str:
     unscored = len(faults) - scored
     if unscored:
         parts.append(f"{unscored} unscored (no expected location)")
+    if skipped:
+        parts.append(f"{len(skipped)} skipped (not for {res.meta.get('architecture') or 'this architecture'})")
     return ("OK: " if res.ok else "FAILED: ") + ", ".join(parts)
 
 
 def _zoo_head(res: ZooResult) -> list[str]:
     m = res.meta
     pol = m.get("policy") or {}
-    return [f"fault zoo on {m.get('gguf', '?')} ({m.get('weight_type', '?')}); tokens {len(m.get('tokens', []))} "
+    arch = f"{m['architecture']}, " if m.get("architecture") else ""
+    return [f"fault zoo on {m.get('gguf', '?')} ({arch}{m.get('weight_type', '?')}); tokens {len(m.get('tokens', []))} "
             f"(prompt {m.get('n_prompt')}), {_steps(m.get('steps'))}; tolerance regime "
             f"{pol.get('regime', '?')} (calibrated from {pol.get('calibrated_from')})"]
 
@@ -81,8 +86,15 @@ def _zoo_foot(res: ZooResult) -> list[str]:
     lines = [zoo_verdict(res)]
     for r in res.failures:
         lines.append(f"  {r['fault']}: expected {r['expected']}, found {r['found']}: {r['explanation']}")
+    groups: dict[tuple, list[str]] = {}
+    for r in res.rows:
+        if r["status"] == "skipped":
+            groups.setdefault((tuple(r.get("architectures") or ()), r.get("arch_note", "")), []).append(r["fault"])
+    for (archs, note), names in groups.items():
+        lines.append(f"  skipped, {', '.join(archs) or 'other'} only: {', '.join(names)}" + (f" ({note})" if note else ""))
+    n = sum(r["status"] != "skipped" for r in res.rows)
     lines.append(f"({res.meta.get('total_seconds', 0):.1f} s: reference captured once in "
-                 f"{res.meta.get('reference_seconds', 0):.1f} s, {len(res.rows)} comparisons)")
+                 f"{res.meta.get('reference_seconds', 0):.1f} s, {n} comparisons)")
     return lines
 
 
@@ -159,7 +171,7 @@ def render_probes(summary: list[dict], records: list[dict], meta: dict, fmt: str
 
 
 # -- fault list -------------------------------------------------------------------------------
-FAULT_COLUMNS = ["fault", "sites", "expected location", "models"]
+FAULT_COLUMNS = ["fault", "architectures", "sites", "expected location", "models"]
 
 
 def first_sentence(doc: str) -> str:
@@ -170,17 +182,36 @@ def first_sentence(doc: str) -> str:
 
 
 def fault_rows(faults) -> list[dict]:
-    return [dict(name=f.name, sites=f.patterns, expected=f.where_doc or "?", min_steps=f.min_steps,
+    return [dict(name=f.name, architectures=list(f.architectures) if f.architectures is not None else None,
+                 arch_note=f.arch_note, sites=f.patterns, expected=f.where_doc or "?", min_steps=f.min_steps,
                  min_prompt=f.min_prompt, summary=first_sentence(f.doc), doc=" ".join(f.doc.split()))
             for f in faults]
+
+
+def _archs_cell(r: dict) -> str:
+    return "all" if r["architectures"] is None else ", ".join(r["architectures"])
+
+
+def _arch_notes(rows: list[dict]) -> list[str]:
+    """One line per group of faults that exist only in some architectures, saying why."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        if r["architectures"] is not None:
+            groups.setdefault((_archs_cell(r), r["arch_note"]), []).append(r["name"])
+    return [f"{archs} only: {', '.join(names)}" + (f": {note}" if note else "") + "; the zoo skips them elsewhere"
+            for (archs, note), names in groups.items()]
 
 
 def render_faults(faults, fmt: str = "table", color: bool = False) -> str:
     rows = fault_rows(faults)
     if fmt == "json":
         return json.dumps(rows, indent=1)
-    cells = [[r["name"], r["sites"], r["expected"], r["summary"]] for r in rows]
+    cells = [[r["name"], _archs_cell(r), r["sites"], r["expected"], r["summary"]] for r in rows]
+    notes = _arch_notes(rows)
     if fmt == "markdown":
-        return "\n".join(["# llamadiff faults", ""] + _md_table(FAULT_COLUMNS, cells)) + "\n"
-    return _table_text("registered faults (llamadiff zoo runs them all)", FAULT_COLUMNS, cells, [None] * len(cells),
-                       [], ["user faults: --inject module:function@site-pattern (see harness/ours/inject.py)"], color)
+        return "\n".join(["# llamadiff faults", ""] + _md_table(FAULT_COLUMNS, cells) + [""] +
+                         [f"- {n}" for n in notes]) + "\n"
+    return _table_text("registered faults (llamadiff zoo runs those of the model's architecture)", FAULT_COLUMNS,
+                       cells, [None] * len(cells), [],
+                       notes + ["user faults: --inject module:function@site-pattern (see harness/ours/inject.py)"],
+                       color)

@@ -7,6 +7,8 @@ plain data (:class:`ZooResult`: one record per fault); ``probes.render`` turns i
 text. A fault is a *hit* when the first divergence is exactly its expected (step, layer, site),
 or when it cannot show in this run (expected None) and nothing diverges; the clean run must
 find nothing (else: *false alarm*). User faults without an expected location are *unscored*.
+A fault that does not exist in the GGUF's architecture (:meth:`Fault.applies_to`: the QKV-bias
+fault on qwen3, the Q/K-norm faults on qwen2) is *skipped*, with the reason, and not scored.
 """
 from __future__ import annotations
 
@@ -21,10 +23,10 @@ from harness.diff import DiffRequest, capture_reference, diff_gguf, model_for
 from harness.sites import validate_pattern
 
 from probes.context import DEFAULT_PROMPT
-from harness.ours.inject import REGISTRY, Fault, RunInfo, get_fault
+from harness.ours.inject import REGISTRY, Fault, RunInfo, get_fault, is_registered
 
 CLEAN_NAME = "(clean)"
-OK_STATUSES = ("hit", "clean", "unscored")
+OK_STATUSES = ("hit", "clean", "unscored", "skipped")
 
 
 def format_location(loc) -> str:
@@ -80,6 +82,12 @@ def _record(name: str, fault: Fault | None, expected, known: bool, res, seconds:
         where_doc=fault.where_doc if fault is not None else "", seconds=round(seconds, 3))
 
 
+def _skipped(fault: Fault, reason: str) -> dict:
+    return dict(fault=fault.name, expected="-", found="-", status="skipped", expected_loc=None, found_loc=None,
+                local_rel_l2=None, tol_rel=None, explanation=reason, where_doc=fault.where_doc, seconds=0.0,
+                architectures=list(fault.architectures or ()), arch_note=fault.arch_note)
+
+
 def resolve_faults(faults=None) -> list[Fault]:
     """Fault records from names, ``module:function@pattern`` specs or Fault objects (all
     registered faults when None)."""
@@ -102,8 +110,10 @@ def run_zoo(gguf: str, tokens: list[int] | None = None, prompt: str | None = Non
     req = DiffRequest(gguf, prompt=prompt, tokens=tokens, steps=steps, device=device, dtype=dtype,
                       kv_type=kv_type, extra_bufts=extra_bufts)
     cfg = read_config_file(str(gguf))
+    skip = {f.name: f.skip_reason(cfg.architecture) for f in todo}
     for f in todo:
-        validate_pattern(f.patterns, cfg.n_layer, cfg.spec.sites)             # a user fault's typo: SiteError, before any work
+        if skip[f.name] is None and not is_registered(f):   # a user fault's typo: SiteError, before any work
+            validate_pattern(f.patterns, cfg.n_layer, cfg.spec.sites)
     t0 = time.perf_counter()
     ref = ref if ref is not None else capture_reference(req)
     t_ref = time.perf_counter() - t0
@@ -112,6 +122,9 @@ def run_zoo(gguf: str, tokens: list[int] | None = None, prompt: str | None = Non
     rows = []
     for fault in [None] + todo:
         name = CLEAN_NAME if fault is None else fault.name
+        if fault is not None and skip[name] is not None:
+            rows.append(_skipped(fault, skip[name]))
+            continue
         if progress is not None:
             progress(name)
         expected, known = None, True
@@ -126,7 +139,7 @@ def run_zoo(gguf: str, tokens: list[int] | None = None, prompt: str | None = Non
         rows.append(_record(name, fault, expected, known, res, time.perf_counter() - t))
         if fault is None:
             clean_policy = res.comparison.meta.get("policy", {})
-    meta = dict(gguf=str(gguf), weight_type=model.gguf.weight_type, tokens=list(ref.tokens),
+    meta = dict(gguf=str(gguf), architecture=cfg.architecture, weight_type=model.gguf.weight_type, tokens=list(ref.tokens),
                 n_prompt=ref.n_prompt, steps=ref.n_steps, policy=clean_policy,
                 reference_seconds=round(t_ref, 3), total_seconds=round(time.perf_counter() - t0, 3))
     return ZooResult(rows, meta)

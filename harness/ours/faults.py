@@ -4,7 +4,8 @@ a real engine bug would.
 The docstring of each hook function says which real-world engine mistake it models and where it
 must be found. Each fault does only what the real bug does: a bug that lives in a kernel every
 layer calls corrupts every layer (so it is found in layer 0), a prefill-only bug leaves decode
-steps alone, and so on. :func:`fault` lists each in :data:`BUILTIN`, from which
+steps alone, a bug of an op only one architecture has exists only there (``architectures``:
+the QKV-bias fault is qwen2's, the per-head Q/K norm and head-size faults are qwen3's), and so on. :func:`fault` lists each in :data:`BUILTIN`, from which
 :mod:`harness.ours.inject` makes its ``REGISTRY`` of :class:`~harness.ours.inject.Fault` records
 (this module does not import it: the expected locations take a ``RunInfo``, duck-typed);
 ``llamadiff faults`` lists them; ``llamadiff zoo MODEL.gguf`` injects each one and checks that it
@@ -25,15 +26,23 @@ from harness.ours.model import rms_norm, rope_angles, rope_neox
 if TYPE_CHECKING:
     from harness.ours.inject import RunInfo
 
-# (name, site pattern, hook, expected, min_steps, min_prompt, where_doc) of every fault, in order
-BUILTIN: list[tuple[str, str, Hook, Callable, int, int, str]] = []
+# The keyword arguments of every fault's harness.ours.inject.Fault record, in order
+BUILTIN: list[dict] = []
+
+QKV_BIAS_ARCHS = ("qwen2",)        # architectures with the QKV bias sites q, k, v
+QK_NORM_ARCHS = ("qwen3",)         # architectures with the per-head Q/K norm sites q_norm, k_norm
+NO_BIAS_NOTE = "needs the QKV bias adds at q/k/v; qwen3 has no QKV biases"
+NO_QK_NORM_NOTE = "needs the per-head Q/K norms at q_norm/k_norm; qwen2 has none"
 
 
 def fault(name: str, pattern: str, expected: Callable, min_steps: int = 0, min_prompt: int = 1,
-          where_doc: str = ""):
-    """Register ``fn`` as fault ``name`` installed at ``pattern``."""
+          where_doc: str = "", architectures: tuple[str, ...] | None = None, arch_note: str = ""):
+    """Register ``fn`` as fault ``name`` installed at ``pattern``; ``architectures``: the only
+    ones it exists in (None: every one), ``arch_note``: why (shown when it is skipped)."""
     def deco(fn: Hook) -> Hook:
-        BUILTIN.append((name, pattern, fn, expected, min_steps, min_prompt, where_doc))
+        BUILTIN.append(dict(name=name, hooks=[(pattern, fn)], expected=expected, doc=(fn.__doc__ or "").strip(),
+                            min_steps=min_steps, min_prompt=min_prompt, where_doc=where_doc,
+                            architectures=architectures, arch_note=arch_note))
         return fn
     return deco
 
@@ -70,7 +79,7 @@ def _decode_only(site: str) -> Callable:
 
 # -- the original four ------------------------------------------------------------------------
 @fault("drop_qkv_bias", "blk.*.q,blk.*.k,blk.*.v", lambda cfg: (0, 0, "blk.0.q"),
-       where_doc="prefill, layer 0, blk.0.q (the bias add)")
+       where_doc="prefill, layer 0, blk.0.q (the bias add)", architectures=QKV_BIAS_ARCHS, arch_note=NO_BIAS_NOTE)
 def drop_qkv_bias(x, ctx):
     """QKV biases switched off ("Qwen2.5 has no QKV biases"): q, k, v are the bare projections,
     so the -14..-34 bias outliers vanish. First wrong op: the bias add of q in layer 0."""
@@ -114,8 +123,9 @@ def qkv_weight_transposed(x, ctx):
     """Row-major vs column-major GEMM mistake in the Q projection: the kernel is told the
     (QD, D) row-major weight buffer is column-major, i.e. it reads the buffer as a (D, QD)
     matrix and computes x @ that instead of x @ Wq^T. Wq is square in Qwen2 (d_model == n_head *
-    head_dim), so nothing fails on shapes: the result is x @ Wq (the weight transposed). Every
-    layer runs the same kernel: first wrong op is q_proj in layer 0 at prefill."""
+    head_dim), so nothing fails on shapes: the result is x @ Wq (the weight transposed); in
+    Qwen3 (n_head * 128 rows, d_model columns) the buffer is read with the wrong leading
+    dimension. Every layer runs the same kernel: first wrong op is q_proj in layer 0 at prefill."""
     w = ctx.inputs["weight"]                                              # (QD, D) as stored
     out = ctx.inputs["x"] @ w.reshape(-1).view(w.shape[1], w.shape[0])   # (T, QD)
     return out.view(x.shape)
@@ -175,7 +185,7 @@ def decode_pos_off_by_one(x, ctx):
        where_doc="prefill, layer 0, blk.0.attn_weights (needs >= 2 attended positions)")
 def attn_no_scale(x, ctx):
     """Missing 1/sqrt(head_dim) scale before the softmax (kq_scale forgotten, or 1.0 passed to
-    ggml_soft_max_ext): scores 8x too sharp for head_dim 64. A softmax over one position is 1
+    ggml_soft_max_ext): scores 8x too sharp for head_dim 64 (11x for qwen3's 128). A softmax over one position is 1
     either way, so it shows where >= 2 positions are attended: prefill of >= 2 tokens, layer 0."""
     return torch.softmax(ctx.inputs["kq"] + ctx.inputs["mask"], dim=-1)
 
@@ -266,14 +276,15 @@ def fp16_softmax_overflow(x, ctx):
 
 
 # -- norms, FFN, residual ---------------------------------------------------------------------
-NORM_SITES = "blk.*.attn_norm,blk.*.ffn_norm,output_norm"
+NORM_SITES = "blk.*.attn_norm,blk.*.q_norm,blk.*.k_norm,blk.*.ffn_norm,output_norm"   # q/k_norm: qwen3
 
 
 @fault("rmsnorm_no_weight", NORM_SITES, lambda cfg: (0, 0, "blk.0.attn_norm"),
        where_doc="prefill, layer 0, blk.0.attn_norm")
 def rmsnorm_no_weight(x, ctx):
     """RMSNorm without its weight (the ggml_mul by attn_norm/ffn_norm/output_norm weight left
-    out): every norm returns x / rms(x). The first norm is layer 0's attn_norm."""
+    out): every norm returns x / rms(x) (qwen3's per-head q/k norms too). The first norm is
+    layer 0's attn_norm."""
     return rms_norm(ctx.inputs["x"], None, ctx.inputs["eps"])
 
 
@@ -286,7 +297,8 @@ WRONG_EPS = 1e-5
 def rmsnorm_eps(x, ctx):
     """RMSNorm with LLaMA's epsilon 1e-5 hard-coded instead of the file's 1e-6. Visible because
     Qwen-like token embeddings are small (rms ~0.02, mean square ~4e-4): 1e-5 vs 1e-6 changes
-    layer 0's normalized input by ~1%. Every norm uses it: first wrong op is blk.0.attn_norm."""
+    layer 0's normalized input by ~1%. Every norm uses it (qwen3's per-head q/k norms too):
+    first wrong op is blk.0.attn_norm."""
     if abs(float(ctx.inputs["eps"]) - WRONG_EPS) <= 1e-9:
         return None
     return rms_norm(ctx.inputs["x"], ctx.inputs["weight"], WRONG_EPS)
@@ -349,3 +361,109 @@ def vocab_tail_garbage(x, ctx):
     out = x.clone()
     out[:, start:] = h @ junk.T
     return out
+
+
+# -- qwen3: the per-head Q/K norms and the head size --------------------------------------------
+def _qwen3_fault(name: str, pattern: str, expected: Callable, where_doc: str, **kw):
+    return fault(name, pattern, expected, where_doc=where_doc, architectures=QK_NORM_ARCHS,
+                 arch_note=NO_QK_NORM_NOTE, **kw)
+
+
+def _head_norm_weight(ctx, which: str) -> torch.Tensor:
+    """Layer ``ctx.layer``'s attn_q_norm / attn_k_norm weight (``which``: "q" or "k")."""
+    return ctx.model.gguf.weights[f"blk.{ctx.layer}.attn_{which}_norm.weight"]
+
+
+def _step_positions(x: torch.Tensor, ctx) -> torch.Tensor:
+    return torch.arange(ctx.pos, ctx.pos + x.shape[0], device=x.device)
+
+
+@_qwen3_fault("qk_norm_whole", "blk.*.q_norm,blk.*.k_norm", lambda cfg: (0, 0, "blk.0.q_norm"),
+              "prefill, layer 0, blk.0.q_norm")
+def qk_norm_whole(x, ctx):
+    """Q/K norm over the whole projection instead of per head: the engine RMS-normalizes q_proj
+    as one (n_head * head_dim) row per token (an ordinary RMSNorm called before the reshape into
+    heads) and then multiplies each head by the head_dim-sized weight, so every head shares one
+    scale instead of having unit RMS. q is normed before k: first wrong op is q_norm in layer 0."""
+    p = ctx.inputs["x"]                                                   # (T, nh, Dh)
+    flat = rms_norm(p.reshape(p.shape[0], -1), None, ctx.inputs["eps"]).view_as(p)
+    return flat * ctx.inputs["weight"]
+
+
+def _norm_after_rope(x, ctx):
+    """At q_norm/k_norm: the engine's norm runs on the roped projection; at q_rope/k_rope: the
+    tensor is already roped (returned as it comes)."""
+    if ctx.site.endswith("_rope"):
+        return ctx.inputs["x"]
+    m = ctx.model
+    roped = rope_neox(ctx.inputs["x"], _step_positions(x, ctx), m.config.rope_base, m.mirror)
+    return rms_norm(roped, ctx.inputs["weight"], ctx.inputs["eps"])
+
+
+@_qwen3_fault("qk_norm_after_rope", "blk.*.q_norm,blk.*.k_norm,blk.*.q_rope,blk.*.k_rope",
+              _positional("q_norm"), "prefill, layer 0, blk.0.q_norm (needs a prompt of >= 2 tokens, "
+              "else decode step 1)", min_prompt=2)
+def qk_norm_after_rope(x, ctx):
+    """Q/K norm applied after RoPE instead of before (the Qwen3 block ported from a Llama one,
+    the norm inserted just before attention): the engine ropes q_proj, then RMS-normalizes
+    and multiplies by attn_q_norm.weight. RoPE keeps each head's norm, but the weight no longer
+    commutes with the rotation (w_j scales dim j after it was mixed with dim j + Dh/2), so the
+    engine's q_norm output differs from norm-then-rope wherever the rotation is not the identity:
+    from the second prefill token on (position 0 is not rotated). First wrong op: q_norm in
+    layer 0 (k_norm after it); with a one-token prompt, decode step 1."""
+    return _norm_after_rope(x, ctx)
+
+
+@_qwen3_fault("k_norm_missing", "blk.*.k_norm", lambda cfg: (0, 0, "blk.0.k_norm"),
+              "prefill, layer 0, blk.0.k_norm")
+def k_norm_missing(x, ctx):
+    """K norm forgotten: the port adds q_norm and misses the k_norm line (or fails to load
+    attn_k_norm.weight and skips it), so k goes to RoPE un-normalized. q is right; first wrong
+    op: k_norm in layer 0 at prefill."""
+    return ctx.inputs["x"]
+
+
+@_qwen3_fault("k_norm_uses_q_weight", "blk.*.k_norm", lambda cfg: (0, 0, "blk.0.k_norm"),
+              "prefill, layer 0, blk.0.k_norm")
+def k_norm_uses_q_weight(x, ctx):
+    """Q norm weight used for K (a copy-paste of the q line: k_norm(k) built with
+    attn_q_norm.weight, or both norms mapped to one tensor name at load): the per-head
+    normalization of k is right, its per-dimension scale is q's. First wrong op: k_norm in
+    layer 0 at prefill."""
+    return rms_norm(ctx.inputs["x"], _head_norm_weight(ctx, "q").to(x), ctx.inputs["eps"])
+
+
+def _head_dim_mismatch(cfg) -> bool:
+    return cfg.head_dim != cfg.d_model // cfg.n_head
+
+
+def _chunks(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(T, nh, Dh) -> (T, nh * Dh / width, width): the heads an engine with head size ``width`` sees."""
+    return x.reshape(x.shape[0], -1, width)
+
+
+@_qwen3_fault("head_dim_from_d_model", "blk.*.q_norm,blk.*.k_norm,blk.*.q_rope,blk.*.k_rope,blk.*.attn_weights",
+              lambda run: (0, 0, "blk.0.q_norm") if _head_dim_mismatch(run.cfg) else None,
+              "prefill, layer 0, blk.0.q_norm (needs attention.key_length != d_model / n_head: "
+              "Qwen3-0.6B and the tiny-qwen3 fixture, 128 vs 64)")
+def head_dim_from_d_model(x, ctx):
+    """Head size taken as d_model / n_head (64 on Qwen3-0.6B) instead of attention.key_length
+    (128): the port ignores key_length, so its per-head ops work on 64-wide chunks of the
+    128-wide heads. The first op that depends on the head size is the per-head Q norm: its RMS
+    is taken over each 64-wide half (then times the 128-wide weight), so it is wrong from the
+    first token on; RoPE then rotates pairs (j, j + 32) of each half at base^(-2j/64), and the
+    softmax scale is 1/sqrt(64). The projections do not depend on the head size, so they match.
+    Invisible where key_length == d_model / n_head (every qwen2 file). First wrong op: q_norm
+    in layer 0 at prefill."""
+    cfg = _cfg(ctx)
+    narrow = cfg.d_model // cfg.n_head
+    if narrow == cfg.head_dim:
+        return None
+    key = ctx.site.rsplit(".", 1)[1]
+    if key == "attn_weights":
+        return torch.softmax(ctx.inputs["kq"] * narrow ** -0.5 + ctx.inputs["mask"], dim=-1)
+    h = ctx.inputs["x"]
+    if key.endswith("_norm"):
+        return rms_norm(_chunks(h, narrow), None, ctx.inputs["eps"]).view_as(h) * ctx.inputs["weight"]
+    return rope_neox(_chunks(h, narrow), ctx.inputs["pos"], ctx.inputs["base"], ctx.inputs.get("mirror")).view_as(h)
+

@@ -6,7 +6,9 @@ first divergent ``(step, layer, site)`` (``layer`` None for global sites), or No
 fault cannot show in that run (a decode-only bug with ``--steps 0``, a causal-mask bug with a
 one-token prompt). :data:`REGISTRY` holds the registered faults by name, each modelling a real
 engine bug (their hook functions are in :mod:`harness.ours.faults`); :func:`get_fault` takes a
-registered name, a ``Fault`` or a user fault ``module:function@sites``.
+registered name, a ``Fault`` or a user fault ``module:function@sites``. A fault may exist only in
+some architectures (``Fault.architectures``: the QKV-bias fault in qwen2, the Q/K-norm faults in
+qwen3); :func:`check_faults` refuses one injected into a model that cannot have the bug.
 
 Your own fault, without editing this package
 --------------------------------------------
@@ -30,7 +32,8 @@ then ``llamadiff report MODEL.gguf --tokens 1,2,3 --inject mybugs:no_q_bias_in_l
 module attribute that already is a :class:`Fault` is used as is (``--inject mybugs:MY_FAULT``).
 ``fn.expected`` may be a ``(step, layer, site)`` tuple, None (the fault must not be found), or a
 callable taking a :class:`RunInfo` (see :class:`Fault`); ``fn.min_steps`` / ``fn.min_prompt``
-say what the run needs. Through the API: ``Fault("mine", [("blk.*.q", fn)], expected=...)``
+say what the run needs; ``fn.architectures`` (e.g. ``"qwen3"`` or ``("qwen2",)``) the only
+architectures the bug exists in: the zoo skips it elsewhere, report/probe/gate refuse it. Through the API: ``Fault("mine", [("blk.*.q", fn)], expected=...)``
 in ``DiffRequest(faults=[...])`` or ``probes.zoo.run_zoo(..., faults=[...])``.
 """
 from __future__ import annotations
@@ -90,6 +93,20 @@ class Fault:
     min_steps: int = 0                     # decode steps needed before it can show
     min_prompt: int = 1                    # prompt tokens needed before it can show at prefill
     where_doc: str = ""                    # the expected location in words
+    architectures: tuple[str, ...] | None = None   # the only architectures it exists in; None: all
+    arch_note: str = ""                    # why it exists only there (e.g. "needs the QKV bias adds")
+
+    def applies_to(self, architecture: str) -> bool:
+        """Whether the bug can exist in a model of this architecture (``general.architecture``):
+        a QKV-bias bug cannot in qwen3, which has no biases; a Q/K-norm bug cannot in qwen2."""
+        return self.architectures is None or architecture in self.architectures
+
+    def skip_reason(self, architecture: str) -> str | None:
+        """None when the fault applies to ``architecture``, else one line saying why not."""
+        if self.applies_to(architecture):
+            return None
+        only = ", ".join(self.architectures or ())
+        return f"{self.name} is a {only} fault, not for {architecture}" + (f" ({self.arch_note})" if self.arch_note else "")
 
     @property
     def known(self) -> bool:
@@ -118,9 +135,7 @@ class FaultError(ValueError):
     """Unknown fault name or unloadable user fault; one-line message."""
 
 
-REGISTRY: dict[str, Fault] = {
-    name: Fault(name, [(pattern, fn)], expected, (fn.__doc__ or "").strip(), min_steps, min_prompt, where_doc)
-    for name, pattern, fn, expected, min_steps, min_prompt, where_doc in faults.BUILTIN}
+REGISTRY: dict[str, Fault] = {kw["name"]: Fault(**kw) for kw in faults.BUILTIN}
 
 
 # -- lookup -----------------------------------------------------------------------------------
@@ -156,8 +171,13 @@ def load_user_fault(spec: str) -> Fault:
     if not callable(obj):
         raise FaultError(f"fault {target!r} is not callable")
     expected = _as_expected(obj.expected) if hasattr(obj, "expected") else None
+    archs = getattr(obj, "architectures", None)
+    if isinstance(archs, str):
+        archs = (archs,)
     return Fault(target, [(pattern, obj)], expected, (obj.__doc__ or "").strip(),
-                 int(getattr(obj, "min_steps", 0)), int(getattr(obj, "min_prompt", 1)))
+                 int(getattr(obj, "min_steps", 0)), int(getattr(obj, "min_prompt", 1)),
+                 architectures=tuple(archs) if archs is not None else None,
+                 arch_note=str(getattr(obj, "arch_note", "")))
 
 
 def get_fault(spec) -> Fault:
@@ -171,6 +191,25 @@ def get_fault(spec) -> Fault:
         return load_user_fault(spec)
     raise FaultError(f"unknown fault {spec!r}; known: {', '.join(sorted(REGISTRY))} "
                      "(or module:function@site-pattern)")
+
+
+def is_registered(fault: Fault) -> bool:
+    return REGISTRY.get(fault.name) is fault
+
+
+def check_faults(faults, cfg) -> None:
+    """Raise FaultError unless every fault can be injected into a model of ``cfg`` (a
+    ModelConfig): it exists in the config's architecture (:meth:`Fault.applies_to`; injecting
+    drop_qkv_bias into qwen3 would silently change nothing), and a user fault's site pattern
+    names sites the architecture has (a typo; registered faults may list sites of several
+    architectures, e.g. the norm faults' q_norm). Raises harness.sites.SiteError for the typo."""
+    from harness.sites import validate_pattern
+    for f in faults:
+        why = f.skip_reason(cfg.architecture)
+        if why is not None:
+            raise FaultError(f"{why}: it cannot be injected into this model")
+        if not is_registered(f):
+            validate_pattern(f.patterns, cfg.n_layer, cfg.spec.sites)
 
 
 def split_specs(text: str) -> list[str]:
