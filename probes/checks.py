@@ -1,4 +1,4 @@
-"""Reference-free probes: invariants a correct Qwen2 forward pass satisfies, checked on ONE trace.
+"""Reference-free probes: invariants a correct Qwen2 / Qwen3 forward pass satisfies, checked on ONE trace.
 
 No second engine is needed: each check reads one :class:`~harness.trace.Trace` (our PyTorch
 model's or llama.cpp's) plus what the GGUF says (config, and for the layout probe the weights)
@@ -16,7 +16,8 @@ attention_rows     attention rows sum to 1; future (masked) positions are 0     
 kv_positions       kq/attn_weights span n_prompt + step cells, +1 per decode     kv_pos_stuck
                    step, and the softmax reads every one of them
 rope_pair_norm     RoPE rotates NEOX pairs (j, j + Dh/2): each pair keeps its    rope_interleaved
-                   norm (q vs q_rope, k vs k_rope)
+                   norm (RoPE's input vs q_rope / k_rope; the input is the
+                   architecture's: q / k on qwen2, q_norm / k_norm on qwen3)
 rope_relative      the rotation angle is linear in position (angle(p) = p *      decode_pos_off_by_one
                    angle(1)), so q.k depends on relative position only
 rope_frequency     the angle per position is the file's theta_j = base^(-2j/Dh)  rope_base_wrong
@@ -28,6 +29,11 @@ residual_adds      ffn_inp = layer input + attn_out, l_out = ffn_inp + ffn_out  
 matmul_layout      each matmul output is input @ W^T for the GGUF's W; if not,   qkv_weight_transposed,
                    which layout of W explains it (transposed, wrong leading      lm_head_transpose
                    dimension, another layer's or tensor's weight)
+head_norms         qwen3: q_norm / k_norm are RMSNorm of each head of q_proj /   qk_norm_whole,
+                   k_proj times attn_q_norm / attn_k_norm weight; if not, which  qk_norm_after_rope,
+                   variant explains it (whole projection, narrower chunks, not   k_norm_missing,
+                   applied, unweighted, the other norm's weight, after RoPE)     k_norm_uses_q_weight,
+                                                                                 head_dim_from_d_model
 =================  ============================================================  ====================
 
 Why a separate residual probe: on the random-weight tiny fixtures a dropped residual does not
@@ -42,7 +48,9 @@ from typing import Callable
 import torch
 
 from harness.gguf.load import GGUFModel
-from probes.context import CheckError, ProbeContext, check_record, layer_sites, probe_trace, step_positions
+from harness.sites import input_sites
+from probes.context import CheckError, ProbeContext, check_record, layer_sites, probe_trace, rel_error, step_positions
+from probes.head_norms import check_head_norms
 
 # thresholds (see each check's docstring for where they come from)
 ROW_SUM_TOL = 1e-4            # float32 softmax rows sum to 1 within ~P * 1e-7
@@ -137,11 +145,13 @@ def _wrap(a: torch.Tensor) -> torch.Tensor:
     return torch.remainder(a + math.pi, 2 * math.pi) - math.pi
 
 
-def _rope_pairs(trace):
-    """(step, layer, site, z_in, z_out) for q_rope and k_rope sites whose input is in the trace."""
-    for key, src in (("q_rope", "q"), ("k_rope", "k")):
+def _rope_pairs(trace, pc: ProbeContext):
+    """(step, layer, site, z_in, z_out) for q_rope and k_rope sites whose input is in the trace:
+    the architecture's input of RoPE (qwen2: the biased q / k; qwen3: the normed q_norm / k_norm)."""
+    inputs = pc.cfg.spec.inputs
+    for key in ("q_rope", "k_rope"):
         for step, layer, site, y in layer_sites(trace, key):
-            x = trace.tensors.get((step, f"blk.{layer}.{src}"))
+            x = trace.tensors.get((step, input_sites(site, inputs)[0]))
             if x is not None and x.shape == y.shape:
                 yield step, layer, site, _pairs(x), _pairs(y)
 
@@ -161,7 +171,7 @@ def check_rope_pair_norm(trace, pc: ProbeContext) -> list[dict]:
     value = max | |pair out| - |pair in| | in units of the tensor's rms pair norm (float32
     rotation: ~1e-6; threshold 1e-3). Another pairing (interleaved 2j, 2j+1) breaks it."""
     out = []
-    for step, _, site, zi, zo in _rope_pairs(trace):
+    for step, _, site, zi, zo in _rope_pairs(trace, pc):
         ni, no = zi.abs(), zo.abs()
         rms = float(ni.pow(2).mean().sqrt()) or 1.0
         d = (no - ni).abs() / rms
@@ -176,10 +186,10 @@ def check_rope_pair_norm(trace, pc: ProbeContext) -> list[dict]:
     return out
 
 
-def _angle_table(trace):
+def _angle_table(trace, pc: ProbeContext):
     """{(layer, key): {position: (angles (half,), ok mask)}} and {(step, site): [(pos, ...)]}."""
     by_pos, sites = {}, {}
-    for step, layer, site, zi, zo in _rope_pairs(trace):
+    for step, layer, site, zi, zo in _rope_pairs(trace, pc):
         phi, ok = _angles(zi, zo)
         key = (layer, site.rsplit(".", 1)[1])
         for t, p in enumerate(step_positions(trace, step, zi.shape[0]).tolist()):
@@ -188,8 +198,9 @@ def _angle_table(trace):
     return by_pos, sites
 
 
-def _angle_check(name: str, trace, omega_of: Callable, what: str, hint: str, label: str) -> list[dict]:
-    by_pos, sites = _angle_table(trace)
+def _angle_check(name: str, trace, pc: ProbeContext, omega_of: Callable, what: str, hint: str,
+                 label: str) -> list[dict]:
+    by_pos, sites = _angle_table(trace, pc)
     out = []
     for (step, site, key), positions in sites.items():
         omega = omega_of(by_pos[key])
@@ -220,7 +231,7 @@ def check_rope_relative(trace, pc: ProbeContext) -> list[dict]:
     heads; angle(1) comes from the token at position 1. value = worst deviation in radians."""
     def omega(table):
         return table[1][0] if 1 in table else None
-    return _angle_check("rope_relative", trace, omega, "linear in position would give",
+    return _angle_check("rope_relative", trace, pc, omega, "linear in position would give",
                         "positions are not consistent (off-by-one position at this step?)",
                         "position x angle(1)")
 
@@ -232,7 +243,7 @@ def check_rope_frequency(trace, pc: ProbeContext) -> list[dict]:
     cfg = pc.cfg
     half = cfg.head_dim // 2
     theta = float(cfg.rope_base) ** (-torch.arange(half, dtype=torch.float64) * 2 / cfg.head_dim)
-    return _angle_check("rope_frequency", trace, lambda table: theta,
+    return _angle_check("rope_frequency", trace, pc, lambda table: theta,
                         f"theta_j of rope.freq_base {cfg.rope_base:g} gives",
                         "wrong RoPE frequencies (rope base?) or position",
                         "position x theta_j")
@@ -341,11 +352,6 @@ MATMULS = {  # site key -> (input site key, weight suffix)
 }
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    d = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-    return d if math.isfinite(d) else math.inf
-
-
 def _rounder(trace, gm: GGUFModel, name: str):
     """llama.cpp's activation rounding for this weight, when the trace was made with it."""
     m = trace.meta or {}
@@ -407,7 +413,7 @@ def check_matmul_layout(trace, pc: ProbeContext) -> list[dict]:
         for label, desc, M in _candidates(gm, wname, layer):
             if M.shape[0] != x.shape[1] or M.shape[1] != y2.shape[1]:
                 continue
-            results.append((label, desc, _rel(x @ M.float().cpu(), y2)))
+            results.append((label, desc, rel_error(x @ M.float().cpu(), y2)))
         stored = results[0][2]
         if stored <= LAYOUT_TOL:
             detail = f"{in_site} @ {wname}^T reproduces it (relative error {stored:.2g})"
@@ -431,6 +437,7 @@ CHECKS: dict[str, Callable] = {
     "logit_spikes": check_logit_spikes,
     "hidden_norms": check_hidden_norms,
     "residual_adds": check_residual_adds,
+    "head_norms": check_head_norms,
     "matmul_layout": check_matmul_layout,
 }
 

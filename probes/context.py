@@ -4,6 +4,7 @@ weights when a check asks) and the record every check returns (:func:`check_reco
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,12 @@ class ProbeContext:
             from harness.gguf.load import load_gguf
             self._weights = load_gguf(self.gguf_path)
         return self._weights
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of ``a`` against ``b`` in float64 (inf when not finite)."""
+    d = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    return d if math.isfinite(d) else math.inf
 
 
 def layer_sites(trace, key: str):

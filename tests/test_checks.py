@@ -25,6 +25,7 @@ TARGETS = [  # (probe, the zoo fault it must catch)
     ("matmul_layout", "qkv_weight_transposed"),
     ("matmul_layout", "lm_head_transpose"),
 ]
+QWEN3_PROBES = {"head_norms"}   # nothing to check on qwen2; their targets are in tests/test_qwen3.py
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +46,13 @@ def _quiet(records):
 
 
 def test_every_probe_has_a_target():
-    assert {p for p, _ in TARGETS} == set(CHECKS)
+    assert {p for p, _ in TARGETS} == set(CHECKS) - QWEN3_PROBES
 
 
 def test_clean_torch_trace_is_quiet(torch_model):
     records = _torch_records(torch_model)
     assert not fired(records), _quiet(records)
-    assert {r["name"] for r in records} == set(CHECKS)          # every probe had something to check
+    assert {r["name"] for r in records} == set(CHECKS) - QWEN3_PROBES   # every qwen2 probe had something to check
 
 
 @pytest.mark.parametrize("probe, fault", TARGETS)
