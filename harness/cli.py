@@ -10,6 +10,7 @@ import sys
 import tempfile
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE = 0, 1, 2
+GGUF_HELP = "GGUF file (architecture qwen2 or qwen3; others are refused)"
 
 
 class UsageError(Exception):
@@ -210,7 +211,7 @@ def cmd_faults(args) -> int:
 def _add_probe_commands(sub) -> None:
     """The fault zoo, the reference-free probes and the fault list (probes/)."""
     def inputs(x, steps_help):
-        x.add_argument("model", help="qwen2 GGUF file")
+        x.add_argument("model", help=GGUF_HELP)
         x.add_argument("--prompt", help="prompt text (default: a fixed English sentence)")
         x.add_argument("--tokens", help="prompt as comma-separated token ids")
         x.add_argument("--steps", type=int, default=3, help=steps_help)
@@ -239,7 +240,7 @@ def _add_probe_commands(sub) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser, device_help: str) -> None:
     """The model, prompt, steps and device arguments shared by report and record."""
-    p.add_argument("model", help="qwen2 GGUF file")
+    p.add_argument("model", help=GGUF_HELP)
     p.add_argument("--prompt", help="prompt text (tokenized by llama.cpp with the GGUF's tokenizer)")
     p.add_argument("--tokens", help="prompt as comma-separated token ids")
     p.add_argument("--steps", type=int, default=4, help="decode steps after the prefill, teacher-forced "
@@ -256,18 +257,21 @@ def _add_extra_bufts(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llamadiff", description="Diff a Qwen2 GGUF, op by op, against llama.cpp")
+    from harness.synth import PRESETS, WEIGHT_TYPES
+    p = argparse.ArgumentParser(prog="llamadiff", description="Diff a GGUF (qwen2 or qwen3), op by op, against llama.cpp")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("synth", help="write a synthetic qwen2 GGUF with random weights")
+    s = sub.add_parser("synth", help="write a synthetic GGUF (qwen2 or qwen3 shapes) with random weights")
     s.add_argument("out")
-    s.add_argument("--preset", default="tiny", choices=["tiny", "qwen2.5-0.5b", "qwen2.5-7b"])
-    s.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0", "q4_k_m"])
+    s.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                   help="model shapes: " + ", ".join(f"{k} ({v.arch})" for k, v in PRESETS.items()))
+    s.add_argument("--type", default="f32", choices=list(WEIGHT_TYPES))
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--tied", action="store_true", help="no output.weight: logits use token_embd.weight")
+    s.add_argument("--tied", action="store_true", help="no output.weight: logits use token_embd.weight "
+                   "(default: the preset's own choice)")
     s.set_defaults(fn=cmd_synth)
 
-    r = sub.add_parser("report", help="divergence report of our PyTorch Qwen2 against llama.cpp")
+    r = sub.add_parser("report", help="divergence report of our PyTorch model against llama.cpp")
     _add_run_args(r, "where both sides run")
     r.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     r.add_argument("--sites", help="site glob(s), comma-separated, e.g. 'blk.*.q,logits'")
