@@ -148,7 +148,7 @@ class LlamaRunner:
         meta = {"source": "llama.cpp", "binding": "llama-cpp-python",
                 "backend": "cuda" if self.gpu else "cpu", "device": "cuda" if self.gpu else "cpu", "flash_attn": o.flash_attn,
                 "kv_type": o.kv_type, "n_ctx": self.n_ctx, "n_threads": o.n_threads or os.cpu_count(),
-                "weight_type": self.weight_type, "extra_bufts": o.extra_bufts,
+                "weight_type": self.weight_type, "extra_bufts": o.extra_bufts, "architecture": self.config.architecture,
                 "gguf": os.path.basename(self.path), "versions": versions(),
                 "provenance": llama_provenance(self.lc, gpu=self.gpu, options=o)}
         if self.gpu:
