@@ -104,11 +104,39 @@ def diff_gguf(req: DiffRequest, model: Model | None = None, ref: Trace | None = 
     filt = SiteFilter(req.sites) if req.sites else None
     ours = run_ours(model, ref, req.faults, filt)
     local = run_ours(model, ref, req.faults, filt, anchor=ref) if req.local else None
-    backend = ref.meta.get("backend", "cpu")
-    policy = Policy(backend, model.gguf.weight_type, req.dtype)
+    policy = model_policy(model, ref.meta.get("backend", "cpu"), req.dtype)
     cmp = compare_traces(ours, ref, policy, local)
     cmp.meta["faults"] = [f.name for f in req.faults]
     return DiffResult(cmp, ref, ours, local)
+
+
+# The weight matrix each weight-matmul site multiplies by (GGUF tensor name without "blk.{i}.").
+SITE_WEIGHTS = {"q_proj": "attn_q.weight", "k_proj": "attn_k.weight", "v_proj": "attn_v.weight",
+                "attn_out": "attn_output.weight", "ffn_gate": "ffn_gate.weight", "ffn_up": "ffn_up.weight",
+                "ffn_out": "ffn_down.weight"}
+
+
+def site_weight_types(gm) -> dict[str, str]:
+    """Full site name -> ggml type of the weight matrix it multiplies by, from a GGUFModel's
+    tensor types (``logits``: ``output.weight``, or ``token_embd.weight`` when tied)."""
+    out = {}
+    for i in range(gm.config.n_layer):
+        for key, tensor in SITE_WEIGHTS.items():
+            t = gm.types.get(f"blk.{i}.{tensor}")
+            if t is not None:
+                out[f"blk.{i}.{key}"] = t
+    head = gm.types.get("token_embd.weight" if gm.tied else "output.weight")
+    if head is not None:
+        out["logits"] = head
+    return out
+
+
+def model_policy(model: Model, backend: str, dtype: str = "float32") -> Policy:
+    """The tolerance policy of a comparison against ``model``'s GGUF: the file's class from
+    ``general.file_type`` (else the FFN matrix type), each weight matmul's from its own tensor."""
+    gm = model.gguf
+    ft = gm.file_type if gm.file_type and not gm.file_type.startswith(("GUESSED", "file type")) else gm.weight_type
+    return Policy(backend, ft, dtype, site_types=site_weight_types(gm))
 
 
 def _ctx_needed(req: DiffRequest) -> int:
@@ -133,7 +161,7 @@ def diff_on_device(req: DiffRequest, model: Model | None = None, runner=None,
             if own:
                 runner.close()
     model = model if model is not None else model_for(req, ref)
-    comp = Comparator(Policy(ref.meta.get("backend", "cuda"), model.gguf.weight_type, req.dtype))
+    comp = Comparator(model_policy(model, ref.meta.get("backend", "cuda"), req.dtype))
 
     def e2e(step, site, x):
         r = ref.tensors.get((step, site))

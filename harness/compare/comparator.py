@@ -92,13 +92,16 @@ class Comparator:
         self.large: list = []     # large pairs reduced optimistically, finiteness not yet checked
         self.large_numel = 0
         self.logit_pairs: list = []   # (step, ours, ref) logits compared at the flush
-        self._tols: dict[tuple[str, str], Tol] = {}
+        self._tols: dict[tuple[str, str, str], tuple[Tol, str]] = {}
 
-    def _tol(self, family: str, kind: str) -> Tol:
-        tol = self._tols.get((family, kind))
-        if tol is None:
-            tol = self._tols[(family, kind)] = self.policy.tolerance(family, kind)
-        return tol
+    def _tol(self, site: str, family: str, kind: str) -> tuple[Tol, str]:
+        """(tolerance, regime name) at ``site``: the policy picks the regime (per-weight classes
+        for weight matmuls, see :meth:`Policy.class_of`), cached per (class, family, kind)."""
+        key = (self.policy.class_of(site, family, kind), family, kind)
+        hit = self._tols.get(key)
+        if hit is None:
+            hit = self._tols[key] = self.policy.lookup(site, family, kind)
+        return hit
 
     def _defer(self, t) -> bool:
         return t.is_cuda if self.batched is None else self.batched
@@ -129,12 +132,12 @@ class Comparator:
     def _e2e_row(self, step: int, site: str, shape: tuple, v: tuple) -> None:
         max_abs, rel, max_norm, cos, widx, ov, rv, nonfinite = v
         layer, spec = parse_site(site)
-        tol = self._tol(spec.family, "e2e")
+        tol, regime = self._tol(site, spec.family, "e2e")
         self.rows.setdefault((step, site), {}).update(
             step=step, layer=layer, site=site, op=spec.key, family=spec.family, shape=shape,
             max_abs=max_abs, rel_l2=rel, max_norm=max_norm, cosine=cos, worst=_describe_index(spec, widx),
             worst_index=widx, ours=ov, ref=rv, nonfinite=nonfinite,
-            tol_rel=tol.rel, tol_max=tol.max, passed=tol.passes(rel, max_norm))
+            tol_rel=tol.rel, tol_max=tol.max, tol_regime=regime, passed=tol.passes(rel, max_norm))
 
     def _shape_mismatch(self, step: int, site: str, ours, ref) -> None:
         """A tensor of the wrong shape is a divergence at that site (e.g. a KV cache that does
@@ -145,7 +148,8 @@ class Comparator:
             step=step, layer=layer, site=site, op=spec.key, family=spec.family, shape=tuple(ref.shape),
             max_abs=inf, rel_l2=inf, max_norm=inf, cosine=0.0,
             worst=f"shape {tuple(ours.shape)} instead of {tuple(ref.shape)}", worst_index=(),
-            ours=float("nan"), ref=float("nan"), nonfinite=0, tol_rel=0.0, tol_max=0.0, passed=False)
+            ours=float("nan"), ref=float("nan"), nonfinite=0, tol_rel=0.0, tol_max=0.0,
+            tol_regime=self._tol(site, spec.family, "e2e")[1], passed=False)
 
     def add_local(self, step: int, site: str, local, ref) -> None:
         """Local pair: our op recomputed on the reference's inputs, and the reference's output."""
@@ -158,7 +162,7 @@ class Comparator:
                 local_rel_l2=float("inf"), local_max_norm=float("inf"),
                 local_worst=f"shape {tuple(local.shape)} instead of {tuple(ref.shape)}",
                 local_ours=float("nan"), local_ref=float("nan"), local_tol_rel=0.0, local_tol_max=0.0,
-                local_passed=False)
+                local_tol_regime=self._tol(site, spec.family, "local")[1], local_passed=False)
             return
         if self._defer(local):
             self._queue("local", step, site, local, ref)
@@ -168,11 +172,11 @@ class Comparator:
     def _local_row(self, step: int, site: str, shape: tuple, v: tuple) -> None:
         _, rel, max_norm, _, widx, ov, rv, _ = v
         spec = parse_site(site)[1]
-        lt = self._tol(spec.family, "local")
+        lt, regime = self._tol(site, spec.family, "local")
         self.rows.setdefault((step, site), {}).update(
             local_rel_l2=rel, local_max_norm=max_norm, local_worst=_describe_index(spec, widx),
             local_ours=ov, local_ref=rv, local_tol_rel=lt.rel, local_tol_max=lt.max,
-            local_passed=lt.passes(rel, max_norm))
+            local_tol_regime=regime, local_passed=lt.passes(rel, max_norm))
 
     def _queue(self, kind: str, step: int, site: str, ours, ref) -> None:
         """Hold a small pair until a batch is full (bounded memory), then reduce the batch at

@@ -6,27 +6,49 @@ in units of the reference's RMS (catches a few wild elements, such as garbage in
 vocabulary tail). ``kind`` is ``local`` (the op recomputed on the reference's inputs: this
 decides the verdict) or ``e2e`` (end to end, drift included: reported, not decisive).
 
-A regime is ``backend/weights/dtype``: llama.cpp's backend (``cpu``/``cuda``), the class of the
-GGUF's matrix type (``f32``, ``f16``, ``q8`` = Q8_0, ``q4`` = any type of 6 bits or fewer), and
-the PyTorch dtype. Values come from ``tolerances.json``, written by ``harness.calibrate`` from
-clean fixtures (seeds disjoint from the tests'): tolerance = SAFETY x the worst error observed,
-never below the floor of the PyTorch dtype (FLOOR_UNITS unit roundoffs, so float16/bfloat16
-runs get room for their own rounding). A regime never measured falls back to the nearest one
-measured with the same backend, else the other backend, and says so in ``describe()``.
+A regime is ``backend/class/dtype``: llama.cpp's backend (``cpu``/``cuda``), a weight class and
+the PyTorch dtype. Weight classes, finest first: ``f32``, ``f16`` (F16, BF16), ``q8`` (Q8_0),
+``q6`` (Q6_K), ``q5`` (Q5_0, Q5_1, Q5_K), ``q4`` (Q4_0, Q4_1, Q4_K and every type of fewer bits).
+
+Which class a site uses (:meth:`Policy.class_of`):
+
+* the *local* error of an op that multiplies by a weight matrix (families in
+  :data:`PER_WEIGHT_FAMILIES`: the ``matmul`` projections and ``logits``) depends on that matrix's
+  type (the activation quantization and the kernel llama.cpp picks for it), so it is keyed by the
+  ggml type of the site's *own* weight tensor, given to the policy as ``site_types`` (full site
+  name -> type name; the policy does not know where tensors come from). A real Q4_K_M file mixes
+  Q5_0, Q8_0, Q4_K and Q6_K matrices: each site gets its own type's tolerance;
+* everything else keys on the *file's* class (``general.file_type``, e.g. Q4_K_M -> ``q4``): the
+  local error of norms, biases, RoPE, attention, residuals and activations does not depend on a
+  weight type, and end-to-end errors are drift accumulated through the whole file's weights. The
+  token embedding is a row lookup and exact for every type.
+
+Values come from ``tolerances.json``, written by ``harness.calibrate`` from clean fixtures (seeds
+disjoint from the tests'): tolerance = SAFETY x the worst error observed, never below the floor
+of the PyTorch dtype (FLOOR_UNITS unit roundoffs, so float16/bfloat16 runs get room for their
+own rounding). In a quantized class, ``matmul`` and ``logits`` share the worst of their local
+observations (see :func:`build_table`). A (class, family) never measured falls back to the
+nearest coarser class measured with the same backend, then the nearest finer one, then the other
+backend, and ``describe()`` says so (``logits`` first borrows its own class's ``matmul``); with
+nothing at all the floor applies.
 """
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 
-POLICY_VERSION = 1
+POLICY_VERSION = 2
 SAFETY = 10.0
 FLOOR_UNITS = 16.0
 MAX_PER_REL = 10.0          # floor of the max-element bound relative to the rel bound
 UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tolerances.json")
 FAMILIES = ("embed", "norm", "matmul", "bias", "rope", "scores", "softmax", "attn", "residual", "act", "logits")
+CLASSES = ("f32", "f16", "q8", "q6", "q5", "q4")        # finest first
+PER_WEIGHT_FAMILIES = ("matmul", "logits")              # local error keyed by the site's own weight type
+FAMILY_FALLBACK = {"logits": "matmul"}                  # within one regime, before another class
 
 
 @dataclass(frozen=True)
@@ -38,15 +60,17 @@ class Tol:
         return rel_l2 <= self.rel and max_norm <= self.max
 
 
-def weight_class(weight_type: str) -> str:
-    t = (weight_type or "F32").upper()
-    if t == "F32":
+def weight_class(weight_type: str | None) -> str:
+    """A ggml tensor type ("Q5_0") or a llama.cpp file type ("Q4_K_M", "MOSTLY_Q8_0") -> its class."""
+    t = (weight_type or "F32").upper().removeprefix("MOSTLY_").removeprefix("ALL_")
+    if t in ("F32", "F64"):
         return "f32"
     if t in ("F16", "BF16"):
         return "f16"
-    if t.startswith("Q8"):
-        return "q8"
-    return "q4"
+    for prefix, cls in (("Q8", "q8"), ("Q6", "q6"), ("Q5", "q5")):
+        if t.startswith(prefix):
+            return cls
+    return "q4"           # Q4_*, IQ4_*, Q3_K, Q2_K, IQ2/IQ3, TQ*, unknown: the coarsest class
 
 
 def _load_table() -> dict:
@@ -58,46 +82,159 @@ def _load_table() -> dict:
 
 
 class Policy:
-    def __init__(self, backend: str, weight_type: str, dtype: str = "float32", table: dict | None = None):
+    """Tolerances of one comparison. ``weight_type``: the file's type (``general.file_type`` as
+    llama.cpp names it, e.g. "Q4_K_M", or a tensor type); ``site_types``: full site name ->
+    ggml type of that site's weight matrix (``{"blk.0.v_proj": "Q8_0", "logits": "Q6_K", ...}``),
+    used for the local tolerance of :data:`PER_WEIGHT_FAMILIES` sites; sites it does not name use
+    the file's class."""
+
+    def __init__(self, backend: str, weight_type: str, dtype: str = "float32", table: dict | None = None,
+                 site_types: dict[str, str] | None = None):
         self.backend, self.wclass, self.dtype = backend, weight_class(weight_type), dtype
+        self.weight_type = weight_type
+        self.site_types = dict(site_types or {})
         self.table = table if table is not None else _load_table()
         self.regime = f"{backend}/{self.wclass}/float32"
-        self.source = self._pick()
+        self.source = self.source_of(self.wclass)
 
-    def _pick(self) -> str | None:
+    # -- which regime ------------------------------------------------------------------------
+    def class_of(self, site: str | None, family: str, kind: str = "local") -> str:
+        """The weight class whose tolerance applies at ``site`` (see the module docstring)."""
+        if kind == "local" and family in PER_WEIGHT_FAMILIES and site in self.site_types:
+            return weight_class(self.site_types[site])
+        return self.wclass
+
+    def label(self, wclass: str) -> str:
+        """The regime name of a class in this comparison (``cpu/q5/float32``)."""
+        return f"{self.backend}/{wclass}/{self.dtype}"
+
+    def _candidates(self, wclass: str) -> list[str]:
+        """Table regimes to look in, best first: this class, the nearest coarser (looser) ones,
+        the nearest finer ones; this backend first, then the other."""
+        rank = CLASSES.index(wclass)
+        order = [wclass] + list(CLASSES[rank + 1:]) + list(CLASSES[:rank][::-1])
+        other = "cuda" if self.backend == "cpu" else "cpu"
+        return [f"{b}/{wc}/float32" for b in (self.backend, other) for wc in order]
+
+    def source_of(self, wclass: str, family: str | None = None, kind: str = "local") -> str | None:
+        """The table regime a class's tolerances come from (for one family and kind: the first
+        candidate that measured it, see :meth:`measured_by`; without a family: the first candidate
+        measured at all)."""
+        if family is not None:
+            hit = self.measured_by(wclass, family, kind)
+            return hit[0] if hit else None
         regs = self.table.get("regimes", {})
-        if self.regime in regs:
-            return self.regime
-        order = ["f32", "f16", "q8", "q4"]
-        rank = order.index(self.wclass)
-        for backend in (self.backend, "cuda" if self.backend == "cpu" else "cpu"):
-            # prefer the nearest coarser weight class (looser), then finer ones
-            for wc in order[rank:] + order[:rank][::-1]:
-                if f"{backend}/{wc}/float32" in regs:
-                    return f"{backend}/{wc}/float32"
+        return next((r for r in self._candidates(wclass) if r in regs), None)
+
+    def measured_by(self, wclass: str, family: str, kind: str = "local") -> tuple[str, str] | None:
+        """(table regime, family) whose measurement ``family`` of ``wclass`` uses: the first
+        candidate regime that measured the family; within one regime, ``logits`` falls back to
+        ``matmul`` (the same kernels on the same weight type) before another class is tried."""
+        regs = self.table.get("regimes", {})
+        for r in self._candidates(wclass):
+            fams = regs.get(r, {}).get(kind, {})
+            for fam in (family, FAMILY_FALLBACK.get(family)):
+                if fam and fams.get(fam):
+                    return r, fam
         return None
 
-    def tolerance(self, family: str, kind: str = "local") -> Tol:
+    # -- the numbers -------------------------------------------------------------------------
+    def tolerance(self, family: str, kind: str = "local", wclass: str | None = None) -> Tol:
+        """The tolerance of ``family`` in ``wclass`` (default: the file's class)."""
         floor = FLOOR_UNITS * UNIT_ROUNDOFF.get(self.dtype, UNIT_ROUNDOFF["float32"])
         rel, mx = floor, floor * MAX_PER_REL
-        if self.source is not None:
-            measured = self.table["regimes"][self.source][kind].get(family)
-            if measured:
-                rel, mx = max(rel, measured[0]), max(mx, measured[1])
+        src = self.measured_by(wclass or self.wclass, family, kind)
+        if src is not None:
+            measured = self.table["regimes"][src[0]][kind][src[1]]
+            rel, mx = max(rel, measured[0]), max(mx, measured[1])
         return Tol(rel, mx)
 
+    def lookup(self, site: str | None, family: str, kind: str = "local") -> tuple[Tol, str]:
+        """(tolerance, regime name) at ``site``. Goes through :meth:`tolerance` (a subclass that
+        widens tolerances overrides that one; it gets ``wclass`` only for a per-weight class other
+        than the file's)."""
+        wc = self.class_of(site, family, kind)
+        tol = self.tolerance(family, kind) if wc == self.wclass else self.tolerance(family, kind, wclass=wc)
+        return tol, self.label(wc)
+
+    # -- what the report says ----------------------------------------------------------------
+    def site_classes(self) -> dict[str, dict[str, int]]:
+        """Class -> {ggml type: number of sites} over ``site_types``, most sites first."""
+        out: dict[str, Counter] = {}
+        for t in self.site_types.values():
+            out.setdefault(weight_class(t), Counter())[t] += 1
+        return {wc: dict(c.most_common()) for wc, c in sorted(out.items(), key=lambda kv: -sum(kv[1].values()))}
+
     def describe(self) -> dict:
-        return dict(version=self.table.get("version", POLICY_VERSION), regime=f"{self.backend}/{self.wclass}/{self.dtype}",
-                    calibrated_from=self.source, exact=self.source == self.regime and self.dtype == "float32")
+        """The regimes this policy uses: ``regime`` / ``calibrated_from`` for the file's class;
+        ``weight_regimes``: per class of the sites' own weights, its types and site counts and
+        where its local tolerances come from; ``fallbacks``: one sentence per regime or family
+        not calibrated as itself; ``exact``: every one in use was, and the dtype is float32."""
+        fallbacks = []
+        src = self.source_of(self.wclass, "norm", "local") or self.source_of(self.wclass)
+        if src != f"{self.backend}/{self.wclass}/float32":
+            fallbacks.append(self._fallback_note(self.wclass, "the file's class", src))
+        weight_regimes = {}
+        for wc, types in self.site_classes().items():
+            fams = sorted({"logits" if site == "logits" else "matmul" for site, t in self.site_types.items()
+                           if weight_class(t) == wc}, reverse=True)
+            used = {}
+            for fam in fams:
+                hit = self.measured_by(wc, fam, "local")
+                used[fam] = None if not hit else hit[0] if hit[1] == fam else f"{hit[0]} ({hit[1]})"
+                if hit != (f"{self.backend}/{wc}/float32", fam):
+                    fallbacks.append(self._fallback_note(wc, f"local {fam}", hit[0] if hit else None,
+                                                         hit[1] if hit else None, fam))
+            weight_regimes[self.label(wc)] = dict(types=types, sites=sum(types.values()),
+                                                  calibrated_from=used.get("matmul") or used.get("logits"),
+                                                  families=used)
+        return dict(version=self.table.get("version", POLICY_VERSION), regime=self.label(self.wclass),
+                    calibrated_from=src, file_type=self.weight_type, file_class=self.wclass,
+                    per_weight_families=list(PER_WEIGHT_FAMILIES), weight_regimes=weight_regimes,
+                    fallbacks=fallbacks, exact=not fallbacks and self.dtype == "float32")
+
+    def _fallback_note(self, wclass: str, what: str, src: str | None, src_family: str | None = None,
+                       family: str | None = None) -> str:
+        own = f"{self.backend}/{wclass}/float32"
+        if src is None:
+            return f"{own} ({what}) was never calibrated, nor any class it may fall back to: dtype floor only"
+        if src == own:
+            return f"{own} ({what}): {family} never calibrated, using its {src_family} tolerance"
+        b, wc, _ = src.split("/")
+        how = ("the nearest coarser class" if CLASSES.index(wc) > CLASSES.index(wclass) else
+               "the nearest finer class (no coarser one was calibrated)")
+        if b != self.backend:
+            how += " of the other backend"
+        of = f" ({src_family})" if family and src_family != family else ""
+        return f"{own} ({what}) was never calibrated: using {src}{of}, {how}"
+
+
+QUANTIZED = ("q8", "q6", "q5", "q4")
 
 
 def build_table(observed: dict, provenance: dict) -> dict:
-    """``observed[regime][kind][family] = (worst rel_l2, worst max_norm)`` -> a tolerance table."""
+    """``observed[regime][kind][family] = (worst rel_l2, worst max_norm)`` -> a tolerance table.
+
+    In a quantized class measured under this policy version, the local tolerances of the weight
+    matmul families (``matmul`` and ``logits``: the same kernels on the same weight type) are
+    pooled: each gets the worst observation of either. Their local error is dominated by rare
+    single-element rounding flips in the activation quantization (a few per thousand (step, site)
+    samples), which the ~170 logits samples of a calibration run may miss while the thousands of
+    matmul samples do not. Regimes of an older version are kept as they were calibrated."""
     regimes = {}
+    current = {r for r, p in ((provenance or {}).get("regimes") or {}).items() if p.get("version") == POLICY_VERSION}
     for regime, kinds in observed.items():
         dtype = regime.rsplit("/", 1)[-1]
         floor = FLOOR_UNITS * UNIT_ROUNDOFF[dtype]
         regimes[regime] = {kind: {fam: [max(SAFETY * r, floor), max(SAFETY * m, floor * MAX_PER_REL)]
                                   for fam, (r, m) in fams.items()} for kind, fams in kinds.items()}
+        local = regimes[regime].get("local", {})
+        pooled = [local[f] for f in PER_WEIGHT_FAMILIES if f in local]
+        if regime in current and regime.split("/")[1] in QUANTIZED and len(pooled) > 1:
+            worst = [max(t[0] for t in pooled), max(t[1] for t in pooled)]
+            for f in PER_WEIGHT_FAMILIES:
+                if f in local:
+                    local[f] = list(worst)
     return {"version": POLICY_VERSION, "safety": SAFETY, "floor_units": FLOOR_UNITS,
+            "pooled_local_families": {"families": list(PER_WEIGHT_FAMILIES), "classes": list(QUANTIZED)},
             "observed": observed, "regimes": regimes, "provenance": provenance}

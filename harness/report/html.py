@@ -65,7 +65,8 @@ REPORT_COLUMNS = {
     "step": "step", "site": "site", "shape": "shape", "rel_l2": "rel L2", "max_abs": "max |diff|",
     "max_norm": "max/rms", "cosine": "cosine", "worst": "worst element", "ours": "ours", "ref": "ref",
     "tol_rel": "tol rel", "passed": "e2e", "local_rel_l2": "local rel L2", "local_max_norm": "local max/rms",
-    "local_tol_rel": "local tol", "local_passed": "local", "local_worst": "local worst element",
+    "local_tol_rel": "local tol", "local_tol_regime": "local regime", "local_passed": "local",
+    "local_worst": "local worst element",
 }
 
 
@@ -267,6 +268,14 @@ def render_html(res, vocab: list[str] | None = None, title: str = "llamadiff rep
                                     f"Logits of the token row with the largest KL divergence (step {int(w['step'])}, "
                                     f"row {int(w['row'])}); the tokens that differ most are labelled."))
                 fig.clear()
+
+    pol = cmp.meta.get("policy") or {}
+    if pol:
+        from harness.report.text import regime_rows
+        body.append("<h2>Tolerance regimes</h2>")
+        body.append('<div id="tolerance-regimes">' + frame_html(pd.DataFrame(regime_rows(pol)), columns={
+            "regime": "regime", "applies_to": "applies to", "types": "weight types", "sites": "sites",
+            "calibrated_from": "calibrated from"}, wrap=("applies_to",)) + "</div>")
 
     body.append("<h2>Full table</h2>")
     body.append('<p class="legend"><span class="first">first divergence</span><span class="fail">over '

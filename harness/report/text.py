@@ -74,16 +74,55 @@ def layer_summary(cmp: Comparison) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def model_label(ours: dict) -> str:
+    """The model's file type as llama.cpp names it and its tensor type mix
+    ("Q4_K_M: Q5_0 132, F32 121, Q8_0 13, Q4_K 12, Q6_K 12"); the matrix type for older metas."""
+    ft, mix = ours.get("file_type"), ours.get("type_mix") or {}
+    mix_s = ", ".join(f"{t} {n}" for t, n in mix.items())
+    if ft and mix_s:
+        return f"{ft}: {mix_s}"
+    return ft or (f"{ours.get('weight_type', '?')}: {mix_s}" if mix_s else ours.get("weight_type", "?"))
+
+
+def regime_rows(policy: dict) -> list[dict]:
+    """The tolerance regimes a comparison used, one dict each: regime, what it applies to, the
+    weight types and site counts, where its values come from (a policy ``describe()``)."""
+    rows = [dict(regime=policy.get("regime"), applies_to="every site end to end; locally, every op "
+                 "but the weight matmuls" + ("" if policy.get("weight_regimes") else " (and those too)"),
+                 types=policy.get("file_type") or "", sites=None, calibrated_from=policy.get("calibrated_from"))]
+    for regime, w in (policy.get("weight_regimes") or {}).items():
+        rows.append(dict(regime=regime, applies_to="local error of weight matmuls (matmul, logits) whose "
+                         "weight has these types", types=", ".join(w.get("types") or {}), sites=w.get("sites"),
+                         calibrated_from=w.get("calibrated_from")))
+    return rows
+
+
+def regime_lines(policy: dict) -> list[str]:
+    """Header lines for the per-weight-type regimes (only when a file mixes classes, or its
+    weight matmuls use another class than the file) and every fallback the policy took."""
+    w = policy.get("weight_regimes") or {}
+    lines = []
+    if set(w) - {policy.get("regime")}:
+        parts = [f"{r} for {t} ({n} site{'s' if n != 1 else ''})" for r, v in w.items()
+                 for t, n in (v.get("types") or {}).items()]
+        lines.append("per-weight-type tolerance regimes (local error of each weight matmul): " + ", ".join(parts))
+    lines += [f"tolerance fallback: {f}" for f in policy.get("fallbacks") or []]
+    return lines
+
+
 def header_lines(cmp: Comparison) -> list[str]:
-    """The report's header: model, both engines, tokens, tolerance regime, provenance, warnings, faults."""
+    """The report's header: model (file type and tensor type mix), both engines, tokens, tolerance
+    regimes, provenance, warnings, faults."""
     m = cmp.meta
     ref, ours = m.get("ref", {}), m.get("ours", {})
-    lines = [f"model {ours.get('gguf', '?')} ({ours.get('weight_type', '?')}); reference "
+    pol = m.get("policy") or {}
+    lines = [f"model {ours.get('gguf', '?')} ({model_label(ours)}); reference "
              f"{ref.get('source', '?')} {ref.get('backend', '')} (KV {ref.get('kv_type', '?')}); ours "
              f"{ours.get('source', '?')} {ours.get('device', '')} {ours.get('dtype', '')}",
              f"tokens {len(m.get('tokens', []))} (prompt {m.get('n_prompt')}): prefill + "
-             f"{max(len(m.get('tokens', [])) - (m.get('n_prompt') or 0), 0)} decode steps, {m.get('compared')} site tensors compared; tolerance regime {m['policy']['regime']}"
-             f" (calibrated from {m['policy']['calibrated_from']})"]
+             f"{max(len(m.get('tokens', [])) - (m.get('n_prompt') or 0), 0)} decode steps, {m.get('compared')} site tensors compared; tolerance regime {pol.get('regime')}"
+             f" (calibrated from {pol.get('calibrated_from')})"]
+    lines += regime_lines(pol)
     lines.append(summary_line(ref))
     if ref.get("extra_bufts") or (ref.get("provenance") or {}).get("extra_bufts"):
         lines.append(EXTRA_BUFTS_NOTE)
