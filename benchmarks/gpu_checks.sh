@@ -34,10 +34,11 @@ bench)
 qwen3)
   # issue 14 on the GPU: CUDA tolerances for qwen3 (merged into the table), the Qwen3 zoo, and
   # clean 512-token + 16-step reports of the real-shaped qwen3 and mixed-type qwen2.5 files
-  LIMIT=300 run python -m harness.calibrate --device cuda --preset tiny-qwen3,qwen3-0.6b
+  LIMIT=90 run python -m pytest tests/test_gpu.py -q -p no:cacheprovider
+  LIMIT=200 run python -m harness.calibrate --device cuda --preset tiny-qwen3,qwen3-0.6b
   cp harness/compare/tolerances.json "$OUT/tolerances.json"
   m=$(fix qwen3-0.6b f16)
-  LIMIT=200 run python -m harness.cli zoo "$m" --device cuda --steps 3
+  LIMIT=120 run python -m harness.cli zoo "$m" --device cuda --steps 3
   p=$(python -c "print(','.join(str(300 + 7 * i) for i in range(512)))")
   run python -m harness.cli report "$m" --tokens "$p" --steps 16 --device cuda --format markdown --out "$OUT/qwen3-0.6b-f16.md"
   run python -m harness.cli report "$(fix qwen3-0.6b q4_k_m)" --tokens "$p" --steps 16 --device cuda --format markdown --out "$OUT/qwen3-0.6b-q4_k_m.md"
