@@ -10,7 +10,7 @@ fix() { python -c "from harness.synth import default_fixture as d; print(d('$2',
 run() { echo "\$ $*"; timeout "${LIMIT:-300}" "$@"; echo "[exit $?]"; }
 for phase in "$@"; do case $phase in
 calibrate)
-  LIMIT=560 run python -m harness.calibrate --device cuda --preset tiny,qwen2.5-0.5b
+  LIMIT=560 run python -m harness.calibrate --device cuda --preset tiny,tiny-qwen3,qwen2.5-0.5b,qwen3-0.6b --mixed
   cp harness/compare/tolerances.json "$OUT/tolerances.json" ;;
 tests)
   run python -m pytest tests/test_gpu.py tests/test_dequant_torch.py -q -rs -p no:cacheprovider ;;

@@ -89,7 +89,8 @@ class GGUFModel:
 
     @property
     def weight_type(self) -> str:
-        """The type of the attention/FFN matrices (what the tolerance policy keys on)."""
+        """The type of blk.0's FFN down matrix: a file-level label. The tolerance policy keys on
+        :attr:`file_type` and, for weight matmuls, on each site's own tensor type (``types``)."""
         return self.types.get("blk.0.ffn_down.weight") or self.types.get("token_embd.weight", "F32")
 
     def type_mix(self) -> dict[str, int]:
