@@ -344,8 +344,8 @@ class StoragePolicy(Policy):
         super().__init__(backend, weight_type, dtype, table)
         self.storage = storage
 
-    def tolerance(self, family: str, kind: str = "local") -> Tol:
-        t = super().tolerance(family, kind)
+    def tolerance(self, family: str, kind: str = "local", wclass: str | None = None) -> Tol:
+        t = super().tolerance(family, kind, wclass)
         if self.storage == "float32":
             return t
         floor = FLOOR_UNITS * UNIT_ROUNDOFF[self.storage]
