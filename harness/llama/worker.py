@@ -246,7 +246,8 @@ class Worker:
         except OSError:
             return ""
         said = [ln.strip() for ln in lines if "GGML_ASSERT" in ln] or \
-            [ln.strip() for ln in lines if "error" in ln.lower() and not ln.startswith("Fatal Python")]
+            [ln.strip() for ln in lines if "error" in ln.lower()
+             and not ln.startswith("Fatal Python") and not ln.lstrip().startswith("File ")]   # not stack lines
         return re.sub(r"^\S*/", "", said[-1])[:200] if said else ""      # no build path
 
     def kill(self) -> None:
