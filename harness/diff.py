@@ -55,15 +55,7 @@ def llama_options(req: DiffRequest, **kw) -> LlamaOptions:
 def capture_reference(req: DiffRequest) -> Trace:
     with open_runner(req.gguf, llama_options(req), n_ctx_needed=_ctx_needed(req)) as runner:
         prompt = list(req.tokens) if req.tokens else runner.tokenize(req.prompt or "")
-        return with_architecture(runner.run(prompt, req.steps, filt=SiteFilter(req.sites) if req.sites else None),
-                                 runner)
-
-
-def with_architecture(trace: Trace, runner) -> Trace:
-    """``trace`` (llama.cpp's) with the architecture of the GGUF it ran in its meta, so that a
-    comparison on it alone knows the op inputs (harness.gguf.arch.ArchSpec.inputs)."""
-    trace.meta.setdefault("architecture", runner.config.architecture)
-    return trace
+        return runner.run(prompt, req.steps, filt=SiteFilter(req.sites) if req.sites else None)
 
 
 def run_ours(model: Model, ref: Trace, faults=(), filt: SiteFilter | None = None,
@@ -156,7 +148,7 @@ def diff_on_device(req: DiffRequest, model: Model | None = None, runner=None,
         runner = runner or open_runner(req.gguf, opts, n_ctx_needed=_ctx_needed(req))
         try:
             prompt = list(req.tokens) if req.tokens else runner.tokenize(req.prompt or "")
-            ref = with_architecture(runner.run(prompt, req.steps, filt=filt), runner)
+            ref = runner.run(prompt, req.steps, filt=filt)
         finally:
             if own:
                 runner.close()
