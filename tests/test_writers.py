@@ -243,3 +243,37 @@ def test_writer_atomicity_errors_and_converters(tmp_path, lang):
     assert got.trace.tokens == [1, 2] and got.trace.keys() == [(0, "embd")]
     assert got.trace[0, "embd"].tolist() == [[1.0, 2.0, 3.0, 4.0]]
     assert hidden() == []
+
+
+DEVICE_CU = r"""
+#define LLAMADIFF_TRACE_IMPLEMENTATION
+#include "llamadiff_trace.h"
+#include <stdio.h>
+int main(int argc, char **argv) {
+    const int32_t tokens[2] = {1, 2};
+    const int64_t shape[2] = {1, 4};
+    float host[4] = {1.5f, -2.0f, 3.25f, 4.0f}, *dev;
+    ldt_trace *t;
+    if (cudaMalloc((void **)&dev, sizeof host) != cudaSuccess) { printf("no gpu\n"); return 0; }
+    cudaMemcpy(dev, host, sizeof host, cudaMemcpyHostToDevice);
+    t = ldt_open(argv[1], 1, tokens, 2, 1, "cuda");
+    if (!t || ldt_add_device(t, 0, "embd", shape, 2, LDT_F32, dev)) return 1;
+    cudaFree(dev);
+    return ldt_close(t);
+}
+"""
+
+
+@pytest.mark.gpu
+def test_cuda_device_pointer(tmp_path):
+    """ldt_add_device (nvcc build): skipped without nvcc or without a GPU."""
+    src, exe = tmp_path / "device.cu", tmp_path / "device"
+    src.write_text(DEVICE_CU)
+    r = run([need("nvcc"), "-I", WRITERS, "-o", exe, src])
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "dev-run"
+    r = run([exe, out])
+    if "no gpu" in r.stdout:
+        pytest.skip("no CUDA GPU: ldt_add_device compiled but not run")
+    assert r.returncode == 0, r.stderr
+    assert load_run(out).trace[0, "embd"].tolist() == [[1.5, -2.0, 3.25, 4.0]]
