@@ -1,8 +1,9 @@
 """The drop-in trace writers (writers/llamadiff_trace.h, writers/llamadiff_trace.rs) against the
 Python reference writer: the C and Rust example programs of docs/trace-format.md are compiled
 from the doc itself, run, and their traces must read back identical to the Python writer's.
-Also: atomicity (no target folder before close, none after a failed close), argument errors,
-and the float16/bfloat16 converters against numpy."""
+The examples store q flat, (T, H*Dh), as engines hold it, with the dims in the manifest: the
+reader reshapes it to the site's (T, H, Dh). Also: atomicity (no target folder before close,
+none after a failed close), argument errors, and the float16/bfloat16 converters against numpy."""
 from __future__ import annotations
 
 import os
@@ -113,6 +114,9 @@ def test_c_cpp_rust_and_python_writers_agree(tmp_path):
         check_same(py, run_)
         dtypes = {e["name"]: e["dtype"] for e in run_.manifest["tensors"]}
         assert dtypes == {f"{step}/{site}": dict(SITES)[site] for step, site in keys}
+        flat = {e["name"]: e["shape"] for e in run_.manifest["tensors"] if e["name"].endswith("blk.0.q")}
+        assert flat == {"0/blk.0.q": [3, 8], "1/blk.0.q": [1, 8]}     # stored flat, read as (T, H, Dh)
+        assert run_.manifest["dims"] == {"H": 2, "Hkv": 1, "Dh": 4}
     for f in ("step-0000.safetensors", "step-0001.safetensors"):
         data = {(outs[n] / f).read_bytes() for n in outs}
         assert len(data) == 1, f"{f} differs between the C, C++ and Rust writers"
@@ -277,3 +281,39 @@ def test_cuda_device_pointer(tmp_path):
         pytest.skip("no CUDA GPU: ldt_add_device compiled but not run")
     assert r.returncode == 0, r.stderr
     assert load_run(out).trace[0, "embd"].tolist() == [[1.5, -2.0, 3.25, 4.0]]
+
+
+def test_flat_projections_reshaped_on_load(tmp_path):
+    """An engine's flat (T, n_head*head_dim) projections read as the site layout (T, H, Dh) when
+    the manifest states H/Hkv and Dh; without the dims they are refused as before."""
+    from harness.runs.store import RunError, load_tensor
+    from harness.runs.writer import dump_manifest, write_safetensors
+
+    ref = load_run(python_trace(tmp_path / "py-run"))
+    q = {step: values(step, 1, shapes(step)["blk.0.q"]) for step in (0, 1)}
+
+    def flat_trace(out: Path, dims: dict | None) -> Path:
+        out.mkdir()
+        tensors = []
+        for step in (0, 1):
+            a = q[step].reshape(q[step].shape[0], -1)                     # (T, H*Dh) = (T, 8)
+            write_safetensors(str(out / f"s{step}.safetensors"), [(f"{step}/blk.0.q", a, "F32")])
+            tensors.append({"name": f"{step}/blk.0.q", "file": f"s{step}.safetensors", "dtype": "F32",
+                            "shape": list(a.shape)})
+        m = {"format_version": 1, "n_layer": 2, "tokens": TOKENS, "n_prompt": N_PROMPT, "tensors": tensors}
+        if dims:
+            m["dims"] = dims
+        (out / "manifest.json").write_text(dump_manifest(m))
+        return out
+
+    got = load_run(flat_trace(tmp_path / "flat", {"H": 2, "Hkv": 1, "Dh": 4}))
+    for step in (0, 1):
+        assert tuple(got.trace[step, "blk.0.q"].shape) == shapes(step)["blk.0.q"]
+        assert torch_equal(got.trace[step, "blk.0.q"], ref.trace[step, "blk.0.q"])
+        assert torch_equal(load_tensor(tmp_path / "flat", step, "blk.0.q"), ref.trace[step, "blk.0.q"])
+    with pytest.raises(RunError, match="does not fit the layout"):
+        load_run(flat_trace(tmp_path / "flat-nodims", None))
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())

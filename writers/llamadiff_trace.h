@@ -43,6 +43,10 @@ int ldt_add(ldt_trace *t, int step, const char *site, const int64_t *shape, int 
 int ldt_close(ldt_trace *t);                /* 0 on success; always frees t */
 void ldt_abort(ldt_trace *t);               /* drop everything, write nothing; frees t */
 const char *ldt_last_error(const ldt_trace *t);
+/* Optional: state a layout dim ("D", "F", "H", "Hkv", "Dh", "V") in the manifest's "dims". The
+ * reader checks the tensors against them, and with H/Hkv and Dh it accepts projections stored flat
+ * as (T, n_head * head_dim) for the (T, H, Dh) sites. 0 on success. */
+int ldt_set_dim(ldt_trace *t, const char *name, int64_t value);
 uint16_t ldt_f32_to_f16(float x);           /* round to nearest even */
 uint16_t ldt_f32_to_bf16(float x);          /* round to nearest even */
 
@@ -98,6 +102,9 @@ struct ldt_trace {
     int32_t *tokens;
     ldt__tensor *tensors;
     size_t n, cap;
+    char dim_names[8][4];
+    int64_t dim_values[8];
+    int n_dims;
     char err[512];
 };
 
@@ -116,6 +123,19 @@ static int ldt__exists(const char *path) {
 }
 
 const char *ldt_last_error(const ldt_trace *t) { return t ? t->err : "no trace"; }
+
+int ldt_set_dim(ldt_trace *t, const char *name, int64_t value) {
+    static const char *known[6] = {"D", "F", "H", "Hkv", "Dh", "V"};
+    int i, k;
+    if (!t || !name) return 1;
+    for (k = 0; k < 6 && strcmp(name, known[k]) != 0; ++k) {}
+    if (k == 6 || value < 1) { snprintf(t->err, sizeof t->err, "bad dim %.20s = %lld", name, (long long)value); return 1; }
+    for (i = 0; i < t->n_dims && strcmp(t->dim_names[i], name) != 0; ++i) {}
+    if (i == t->n_dims) t->n_dims++;
+    strcpy(t->dim_names[i], name);
+    t->dim_values[i] = value;
+    return 0;
+}
 
 ldt_trace *ldt_open(const char *out_dir, int n_layer, const int32_t *tokens, int n_tokens,
                     int n_prompt, const char *engine_name) {
@@ -336,7 +356,14 @@ int ldt_close(ldt_trace *t) {
         if (*slash == '"' || *slash == '\\') ldt__put(&m, "\\%c", *slash);
         else if ((unsigned char)*slash < 0x20) ldt__put(&m, "\\u%04x", (unsigned)*slash);
         else ldt__put(&m, "%c", *slash);
-    ldt__put(&m, "\"},\n \"tensors\": [");
+    ldt__put(&m, "\"},\n");
+    if (t->n_dims) {
+        ldt__put(&m, " \"dims\": {");
+        for (s = 0; s < t->n_dims; ++s)
+            ldt__put(&m, "%s\"%s\": %lld", s ? ", " : "", t->dim_names[s], (long long)t->dim_values[s]);
+        ldt__put(&m, "},\n");
+    }
+    ldt__put(&m, " \"tensors\": [");
     for (s = 0; s <= n_steps; ++s)
         for (i = 0; i < t->n; ++i) {
             const ldt__tensor *x = &t->tensors[i];

@@ -52,6 +52,7 @@ pub struct Trace {
     tokens: Vec<i64>,
     n_prompt: usize,
     engine: String,
+    dims: Vec<(String, usize)>,
     tensors: Vec<Tensor>,
 }
 
@@ -71,7 +72,19 @@ impl Trace {
             return Err(err(format!("{} already exists", out_dir.display())));
         }
         Ok(Trace { out_dir, n_layer, tokens: tokens.to_vec(), n_prompt, engine: engine.into(),
-                   tensors: Vec::new() })
+                   dims: Vec::new(), tensors: Vec::new() })
+    }
+
+    /// Optional: state a layout dim ("D", "F", "H", "Hkv", "Dh", "V") in the manifest's "dims".
+    /// The reader checks the tensors against them, and with H/Hkv and Dh it accepts projections
+    /// stored flat as (T, n_head * head_dim) for the (T, H, Dh) sites.
+    pub fn set_dim(&mut self, name: &str, value: usize) -> io::Result<()> {
+        if !["D", "F", "H", "Hkv", "Dh", "V"].contains(&name) || value < 1 {
+            return Err(err(format!("bad dim {} = {}", name, value)));
+        }
+        self.dims.retain(|(n, _)| n != name);
+        self.dims.push((name.into(), value));
+        Ok(())
     }
 
     fn steps(&self) -> usize {
@@ -166,10 +179,12 @@ impl Trace {
                     step, t.site, step, t.dtype.tag(), Self::shape_json(&t.shape)));
             }
         }
+        let dims: Vec<String> = self.dims.iter().map(|(n, v)| format!("\"{}\": {}", n, v)).collect();
+        let dims = if dims.is_empty() { String::new() } else { format!(" \"dims\": {{{}}},\n", dims.join(", ")) };
         format!("{{\n \"format\": \"llamadiff-trace\",\n \"format_version\": 1,\n \"n_layer\": {},\n \
-                 \"tokens\": [{}],\n \"n_prompt\": {},\n \"steps\": {},\n \"engine\": {{\"name\": \"{}\"}},\n \
-                 \"tensors\": [\n{}\n ]\n}}\n",
-                self.n_layer, toks.join(", "), self.n_prompt, self.steps(), engine, entries.join(",\n"))
+                 \"tokens\": [{}],\n \"n_prompt\": {},\n \"steps\": {},\n \"engine\": {{\"name\": \"{}\"}},\n\
+                 {} \"tensors\": [\n{}\n ]\n}}\n",
+                self.n_layer, toks.join(", "), self.n_prompt, self.steps(), engine, dims, entries.join(",\n"))
     }
 
     fn write_into(&self, tmp: &Path) -> io::Result<()> {

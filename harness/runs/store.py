@@ -169,6 +169,19 @@ def _config_dims(m: dict) -> dict[str, int]:
     return out
 
 
+def _native_shape(key: tuple[int, str], shape: tuple, stated: dict, n_prompt: int) -> tuple | None:
+    """The site's layout shape for an engine-native flat projection, (T, H*Dh) stored for a
+    (T, H, Dh) site (or Hkv), when the manifest states both dims; else None."""
+    layout = parse_site(key[1])[1].layout
+    if len(shape) != 2 or len(layout) != 3 or layout[0] != "T" or layout[2] != "Dh":
+        return None
+    heads, dh = stated.get(layout[1]), stated.get("Dh")
+    T = n_prompt if key[0] == 0 else 1
+    if heads and dh and tuple(shape) == (T, heads * dh):
+        return (T, heads, dh)
+    return None
+
+
 def _check_layout(path: str, key: tuple[int, str], shape: tuple, dims: dict, n_prompt: int) -> None:
     step, site = key
     layout = parse_site(site)[1].layout
@@ -254,14 +267,19 @@ def load_run(path, filt: SiteFilter | None = None, verify: bool = True) -> Recor
     n_layer, n_prompt = m["n_layer"], m["n_prompt"]
     n_steps = len(m["tokens"]) - n_prompt
     dims = _config_dims(m)
+    stated = dict(dims)                                   # what the manifest itself states
     by_file: dict[str, list] = {}
     seen: set = set()
+    reshape: dict[tuple[int, str], tuple] = {}            # flat (T, H*Dh) projections -> (T, H, Dh)
     for entry in m["tensors"]:
         key = _tensor_key(path, entry, n_layer, n_steps)
         if key in seen:
             raise _fail(path, f"tensor {entry['name']!r} is listed twice")
         seen.add(key)
-        _check_layout(path, key, tuple(entry["shape"]), dims, n_prompt)
+        native = _native_shape(key, tuple(entry["shape"]), stated, n_prompt)
+        if native:
+            reshape[key] = native
+        _check_layout(path, key, native or tuple(entry["shape"]), dims, n_prompt)
         by_file.setdefault(entry["file"], []).append((key, entry))
     files = m.get("files") if isinstance(m.get("files"), dict) else {}
     trace = Trace(n_layer, tokens=list(m["tokens"]), n_prompt=n_prompt)
@@ -287,7 +305,8 @@ def load_run(path, filt: SiteFilter | None = None, verify: bool = True) -> Recor
                 for (step, site), e in wanted:
                     t = f.get_tensor(e["name"])
                     storages.add(STORAGE_OF_TAG[e["dtype"]])
-                    trace.tensors[(step, site)] = t.float() if t.dtype != torch.float32 else t
+                    t = t.float() if t.dtype != torch.float32 else t
+                    trace.tensors[(step, site)] = t.reshape(reshape[step, site]) if (step, site) in reshape else t
         except Exception as ex:  # safetensors raises its own error types on damaged files
             raise _fail(path, f"{fname} cannot be read ({type(ex).__name__}: {ex})") from None
     storage = max(storages or {"float32"}, key=lambda s: UNIT_ROUNDOFF[s])
@@ -307,7 +326,9 @@ def load_tensor(path, step: int, site: str) -> torch.Tensor:
             fpath = os.path.join(path, e["file"])
             _read_header(path, fpath)
             with safe_open(fpath, framework="pt") as f:
-                return f.get_tensor(name).float()
+                t = f.get_tensor(name).float()
+            native = _native_shape((int(step), site), tuple(t.shape), _config_dims(m), m["n_prompt"])
+            return t.reshape(native) if native else t
     raise RunError(f"{path}: no tensor {name!r} in this run")
 
 
