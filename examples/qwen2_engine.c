@@ -243,9 +243,8 @@ int main(int argc, char **argv) {
             kc[l] = malloc((size_t)P_max * KD * 4); vc[l] = malloc((size_t)P_max * KD * 4);
         }
         for (i = 0; i < n_prompt; i++) all[i] = prompt[i];
-        /* Greedy tokens are only known as decoding goes; the writer copies tokens at ldt_open, so
-         * the decode inputs (placeholders 0 until chosen) are stored into TR->tokens as they are
-         * picked (struct ldt_trace is visible in the implementation unit). */
+        /* Greedy tokens are only known as decoding goes: the trace opens with placeholders (0) for
+         * the decode inputs and each is set with ldt_set_token as it is picked. */
         for (i = n_prompt; i < n_tok; i++) all[i] = 0;
         TR = ldt_open(outdir, NL, all, n_tok, n_prompt, "qwen2_engine.c");
         if (!TR) exit(1);
@@ -316,7 +315,8 @@ int main(int argc, char **argv) {
                 int next = 0;
                 if (step < n_forced) next = forced[step];
                 else { const float *last = lo + (size_t)(T - 1) * V; for (j = 1; j < V; j++) if (last[j] > last[next]) next = j; }
-                all[n_prompt + step] = next; TR->tokens[n_prompt + step] = next;
+                all[n_prompt + step] = next;
+                if (ldt_set_token(TR, n_prompt + step, next)) { fprintf(stderr, "qwen2_engine: %s\n", ldt_last_error(TR)); ldt_abort(TR); return 1; }
             }
         }
         return ldt_close(TR) ? 1 : 0;

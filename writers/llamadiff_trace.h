@@ -47,6 +47,9 @@ const char *ldt_last_error(const ldt_trace *t);
  * reader checks the tensors against them, and with H/Hkv and Dh it accepts projections stored flat
  * as (T, n_head * head_dim) for the (T, H, Dh) sites. 0 on success. */
 int ldt_set_dim(ldt_trace *t, const char *name, int64_t value);
+/* Set token i of the run (a decode input an engine picks greedily while it runs: open the trace
+ * with placeholders, set each as it is chosen, before close). 0 on success. */
+int ldt_set_token(ldt_trace *t, int i, int32_t token);
 uint16_t ldt_f32_to_f16(float x);           /* round to nearest even */
 uint16_t ldt_f32_to_bf16(float x);          /* round to nearest even */
 
@@ -123,6 +126,16 @@ static int ldt__exists(const char *path) {
 }
 
 const char *ldt_last_error(const ldt_trace *t) { return t ? t->err : "no trace"; }
+
+int ldt_set_token(ldt_trace *t, int i, int32_t token) {
+    if (!t) return 1;
+    if (i < 0 || i >= t->n_tokens || token < 0) {
+        snprintf(t->err, sizeof t->err, "token %d at index %d out of range (0..%d)", (int)token, i, t->n_tokens - 1);
+        return 1;
+    }
+    t->tokens[i] = token;
+    return 0;
+}
 
 int ldt_set_dim(ldt_trace *t, const char *name, int64_t value) {
     static const char *known[6] = {"D", "F", "H", "Hkv", "Dh", "V"};
