@@ -13,7 +13,7 @@ from harness.compare.comparator import Comparator, Comparison, compare_traces
 from harness.llama.runner import LlamaOptions
 from harness.llama.worker import n_ctx_needed, open_runner
 from harness.ours.model import Model, load_model
-from harness.sites import SiteFilter
+from harness.sites import LAYER_WEIGHTS, SiteFilter
 from harness.compare.tolerance import Policy
 from harness.trace import Trace
 
@@ -103,17 +103,12 @@ def diff_gguf(req: DiffRequest, model: Model | None = None, ref: Trace | None = 
 
 
 # The weight matrix each weight-matmul site multiplies by (GGUF tensor name without "blk.{i}.").
-SITE_WEIGHTS = {"q_proj": "attn_q.weight", "k_proj": "attn_k.weight", "v_proj": "attn_v.weight",
-                "attn_out": "attn_output.weight", "ffn_gate": "ffn_gate.weight", "ffn_up": "ffn_up.weight",
-                "ffn_out": "ffn_down.weight"}
-
-
 def site_weight_types(gm) -> dict[str, str]:
     """Full site name -> ggml type of the weight matrix it multiplies by, from a GGUFModel's
     tensor types (``logits``: ``output.weight``, or ``token_embd.weight`` when tied)."""
     out = {}
     for i in range(gm.config.n_layer):
-        for key, tensor in SITE_WEIGHTS.items():
+        for key, tensor in LAYER_WEIGHTS.items():
             t = gm.types.get(f"blk.{i}.{tensor}")
             if t is not None:
                 out[f"blk.{i}.{key}"] = t

@@ -92,6 +92,11 @@ SITES: tuple[SiteSpec, ...] = (
 )
 
 BY_KEY: dict[str, SiteSpec] = {s.key: s for s in SITES}
+# per-layer weight matmul sites -> the blk.{i} tensor they multiply by (logits: output.weight, or
+# token_embd.weight when tied); the capture finds attn_out by it, the tolerance policy keys on its type
+LAYER_WEIGHTS: dict[str, str] = {"q_proj": "attn_q.weight", "k_proj": "attn_k.weight", "v_proj": "attn_v.weight",
+                                 "attn_out": "attn_output.weight", "ffn_gate": "ffn_gate.weight",
+                                 "ffn_up": "ffn_up.weight", "ffn_out": "ffn_down.weight"}
 LAYER_KEYS: tuple[str, ...] = tuple(s.key for s in SITES if s.per_layer)
 _ORDER = {s.key: i for i, s in enumerate(SITES)}
 _NAME_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)$")

@@ -30,7 +30,7 @@ import torch
 
 from harness.llama.ggml_struct import GGML_TYPE_F16, GGML_TYPE_F32, GGMLFuncs, GGMLTensor, cuda_copier
 from harness.gguf.arch import QWEN2
-from harness.sites import BY_KEY, SITES, SiteFilter, all_sites, parse_site, shape_of, site_name
+from harness.sites import BY_KEY, LAYER_WEIGHTS, SITES, SiteFilter, all_sites, parse_site, shape_of, site_name
 from harness.trace import Sink
 
 FLASH_MISSING = ("kq", "attn_weights")   # fused away by FLASH_ATTN_EXT
@@ -107,7 +107,7 @@ class Capture:
         self.cb = lc.ggml_backend_sched_eval_callback(self._callback)  # keep alive with the runner
         self._kinds: dict[tuple[bytes, int], object] = {}    # (name, op) -> site | _UNNAMED_MM | None
         self._host_buffers: dict[int, bool] = {}
-        self._weights = {f"blk.{i}.attn_output.weight".encode(): site_name("attn_out", i)
+        self._weights = {f"blk.{i}.{LAYER_WEIGHTS['attn_out']}".encode(): site_name("attn_out", i)
                          for i in range(cfg.n_layer)}
         self._copy = None
         self._gpu, self._cpu = _Arena("cuda"), _Arena("cpu")
