@@ -151,6 +151,19 @@ class Comparator:
             ours=float("nan"), ref=float("nan"), nonfinite=0, tol_rel=0.0, tol_max=0.0,
             tol_regime=self._tol(site, spec.family, "e2e")[1], passed=False)
 
+    def add_reduced(self, kind: str, step: int, site: str, shape: tuple, vec) -> None:
+        """A pair reduced elsewhere: ``vec`` is a :func:`~harness.compare.metrics.stats_vector`
+        (9 floats, the worst element's flat index in ``shape``) over the pair's whole ``shape``,
+        e.g. merged from a micro-batched run's batches (:mod:`harness.stream`). ``kind``: "e2e"
+        or "local"."""
+        import numpy as np
+        c = finish_many(np.asarray([list(vec)], dtype=np.float64), [tuple(shape)])
+        v = tuple(c[k][0] for k in ("max_abs", "rel_l2", "max_norm", "cosine", "worst_index", "ours_value",
+                                    "ref_value", "nonfinite"))
+        if kind == "local":
+            self.has_local = True
+        (self._e2e_row if kind == "e2e" else self._local_row)(step, site, tuple(shape), v)
+
     def add_local(self, step: int, site: str, local, ref) -> None:
         """Local pair: our op recomputed on the reference's inputs, and the reference's output."""
         self.has_local = True
