@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -16,6 +16,8 @@ from harness.ours.model import Model, load_model
 from harness.sites import LAYER_WEIGHTS, SiteFilter
 from harness.compare.tolerance import Policy
 from harness.trace import Trace
+from harness import budget
+from harness.budget import Plan
 
 
 @dataclass
@@ -37,6 +39,9 @@ class DiffRequest:
     extra_bufts: bool = False           # llama.cpp's extra buffer types (CPU weight repacking, e.g. AMX):
                                         # its default, but not what the tolerances were calibrated on
     isolate: bool = True                # llama.cpp in a worker process: its crash is a LlamaCrash here
+    ubatch: int | None = None           # prompt micro-batch size (harness.stream): each batch compared
+                                        # and freed before the next; None: chosen from the memory budget
+                                        # (one batch when everything fits); 0: always one batch
 
 
 @dataclass
@@ -45,6 +50,50 @@ class DiffResult:
     ref: Trace
     ours: Trace
     local: Trace | None
+
+
+def prompt_tokens(req: DiffRequest) -> list[int]:
+    """The tokens the run will feed: ``req.tokens``, else llama.cpp's tokenization of the prompt
+    (the vocabulary alone, in the worker unless ``isolate`` is off)."""
+    if req.tokens:
+        return [int(t) for t in req.tokens]
+    from harness.llama.runner import tokenize_file
+    from harness.llama.worker import run_isolated
+    text = req.prompt or ""
+    return run_isolated(tokenize_file, req.gguf, text) if req.isolate else tokenize_file(req.gguf, text)
+
+
+def memory_plan(req: DiffRequest, n_prompt: int, ubatch: int | None = None, ours: bool = True,
+                layers=None) -> Plan:
+    """The :class:`~harness.budget.Plan` of a request (weights' sizes read from the GGUF)."""
+    import os
+    from harness.gguf.load import float_bytes
+    from harness.ours.model import DTYPES
+    size = os.path.getsize(req.gguf)
+    lazy = req.lazy_weights if req.lazy_weights is not None else _float_weights_crowd(req)
+    ours_bytes = (size if lazy else float_bytes(req.gguf, DTYPES[req.dtype])) if ours else 0
+    return Plan(n_prompt, req.steps, device=req.device, local=req.local, ours=ours, ubatch=ubatch,
+                sites=req.sites, layers=layers, our_weight_bytes=ours_bytes, llama_weight_bytes=size,
+                kv_item=2 if req.kv_type == "f16" else 4, our_item=DTYPES[req.dtype].itemsize)
+
+
+def plan_request(req: DiffRequest, host: int | None = None, gpu: int | None = None) -> tuple[list[int], int | None]:
+    """(tokens, micro-batch size or None) of a request whose estimated peak memory fits; else
+    :class:`~harness.budget.BudgetError` with the estimate and what would fit. ``host``/``gpu``:
+    available bytes (default: the machine's, see :mod:`harness.budget`)."""
+    from harness.gguf.load import read_config_file
+    cfg = read_config_file(req.gguf)
+    tokens = prompt_tokens(req)
+    host = host if host is not None else budget.host_available()
+    if gpu is None and str(req.device).startswith("cuda"):
+        gpu = budget.gpu_available(req.device)
+    ubatch = req.ubatch or None
+    if req.ubatch is None:
+        ubatch = budget.auto_ubatch(cfg, memory_plan(req, len(tokens)), host, gpu)
+    if ubatch is not None and ubatch >= len(tokens) and req.ubatch is None:
+        ubatch = None
+    budget.check(cfg, memory_plan(req, len(tokens), ubatch), host, gpu)
+    return tokens, ubatch
 
 
 def llama_options(req: DiffRequest, **kw) -> LlamaOptions:
@@ -91,6 +140,13 @@ def _float_weights_crowd(req: DiffRequest) -> bool:
 
 
 def diff_gguf(req: DiffRequest, model: Model | None = None, ref: Trace | None = None) -> DiffResult:
+    """The divergence report of a request on the CPU path: whole traces, or, when the memory
+    budget asks for micro-batches (or ``req.ubatch`` does), :func:`diff_stream`."""
+    if ref is None:
+        tokens, ubatch = plan_request(req)
+        req = replace(req, tokens=tokens, ubatch=ubatch or 0)
+        if ubatch:
+            return diff_stream(req, model)
     ref = ref if ref is not None else capture_reference(req)
     model = model if model is not None else model_for(req, ref)
     filt = SiteFilter(req.sites) if req.sites else None
@@ -172,3 +228,36 @@ def diff_on_device(req: DiffRequest, model: Model | None = None, runner=None,
     cmp.meta["faults"] = [f.name for f in req.faults]
     return DiffResult(cmp, ref, None, None)
 
+
+
+def diff_stream(req: DiffRequest, model: Model | None = None, runner=None) -> DiffResult:
+    """Micro-batched lockstep comparison (:mod:`harness.stream`): llama.cpp decodes the prompt
+    ``req.ubatch`` tokens at a time, our model follows each batch at the same positions, every
+    pair is reduced and dropped at once. Same table as :func:`diff_gguf`; the returned traces
+    hold no tensors (``ours``/``local`` None)."""
+    from harness.gguf.load import read_config_file
+    from harness.ours.inject import check_faults
+    from harness.stream import Lockstep
+    cfg = read_config_file(req.gguf)
+    check_faults(req.faults, cfg)
+    tokens = prompt_tokens(req)
+    filt = SiteFilter(req.sites) if req.sites else None
+    on_gpu = str(req.device).startswith("cuda")
+    opts = llama_options(req, keep_on_device=on_gpu, ubatch=max(int(req.ubatch or len(tokens)), 1))
+    own = runner is None
+    runner = runner or open_runner(req.gguf, opts, n_ctx_needed=len(tokens) + req.steps + 1)
+    try:
+        meta = dict(runner.meta, backend=runner.meta.get("backend"), source="llama.cpp")
+        model = model if model is not None else model_for(req, Trace(cfg.n_layer, meta=meta))
+        comp = Comparator(model_policy(model, meta.get("backend", "cpu"), req.dtype))
+        n = len(tokens)
+        lock = Lockstep(model, comp, filt, [h for f in req.faults for h in f.hooks], req.local,
+                        lambda step: (n, n) if step == 0 else (1, n + step))
+        ref = runner.run(tokens, req.steps, sink=lock, filt=filt)
+    finally:
+        if own:
+            runner.close()
+    cmp = lock.finish(model.describe(), ref.meta, ref.tokens, ref.n_prompt, cfg.n_layer)
+    cmp.meta["faults"] = [f.name for f in req.faults]
+    cmp.meta["ubatch"] = opts.ubatch
+    return DiffResult(cmp, ref, None, None)

@@ -118,6 +118,7 @@ class Capture:
         self.step, self.dims = 0, self.cfg.dims()
         self.captured: set[tuple[int, str]] = set()
         self.records: list[tuple] = []
+        self.batch_seen: set[str] = set()
         self.want: frozenset[str] = frozenset()
         self.asked: str | None = None
         self.error: BaseException | None = None
@@ -126,8 +127,10 @@ class Capture:
             self._copy = cuda_copier(torch.cuda.current_stream().cuda_stream)
 
     def begin_step(self, step: int, T: int, P: int) -> None:
+        """Before each llama_decode: a step, or one micro-batch of it (T tokens, P positions)."""
         self.step, self.dims = step, self.cfg.dims(T, P)
         self.records = []
+        self.batch_seen: set[str] = set()
         self.want = frozenset(n for n in all_sites(self.cfg.n_layer, self.cfg.spec.sites) if self.filt.wants(step, n))
         self._layouts = {}
         for spec in SITES:       # per site kind: shape, contiguous strides, numel, no slicing needed
@@ -239,7 +242,8 @@ class Capture:
         return arr.contiguous().reshape(shape)
 
     def _emit(self, site: str, x: torch.Tensor) -> None:
-        if (self.step, site) in self.captured:
-            raise ValueError(f"{site} computed twice in one step (the step was split into several graphs)")
+        if site in self.batch_seen:
+            raise ValueError(f"{site} computed twice in one batch (the batch was split into several graphs)")
+        self.batch_seen.add(site)
         self.captured.add((self.step, site))
         self.sink(self.step, site, x)

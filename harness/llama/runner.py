@@ -28,6 +28,13 @@ class LlamaError(Exception):
     """llama.cpp could not produce a trace; ``str()`` is a one-line user-facing message."""
 
 
+_DECODE_RC = {1: ": no KV cache slot for the batch; a larger context or smaller micro-batches",
+              2: ": aborted",
+              -1: ": invalid input batch",
+              -2: ": llama.cpp could not allocate or compute the graph, probably out of memory; "
+                  "try smaller micro-batches, a shorter prompt or fewer --sites"}
+
+
 KV_TYPES = {"f32": 0, "f16": 1}          # GGML_TYPE_F32, GGML_TYPE_F16
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -49,6 +56,10 @@ class LlamaOptions:
                                   # repacking crashes llama_decode on some CPUs). On: llama.cpp's default.
     isolate: bool = True          # run llama.cpp in a worker process (harness.llama.worker): a crash
                                   # inside it becomes a LlamaCrash instead of killing the caller
+    ubatch: int | None = None     # micro-batches: the prompt is decoded ubatch tokens at a time (one
+                                  # llama_decode each, n_batch = n_ubatch = ubatch), each batch's
+                                  # tensors handed over before the next; every row outputs logits.
+                                  # None: one batch per step (n_ubatch = n_ctx)
 
 
 def _lib():
@@ -100,8 +111,9 @@ class LlamaRunner:
         self.n_vocab = self.lc.llama_vocab_n_tokens(self.lc.llama_model_get_vocab(self.model))
         self.on_stage("context creation")
         self.ctx = self._new_context(o.n_ctx or max(int(n_ctx_needed), 1), self._capture.cb)
-        self.n_ctx = min(self.lc.llama_n_ctx(self.ctx), self.lc.llama_n_ubatch(self.ctx))
-        self._batch = self.lc.llama_batch_init(self.n_ctx, 0, 1)
+        self.n_ubatch = self.lc.llama_n_ubatch(self.ctx)
+        self.n_ctx = self.lc.llama_n_ctx(self.ctx) if o.ubatch else min(self.lc.llama_n_ctx(self.ctx), self.n_ubatch)
+        self._batch = self.lc.llama_batch_init(self.n_ubatch, 0, 1)
         self.meta = self._describe()
         self.last_logits: list[np.ndarray] = []
 
@@ -128,7 +140,8 @@ class LlamaRunner:
         lc, o = self.lc, self.options
         cp = lc.llama_context_default_params()
         n_ctx = -(-n_ctx // 256) * 256                 # llama.cpp pads n_ctx to 256 cells anyway
-        cp.n_ctx = cp.n_batch = cp.n_ubatch = n_ctx   # one ubatch per step: one graph per step
+        cp.n_ctx = n_ctx
+        cp.n_batch = cp.n_ubatch = min(o.ubatch, n_ctx) if o.ubatch else n_ctx   # one graph per llama_decode
         cp.n_threads = cp.n_threads_batch = o.n_threads or os.cpu_count() or 1
         cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if o.flash_attn \
             else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -147,7 +160,7 @@ class LlamaRunner:
         o = self.options
         meta = {"source": "llama.cpp", "binding": "llama-cpp-python",
                 "backend": "cuda" if self.gpu else "cpu", "device": "cuda" if self.gpu else "cpu", "flash_attn": o.flash_attn,
-                "kv_type": o.kv_type, "n_ctx": self.n_ctx, "n_threads": o.n_threads or os.cpu_count(),
+                "kv_type": o.kv_type, "n_ctx": self.n_ctx, "ubatch": o.ubatch, "n_threads": o.n_threads or os.cpu_count(),
                 "weight_type": self.weight_type, "extra_bufts": o.extra_bufts, "architecture": self.config.architecture,
                 "gguf": os.path.basename(self.path), "versions": versions(),
                 "provenance": llama_provenance(self.lc, gpu=self.gpu, options=o)}
@@ -224,7 +237,7 @@ class LlamaRunner:
         b = self._batch
         b.n_tokens = len(feed)
         for i, tok in enumerate(feed):
-            out = self.options.all_outputs or i == len(feed) - 1
+            out = self.options.all_outputs or self.options.ubatch or i == len(feed) - 1
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos0 + i, 1, int(out)
             b.seq_id[i][0] = 0
         self.on_stage(f"decode step {step}")
@@ -234,7 +247,7 @@ class LlamaRunner:
             self._capture.finish_step()      # the step's copies -> canonical tensors -> sink
         self._raise_capture_error(step)
         if rc != 0:
-            raise LlamaError(f"llama_decode failed at step {step} (returned {rc})")
+            raise LlamaError(f"llama_decode failed at step {step} (returned {rc}{_DECODE_RC.get(rc if rc > -2 else -2, '')})")
         row = self.lc.llama_get_logits_ith(ctx, -1)
         return np.ctypeslib.as_array(row, shape=(self.n_vocab,)).copy()
 
@@ -246,14 +259,21 @@ class LlamaRunner:
             where = f" at node {self._capture.error_node!r}" if self._capture.error_node else ""
             raise LlamaError(f"capture failed at step {step}{where}: {type(e).__name__}: {e}") from e
 
-    def _generate(self, ctx, prompt, steps, decode_tokens, before_step=None) -> list[int]:
-        """Prefill + ``steps`` teacher-forced decodes on a cleared cache; fills last_logits."""
+    def _generate(self, ctx, prompt, steps, decode_tokens, before_step=None, after_batch=None) -> list[int]:
+        """Prefill + ``steps`` teacher-forced decodes on a cleared cache; fills last_logits. With
+        ``options.ubatch`` the prefill is decoded in micro-batches; ``before_step(step, T, P)``
+        and ``after_batch(step, pos0, tokens)`` are called around each llama_decode."""
         self.lc.llama_memory_clear(self.lc.llama_get_memory(ctx), True)
         tokens, feed, pos, self.last_logits = list(prompt), list(prompt), 0, []
+        U = self.n_ubatch if self.options.ubatch else max(len(feed), 1)
         for step in range(steps + 1):
-            if before_step:
-                before_step(step, len(feed), pos + len(feed))
-            row = self._decode(ctx, feed, pos, step)
+            for t0 in range(0, len(feed), U):
+                part = feed[t0:t0 + U]
+                if before_step:
+                    before_step(step, len(part), pos + t0 + len(part))
+                row = self._decode(ctx, part, pos + t0, step)
+                if after_batch:
+                    after_batch(step, pos + t0, part)
             self.last_logits.append(row)
             if step < steps:
                 nxt = int(decode_tokens[step]) if decode_tokens and step < len(decode_tokens) \
@@ -267,12 +287,16 @@ class LlamaRunner:
         """Prefill ``prompt`` (step 0) then ``steps`` single-token decodes, teacher-forced on
         ``decode_tokens`` (greedy where not given), capturing the sites ``filt`` keeps."""
         prompt = self._check(prompt, steps, decode_tokens)
+        if self.options.ubatch and capture and not hasattr(sink, "batch_done"):
+            raise LlamaError("a micro-batched run hands each batch's tensors over as it comes: give a sink "
+                             "with a batch_done(step, pos0, tokens) method (a Trace would keep only the last batch)")
         trace = Trace(self.config.n_layer, meta=dict(self.meta))
         filt = (filt or SiteFilter()) if capture else NOTHING
         cap = self._capture
         cap.start(filt, sink or trace)
         try:
-            tokens = self._generate(self.ctx, prompt, steps, decode_tokens, cap.begin_step)
+            tokens = self._generate(self.ctx, prompt, steps, decode_tokens, cap.begin_step,
+                                    getattr(sink, "batch_done", None))
             captured = cap.captured
         finally:
             cap.start(NOTHING, lambda *a: None)     # drop references to the sink
@@ -297,3 +321,25 @@ class LlamaRunner:
             self._plain_ctx = self._new_context(self.n_ctx, None)
         self._generate(self._plain_ctx, prompt, steps, decode_tokens)
         return list(self.last_logits)
+
+
+def tokenize_file(path: str, text: str) -> list[int]:
+    """llama.cpp's tokenization of ``text`` with a GGUF's vocabulary alone (no weights, no
+    context): what a run will feed, known before its memory is planned."""
+    lc = _lib()
+    mp = lc.llama_model_default_params()
+    mp.vocab_only = True
+    model = lc.llama_model_load_from_file(os.fspath(path).encode(), mp)
+    if not model:
+        raise LlamaError(f"{path}: llama.cpp could not load this GGUF's vocabulary")
+    try:
+        vocab, data = lc.llama_model_get_vocab(model), text.encode()
+        n = len(data) + 8
+        while True:
+            buf = (lc.llama_token * n)()
+            got = lc.llama_tokenize(vocab, data, len(data), buf, n, True, True)
+            if got >= 0:
+                return list(buf[:got])
+            n = -got
+    finally:
+        lc.llama_model_free(model)

@@ -116,6 +116,12 @@ class _Batch:
             self.out.send(("tensors", _pack(dict(self.items))))
             self.items = []
 
+    def batch_done(self, step, pos0, tokens):
+        """After each llama_decode (a step, or a micro-batch of the prefill): its tensors, then
+        the marker, so that the caller can compare them and free them before the next batch."""
+        self.flush()
+        self.out.send(("batch", (step, pos0, list(tokens))))
+
 
 def _pack(tensors: dict) -> tuple:
     """Tensors for the pipe: host ones as numpy arrays; CUDA ones as views of a few shared
@@ -194,7 +200,7 @@ class Worker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def request(self, *req, on_tensors=None, what: str = ""):
+    def request(self, *req, on_tensors=None, on_batch=None, what: str = ""):
         """Send one request; hand streamed tensors to ``on_tensors``; return the reply. Anything
         that interrupts a request half-way (a crash, Ctrl-C, an error in ``on_tensors``) ends
         this worker: its pipe is no longer in step; the next call starts a fresh one."""
@@ -208,6 +214,9 @@ class Worker:
                     elif kind == "tensors":
                         if on_tensors is not None:
                             on_tensors(_unpack(body))
+                    elif kind == "batch":
+                        if on_batch is not None:
+                            on_batch(*body)
                     else:
                         break
             except (BrokenPipeError, EOFError, ConnectionResetError):
@@ -309,11 +318,12 @@ class IsolatedRunner:
             setattr(self, k, v)
         self.last_logits: list[np.ndarray] = []
 
-    def _ask(self, *req, on_tensors=None):
+    def _ask(self, *req, on_tensors=None, on_batch=None):
         if self.rid is None or self.w is not worker_if_alive():
             raise LlamaError(f"{self.what}: the llama.cpp worker of this runner is gone (closed or crashed)")
         try:
-            return self.w.request(req[0], self.rid, *req[1:], on_tensors=on_tensors, what=self.what)
+            return self.w.request(req[0], self.rid, *req[1:], on_tensors=on_tensors, on_batch=on_batch,
+                                  what=self.what)
         except LlamaCrash:
             self.rid = None
             raise
@@ -323,6 +333,9 @@ class IsolatedRunner:
 
     def run(self, prompt, steps: int = 0, decode_tokens=None, sink: Sink | None = None,
             filt: SiteFilter | None = None, capture: bool = True) -> Trace:
+        if self.options.ubatch and capture and not hasattr(sink, "batch_done"):
+            raise LlamaError("a micro-batched run hands each batch's tensors over as it comes: give a sink "
+                             "with a batch_done(step, pos0, tokens) method (a Trace would keep only the last batch)")
         trace = Trace(self.config.n_layer)
         out = sink or trace
 
@@ -330,7 +343,8 @@ class IsolatedRunner:
             for (step, site), x in tensors.items():
                 out(step, site, x)
         tokens, n_prompt, meta, self.last_logits = self._ask(
-            "run", list(prompt), steps, decode_tokens, filt, capture, on_tensors=hand)
+            "run", list(prompt), steps, decode_tokens, filt, capture, on_tensors=hand,
+            on_batch=getattr(sink, "batch_done", None))
         trace.tokens, trace.n_prompt, trace.meta = tokens, n_prompt, dict(meta, isolated=True)
         return trace
 

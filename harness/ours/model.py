@@ -266,6 +266,19 @@ class Model(nn.Module):
         finally:
             m.install(*saved)
 
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for :meth:`feed` (the store dtype mirrors llama.cpp's cache)."""
+        return KVCache(self.config.n_layer, self.kv_dtype)
+
+    @torch.no_grad()
+    def feed(self, cache: KVCache, tokens: torch.Tensor, pos0: int, step: int) -> torch.Tensor:
+        """One llama_decode's worth of work: ``tokens`` (T,) at positions pos0.. of ``step`` on
+        ``cache``, which keeps them. A prefill may come in several micro-batches at increasing
+        positions: each attends to the cache so far plus itself (causal), as llama.cpp's ubatches
+        do. Hooks see ``ctx.step`` = step and ``ctx.pos`` = pos0. Returns the logits (T, V)."""
+        self.manager.step, self.manager.pos = step, pos0
+        return self(tokens, pos0, cache)
+
     @torch.no_grad()
     def run(self, prompt: list[int], steps: int = 0, decode_tokens: list[int] | None = None,
             keep_logits: bool = True) -> list[torch.Tensor]:
@@ -278,13 +291,12 @@ class Model(nn.Module):
         bad = [t for t in list(prompt) + list(decode_tokens or []) if not 0 <= t < cfg.n_vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} out of range (vocabulary has {cfg.n_vocab} tokens)")
-        cache, tokens, out = KVCache(cfg.n_layer, self.kv_dtype), list(prompt), []
+        cache, tokens, out = self.new_cache(), list(prompt), []
         forced = list(decode_tokens or [])[:steps]
         ids = torch.tensor(tokens + forced, device=self.device)   # one upload, not one per step
         feed = ids[:len(tokens)]
         for step in range(steps + 1):
-            self.manager.step, self.manager.pos = step, len(tokens) - feed.shape[0]
-            logits = self(feed, self.manager.pos, cache)
+            logits = self.feed(cache, feed, len(tokens) - feed.shape[0], step)
             if keep_logits:
                 out.append(logits.float())
             if step < len(forced):

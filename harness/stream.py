@@ -1,0 +1,158 @@
+"""Micro-batched lockstep comparison: a long prompt in memory bounded by one batch.
+
+llama.cpp decodes the prompt ``ubatch`` tokens at a time (:attr:`LlamaOptions.ubatch`, one
+``llama_decode`` per batch, then each decode step). After each batch its captured tensors reach
+:class:`Lockstep` (a runner sink with ``batch_done``); our model then runs the same tokens at
+the same positions on its own KV cache (end to end), and, for the local errors, on a second
+cache with every site anchored to llama.cpp's value of this batch. Each pair is reduced to a
+:func:`~harness.compare.metrics.stats_vector` as it is produced, and the batch's tensors are
+dropped before the next batch is decoded.
+
+A table row is still one (step, site) over the whole step: :class:`Merger` combines the
+batches' vectors the way the reductions compose (sums of squares for the three norms, sums
+for the dot product and the non-finite count, the max for the worst element with its index
+moved to the whole step's coordinates; on a tie the smallest index, as ``argmax`` picks), and
+:meth:`Comparator.add_reduced` turns the merged vector into the row, with the same metrics,
+tolerances and verdicts as the single-batch path. Attention-score sites ``kq``/``attn_weights``
+(H, T, P) come per batch as (H, T_batch, P_batch): positions after the batch do not exist yet.
+``attn_weights`` there is 0 on both sides in the single-batch path too (causal mask), so its
+statistics are the same; ``kq`` (raw scores, no mask) loses the non-causal scores of later
+positions, which nothing downstream reads: its statistics cover the causal part (plus each
+batch's own upper triangle). Logit rows (top-1, top-k, KL) are per token row, so exact.
+What a single-batch run adds on top (the systematic-error statistics of the local pairs) is
+not merged here: micro-batched verdicts are element-wise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from harness.compare.comparator import Comparator
+from harness.compare.metrics import logit_stats, optimistic_stats, stats_vector
+from harness.sites import SiteFilter, parse_site
+from harness.trace import Trace
+
+
+class Merger:
+    """Per (kind, step, site): the batches' stats vectors combined into one over the step."""
+
+    def __init__(self):
+        self.acc: dict[tuple[str, int, str], list] = {}     # -> [vector (list of 9), full shape]
+
+    def add(self, kind: str, step: int, site: str, vec: list[float], piece: tuple, t0: int, full: tuple) -> None:
+        """``vec`` of a batch whose tensor has shape ``piece`` and starts at row ``t0`` of the
+        step's T axis; ``full``: the step's shape."""
+        flat = _global_index(int(vec[0]), piece, full, parse_site(site)[1].layout.index("T"), t0)
+        v = [float(flat), vec[1], vec[2] ** 2, vec[3] ** 2, vec[4] ** 2, vec[5], vec[6], vec[7], vec[8]]
+        key = (kind, step, site)
+        old = self.acc.get(key)
+        if old is None:
+            self.acc[key] = [v, full]
+            return
+        a = old[0]
+        if v[1] > a[1] or (v[1] == a[1] and v[0] < a[0]) or (math.isnan(v[1]) and not math.isnan(a[1])):
+            a[0], a[1], a[7], a[8] = v[0], v[1], v[7], v[8]
+        for i in (2, 3, 4, 5, 6):
+            a[i] += v[i]
+
+    def vectors(self):
+        """(kind, step, site, full shape, merged stats vector) of every pair."""
+        for (kind, step, site), (a, full) in self.acc.items():
+            yield kind, step, site, full, [a[0], a[1], a[2] ** 0.5, a[3] ** 0.5, a[4] ** 0.5, a[5], a[6], a[7], a[8]]
+
+
+def _global_index(flat: int, piece: tuple, full: tuple, t_axis: int, t0: int) -> int:
+    """A flat index in a batch's tensor, as a flat index in the step's tensor."""
+    idx = []
+    for s in reversed(piece):
+        idx.append(flat % s if s else 0)
+        flat = flat // s if s else 0
+    idx = list(reversed(idx))
+    idx[t_axis] += t0
+    out = 0
+    for i, s in zip(idx, full):
+        out = out * s + i
+    return out
+
+
+class Lockstep:
+    """Runner sink that drives our model one llama.cpp batch at a time and compares as it goes.
+
+    ``step_shape(step)`` -> (T, P) of the whole step (for the merged rows' shapes)."""
+
+    def __init__(self, model, comp: Comparator, filt: SiteFilter | None, hooks, local: bool, step_shape):
+        self.model, self.comp, self.filt, self.hooks = model, comp, filt, list(hooks)
+        self.step_shape = step_shape
+        self.batch: dict[str, torch.Tensor] = {}
+        self.caches = {"e2e": model.new_cache(), "local": model.new_cache() if local else None}
+        self.merger = Merger()
+        self.seen: set[tuple[int, str]] = set()
+        self.broken: set[tuple[str, int, str]] = set()
+        self.pending: list = []
+        self.step_rows = {0: 0}
+
+    def __call__(self, step: int, site: str, x: torch.Tensor) -> None:     # llama.cpp's tensors
+        self.batch[site] = x
+
+    def batch_done(self, step: int, pos0: int, tokens: list[int]) -> None:
+        """llama.cpp finished a batch: run ours on it (end to end, then local), reduce, drop."""
+        m = self.model
+        ids = torch.tensor(tokens, device=m.device)
+        t0 = pos0 if step == 0 else 0                   # the batch's first row within its step
+        for kind, cache in self.caches.items():
+            if cache is None:
+                continue
+            rec = self._recorder(kind, step, t0)
+            anchor = (lambda s, name: self.batch.get(name)) if kind == "local" else None
+            with m.hooks(self.hooks, recorder=rec, anchor=anchor):
+                m.feed(cache, ids, pos0, step)
+        self._reduce()
+        self.batch = {}
+
+    def _recorder(self, kind: str, step: int, t0: int):
+        def rec(s, name, x):
+            ref = self.batch.get(name)
+            if ref is None or (self.filt is not None and not self.filt.wants(s, name)):
+                return
+            x = x.detach().float()
+            self.seen.add((step, name))
+            if (kind, step, name) in self.broken:
+                return
+            if x.shape != ref.shape:
+                self.broken.add((kind, step, name))         # a mismatch is a failing row, as a whole
+                (self.comp.add if kind == "e2e" else self.comp.add_local)(step, name, x, ref)
+                return
+            if name == "logits" and kind == "e2e":
+                self._logit_rows(step, t0, x, ref)
+            self.pending.append((kind, step, name, t0, x, ref, optimistic_stats(x, ref)))
+        return rec
+
+    def _logit_rows(self, step: int, t0: int, x, ref) -> None:
+        rows, spikes = logit_stats(x, ref)
+        self.comp.logit_rows += [dict(r, step=step, row=r["row"] + t0) for r in rows]
+        self.comp.spikes += [dict(sp, step=step, row=sp["row"] + t0) for sp in spikes]
+
+    def _reduce(self) -> None:
+        """The batch's stats to the host in one transfer (pairs with a non-finite value again on
+        the masked path), merged; then every tensor of the batch can go."""
+        if not self.pending:
+            return
+        vals = torch.stack([p[6] for p in self.pending]).cpu()
+        for i, (kind, step, name, t0, x, ref, _) in enumerate(self.pending):
+            v = vals[i]
+            if not bool(torch.isfinite(v[2:5]).all()):
+                v = stats_vector(x, ref).cpu()
+            T, P = self.step_shape(step)
+            full = tuple({"T": T, "P": P}.get(d, n) for d, n in zip(parse_site(name)[1].layout, ref.shape))
+            self.merger.add(kind, step, name, v.tolist(), tuple(ref.shape), t0, full)
+        self.pending = []
+
+    def finish(self, ours_meta: dict, ref_meta: dict, tokens: list[int], n_prompt: int, n_layer: int):
+        """The Comparison (rows in execution order) once llama.cpp's run has returned."""
+        for kind, step, site, full, vec in self.merger.vectors():
+            if (kind, step, site) not in self.broken:
+                self.comp.add_reduced(kind, step, site, full, vec)
+        order = Trace(n_layer, tokens=list(tokens), n_prompt=n_prompt, meta=dict(ref_meta),
+                      tensors={k: None for k in self.seen})
+        return self.comp.result(ours_meta, order)
