@@ -124,6 +124,9 @@ def cmd_record(args) -> int:
         layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers else None
     except ValueError:
         raise UsageError(f"--layers must be comma-separated layer numbers, got {args.layers!r}") from None
+    from harness.diff import check_capture
+    check_capture(args.model, parse_tokens(args.tokens) if args.tokens else None, args.prompt, args.steps,
+                  args.device, args.sites, layers, args.kv_type)       # BudgetError (exit 2) when it cannot fit
     res = _run_errors(lambda: record(
         args.model, args.name, tokens=parse_tokens(args.tokens) if args.tokens else None, prompt=args.prompt,
         steps=args.steps, out_dir=args.out_dir, device=args.device, sites=args.sites, layers=layers,
@@ -330,6 +333,7 @@ def _known_errors() -> tuple[type, ...]:
     errs: list[type] = [UsageError, GGUFError, SiteError, FileNotFoundError]
     for mod, name in (("harness.llama.runner", "LlamaError"), ("harness.llama.lib", "LlamaUnavailable"),
                       ("harness.synth", "SynthError"), ("harness.ours.inject", "FaultError"),
+                      ("harness.budget", "BudgetError"),
                       ("harness.runs.store", "RunError")):
         try:
             errs.append(getattr(__import__(mod, fromlist=[name]), name))
@@ -352,6 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llamadiff: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"llamadiff: error: out of memory ({type(e).__name__}: {first}); try fewer --sites, fewer "
+              "--steps or a shorter prompt", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed despite the budget check (host MemoryError, CUDA OOM)."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or \
+        (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
 if __name__ == "__main__":
