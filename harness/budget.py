@@ -149,9 +149,11 @@ def estimate(cfg, plan: Plan) -> Estimate:
     total, peak, largest = trace_bytes(cfg, plan)
     streaming = plan.ubatch is not None
     sides = 1 + (plan.ours and plan.local) + plan.ours         # ref, ours, local
-    if streaming or not plan.ours:       # one batch (record: one step) in flight at a time
-        add("captured tensors (one batch)", peak * (1 if gpu_run else PIPE_COPIES))
-        if not gpu_run or not plan.ours:
+    if not plan.ours:                    # record: one step at a time, copied to the host
+        add("captured tensors (one step)", peak * (1 + PIPE_COPIES), "host")
+    elif streaming:                      # one batch in flight: llama.cpp's, ours, local
+        add("captured tensors (one batch)", peak * sides)
+        if not gpu_run:
             add("tensors through the worker pipe", peak * PIPE_COPIES, "host")
     elif gpu_run:                        # diff_on_device: the reference's trace on the GPU
         add("captured tensors (whole run)", total)

@@ -261,3 +261,15 @@ def diff_stream(req: DiffRequest, model: Model | None = None, runner=None) -> Di
     cmp.meta["faults"] = [f.name for f in req.faults]
     cmp.meta["ubatch"] = opts.ubatch
     return DiffResult(cmp, ref, None, None)
+
+
+def check_capture(gguf: str, tokens: list[int] | None = None, prompt: str | None = None, steps: int = 4,
+                  device: str = "cpu", sites: str | None = None, layers=None, kv_type: str = "f16") -> budget.Estimate:
+    """Memory estimate of a llama.cpp-only capture (``llamadiff record``), or BudgetError."""
+    from harness.gguf.load import read_config_file
+    req = DiffRequest(gguf, prompt=prompt, tokens=tokens, steps=steps, device=device, sites=sites,
+                      kv_type=kv_type, ubatch=0)
+    cfg = read_config_file(gguf)
+    plan = memory_plan(req, len(prompt_tokens(req)), None, ours=False,
+                       layers=frozenset(layers) if layers is not None else None)
+    return budget.check(cfg, plan)
