@@ -92,8 +92,18 @@ def _register(transformers) -> None:
 
 def _from_pretrained(transformers, path: str):
     folder, name = os.path.split(os.path.abspath(path))
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager")
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+    _check_fit(model, info.get("missing_keys", ()), info.get("unexpected_keys", ()))
+    return model
+
+
+def _check_fit(model, missing, unexpected) -> None:
+    """Every parameter came from the file (a missing one would silently stay randomly initialised)."""
+    allowed = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - allowed:
+        raise ValueError(f"GGUF tensors do not fit {type(model).__name__}: missing {sorted(set(missing) - allowed)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
 
 
 def _from_reader(transformers, path: str):
@@ -103,11 +113,7 @@ def _from_reader(transformers, path: str):
     config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    allowed = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if unexpected or set(missing) - allowed:
-        raise ValueError(f"GGUF tensors do not fit {type(model).__name__}: missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]}")
+    _check_fit(model, *model.load_state_dict(tensors, strict=False))
     model.tie_weights()
     return model
 
