@@ -6,6 +6,7 @@
  *
  *   gcc -std=c99 -O2 -o qwen2_engine examples/qwen2_engine.c -lm
  *   qwen2_engine MODEL.gguf OUT_DIR --tokens 1,2,3 --steps N [--decode-tokens 4,5] [--bug NAME]
+ *                [--bug-layer L] [--store SITE=f16|bf16] [--last-logits]
  *
  * Planted bugs (--bug), the seed team's real mistakes:
  *   no_qkv_bias         q/k/v biases skipped (q == q_proj): first wrong op (0, 0, blk.0.q)
@@ -16,6 +17,10 @@
  *                       logits[t][v] = sum_d h[t][d] * W[d*V + v]: first wrong op (0, -, logits)
  *   q_wrong_lane        when forming scores, query head h reads q_rope head (h+1) % H (the dumped
  *                       q_rope is right): first wrong op (0, 0, blk.0.kq)
+ * --bug-layer L plants a layer's bug (all but lm_head_transposed) in layer L only.
+ * --store SITE=f16|bf16 holds one activation (a full site name, e.g. embd or blk.0.attn_norm) in
+ * half precision: rounded where it is made, used rounded downstream, dumped with that dtype (a
+ * small upstream numeric difference that is not a bug). --last-logits dumps the last logits row only.
  * Exit 0 on success, 1 with one line on stderr on bad input or failure.
  */
 #define LLAMADIFF_TRACE_IMPLEMENTATION
@@ -122,12 +127,31 @@ static void rope(float *x, int T, int nh, const int *pos) {  /* NEOX: dim i pair
 }
 
 static ldt_trace *TR;
-static void dump(int step, const char *site, int layer_i, const float *data, int nd, int64_t a, int64_t b, int64_t c) {
-    char name[64]; int64_t shape[3]; shape[0] = a; shape[1] = b; shape[2] = c;
+/* --store SITE=f16|bf16: the engine holds that activation in half precision (rounded in place,
+ * used so downstream) and dumps it with that dtype; --last-logits: logits of the last row only. */
+static const char *STORE_SITE = ""; static ldt_dtype STORE_TYPE = LDT_F32; static int LAST_LOGITS = 0;
+static float half_to_f32(uint16_t h, ldt_dtype dt) {
+    uint32_t u, sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023; float f;
+    if (dt == LDT_BF16) u = (uint32_t)h << 16;
+    else if (e == 31) u = sign | 0x7f800000u | (m << 13);
+    else if (e) u = sign | ((e + 112) << 23) | (m << 13);
+    else { f = ldexpf((float)m, -24); return sign ? -f : f; }
+    memcpy(&f, &u, 4); return f;
+}
+static void dump(int step, const char *site, int layer_i, float *data, int nd, int64_t a, int64_t b, int64_t c) {
+    char name[64]; int64_t shape[3], n = a * (nd > 1 ? b : 1) * (nd > 2 ? c : 1), i; int rc;
+    shape[0] = a; shape[1] = b; shape[2] = c;
     if (layer_i >= 0) sprintf(name, "blk.%d.%s", layer_i, site); else sprintf(name, "%s", site);
-    if (ldt_add(TR, step, name, shape, nd, LDT_F32, data)) {
-        fprintf(stderr, "qwen2_engine: %s\n", ldt_last_error(TR)); ldt_abort(TR); exit(1);
-    }
+    if (LAST_LOGITS && !strcmp(name, "logits") && a > 1) { data += (a - 1) * b; shape[0] = a = 1; n = b; }
+    if (STORE_TYPE != LDT_F32 && !strcmp(name, STORE_SITE)) {
+        uint16_t *h = malloc((size_t)n * 2);
+        for (i = 0; i < n; i++) {
+            h[i] = STORE_TYPE == LDT_F16 ? ldt_f32_to_f16(data[i]) : ldt_f32_to_bf16(data[i]);
+            data[i] = half_to_f32(h[i], STORE_TYPE);
+        }
+        rc = ldt_add(TR, step, name, shape, nd, STORE_TYPE, h); free(h);
+    } else rc = ldt_add(TR, step, name, shape, nd, LDT_F32, data);
+    if (rc) { fprintf(stderr, "qwen2_engine: %s\n", ldt_last_error(TR)); ldt_abort(TR); exit(1); }
 }
 
 static int parse_list(const char *s, int **out) {
@@ -147,7 +171,7 @@ static int parse_list(const char *s, int **out) {
 int main(int argc, char **argv) {
     const char *model = NULL, *outdir = NULL, *bug = "", *toks = NULL, *dtoks = NULL;
     int steps = 0, n_prompt, n_forced = 0, *prompt = NULL, *forced = NULL, a, i;
-    int b_bias = 0, b_pos = 0, b_lm = 0, b_lane = 0;
+    int b_bias = 0, b_pos = 0, b_lm = 0, b_lane = 0, bug_layer = -1;
     uint64_t n_kv, k; uint32_t align = 32; FILE *fp; long sz;
     for (a = 1; a < argc; a++) {
         if (!strcmp(argv[a], "--tokens") && a + 1 < argc) toks = argv[++a];
@@ -155,12 +179,18 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[a], "--steps") && a + 1 < argc) { char *e; steps = (int)strtol(argv[++a], &e, 10);
             if (*e || steps < 0 || steps > 100000) die("bad --steps: %s", argv[a]); }
         else if (!strcmp(argv[a], "--bug") && a + 1 < argc) bug = argv[++a];
+        else if (!strcmp(argv[a], "--bug-layer") && a + 1 < argc) { char *e; bug_layer = (int)strtol(argv[++a], &e, 10);
+            if (*e || bug_layer < 0) die("bad --bug-layer: %s", argv[a]); }
+        else if (!strcmp(argv[a], "--last-logits")) LAST_LOGITS = 1;
+        else if (!strcmp(argv[a], "--store") && a + 1 < argc) { char *eq = strchr(argv[++a], '=');
+            if (!eq || (strcmp(eq + 1, "f16") && strcmp(eq + 1, "bf16"))) die("bad --store (want SITE=f16 or SITE=bf16): %s", argv[a]);
+            *eq = 0; STORE_SITE = argv[a]; STORE_TYPE = strcmp(eq + 1, "f16") ? LDT_BF16 : LDT_F16; }
         else if (argv[a][0] == '-' && argv[a][1] == '-') die("unknown or incomplete option: %s", argv[a]);
         else if (!model) model = argv[a];
         else if (!outdir) outdir = argv[a];
         else die("unexpected argument: %s", argv[a]);
     }
-    if (!model || !outdir || !toks) die("%s", "usage: qwen2_engine MODEL.gguf OUT_DIR --tokens 1,2,3 --steps N [--decode-tokens ..] [--bug NAME]");
+    if (!model || !outdir || !toks) die("%s", "usage: qwen2_engine MODEL.gguf OUT_DIR --tokens 1,2,3 --steps N [--decode-tokens ..] [--bug NAME [--bug-layer L]] [--store SITE=f16|bf16] [--last-logits]");
     if (!strcmp(bug, "no_qkv_bias")) b_bias = 1; else if (!strcmp(bug, "kv_pos_stuck")) b_pos = 1;
     else if (!strcmp(bug, "lm_head_transposed")) b_lm = 1; else if (!strcmp(bug, "q_wrong_lane")) b_lane = 1;
     else if (*bug) die("unknown --bug %s (no_qkv_bias, kv_pos_stuck, lm_head_transposed, q_wrong_lane)", bug);
@@ -200,6 +230,7 @@ int main(int argc, char **argv) {
         } else skip_value(t);
     }
     if (align == 0 || (align & (align - 1))) die("%s: bad general.alignment", model);
+    if (bug_layer >= 0 && !*bug) die("%s", "--bug-layer needs --bug");
     if (NL < 1 || D < 1 || F < 1 || H < 1 || HKV < 1 || H % HKV || D % H) die("%s: missing or bad qwen2 hyperparameters", model);
     DH = D / H; if (DH % 2) die("%s: odd head size", model);
     TI = calloc((size_t)NT, sizeof *TI);
@@ -252,28 +283,31 @@ int main(int argc, char **argv) {
         for (step = 0; step <= steps; step++) {
             int T = step == 0 ? n_prompt : 1, p0 = step == 0 ? 0 : n_prompt + step - 1, P = p0 + T, t, h, p, j;
             const int32_t *tk = all + p0;
-            for (t = 0; t < T; t++) pos[t] = (b_pos && step > 0) ? 0 : p0 + t;
+            for (t = 0; t < T; t++) pos[t] = p0 + t;
             for (t = 0; t < T; t++) memcpy(x + (size_t)t * D, emb + (size_t)tk[t] * D, D * 4);
             dump(step, "embd", -1, x, 2, T, D, 0);
             for (l = 0; l < NL; l++) {
                 layer *y = &L[l];
+                int on = bug_layer < 0 || l == bug_layer;   /* the layer bugs act in this layer */
+                int *rp = pos, stuck[1] = {0};
+                if (b_pos && on && step > 0) rp = stuck;      /* T == 1 at decode steps */
                 rmsnorm(hN, x, y->an, T); dump(step, "attn_norm", l, hN, 2, T, D, 0);
                 matmul(qp, hN, y->wq, T, D, D); dump(step, "q_proj", l, qp, 3, T, H, DH);
                 matmul(kp, hN, y->wk, T, D, KD); dump(step, "k_proj", l, kp, 3, T, HKV, DH);
                 matmul(vp, hN, y->wv, T, D, KD); dump(step, "v_proj", l, vp, 3, T, HKV, DH);
                 for (t = 0; t < T; t++) {
-                    for (j = 0; j < D; j++) q[t * D + j] = qp[t * D + j] + (b_bias ? 0.f : y->bq[j]);
-                    for (j = 0; j < KD; j++) { kk[t * KD + j] = kp[t * KD + j] + (b_bias ? 0.f : y->bk[j]);
-                                               vv[t * KD + j] = vp[t * KD + j] + (b_bias ? 0.f : y->bv[j]); }
+                    for (j = 0; j < D; j++) q[t * D + j] = qp[t * D + j] + (b_bias && on ? 0.f : y->bq[j]);
+                    for (j = 0; j < KD; j++) { kk[t * KD + j] = kp[t * KD + j] + (b_bias && on ? 0.f : y->bk[j]);
+                                               vv[t * KD + j] = vp[t * KD + j] + (b_bias && on ? 0.f : y->bv[j]); }
                 }
                 dump(step, "q", l, q, 3, T, H, DH); dump(step, "k", l, kk, 3, T, HKV, DH); dump(step, "v", l, vv, 3, T, HKV, DH);
                 memcpy(qr, q, (size_t)T * D * 4); memcpy(kr, kk, (size_t)T * KD * 4);
-                rope(qr, T, H, pos); rope(kr, T, HKV, pos);
+                rope(qr, T, H, rp); rope(kr, T, HKV, rp);
                 dump(step, "q_rope", l, qr, 3, T, H, DH); dump(step, "k_rope", l, kr, 3, T, HKV, DH);
                 memcpy(kc[l] + (size_t)p0 * KD, kr, (size_t)T * KD * 4);
                 memcpy(vc[l] + (size_t)p0 * KD, vv, (size_t)T * KD * 4);
                 for (h = 0; h < H; h++) for (t = 0; t < T; t++) {
-                    const float *qv = qr + (size_t)t * D + (size_t)(b_lane ? (h + 1) % H : h) * DH;
+                    const float *qv = qr + (size_t)t * D + (size_t)(b_lane && on ? (h + 1) % H : h) * DH;
                     float *row = kq + ((size_t)h * T + t) * P, *wr = aw + ((size_t)h * T + t) * P;
                     double mx = -INFINITY, sum = 0;
                     for (p = 0; p < P; p++) {

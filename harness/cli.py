@@ -148,6 +148,35 @@ def cmd_compare(args) -> int:
     return EXIT_DIVERGED if cmp.diverged else EXIT_OK
 
 
+def cmd_check(args) -> int:
+    from harness.check import CheckRequest, check
+    from harness.report.text import render, verdict_line
+    gguf, ref = args.model, None
+    if os.path.isdir(args.model):            # a recorded llama.cpp run instead of the GGUF
+        ref, gguf = args.model, _run_gguf(args.model, args.gguf)
+    elif args.gguf:
+        raise UsageError("--gguf is for a recorded reference run; the first argument is already a GGUF")
+    if args.engine is None:
+        raise UsageError("give the engine's trace directory (ENGINE_TRACE)")
+    req = CheckRequest(engine=args.engine, gguf=gguf, reference=ref, device=args.device, kv_type=args.kv_type,
+                       extra_bufts=args.extra_bufts, isolate=not args.in_process)
+    if args.device == "cuda":
+        _check_report_args(argparse.Namespace(prompt="", tokens=None, steps=0, device="cuda"))
+    res = check(req)
+    emit(render(res.comparison, args.format, color=args.out is None and sys.stdout.isatty()), args.out)
+    if args.out:
+        print(verdict_line(res.comparison))
+    return EXIT_DIVERGED if res.comparison.diverged else EXIT_OK
+
+
+def _run_gguf(run: str, model: str | None) -> str:
+    """The GGUF a recorded run was made on (``model``, or where its manifest says), sha256-checked."""
+    from harness.runs.gate import locate_gguf
+    from harness.runs.store import RecordedRun, read_manifest
+    from harness.trace import Trace
+    return _run_errors(lambda: locate_gguf(RecordedRun(run, read_manifest(run), Trace(0), "float32"), model))
+
+
 def cmd_gate(args) -> int:
     from harness.runs.gate import junit_xml, markdown_summary, run_gate
     from harness.report.text import render
@@ -311,6 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="write the report here instead of stdout")
     c.set_defaults(fn=cmd_compare)
 
+    k = sub.add_parser("check", help="diff your own engine's trace against llama.cpp on the same GGUF, op by op")
+    k.add_argument("model", help="the GGUF the engine ran (llama.cpp runs live on the trace's tokens), "
+                   "or a recorded llama.cpp run of the same tokens")
+    k.add_argument("engine", nargs="?", help="the engine's trace directory (docs/trace-format.md)")
+    k.add_argument("--gguf", help="with a recorded run: the GGUF (default: the path its manifest names)")
+    k.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where llama.cpp and our ops run")
+    k.add_argument("--kv-type", default="f16", choices=["f16", "f32"],
+                   help="llama.cpp's KV cache type (default f16, llama.cpp's own default)")
+    k.add_argument("--in-process", action="store_true", help="run llama.cpp in this process (see report)")
+    _add_extra_bufts(k)
+    k.add_argument("--format", default="table", choices=["table", "markdown", "json"])
+    k.add_argument("--out", help="write the report here instead of stdout")
+    k.set_defaults(fn=cmd_check)
+
     g = sub.add_parser("gate", help="CI gate: re-run a candidate against a recorded reference run")
     g.add_argument("run", help="reference run directory, e.g. reference_runs/NAME")
     g.add_argument("--candidate", default="torch", help="'torch' (our model, default) or a trace directory")
@@ -334,7 +377,7 @@ def _known_errors() -> tuple[type, ...]:
     for mod, name in (("harness.llama.runner", "LlamaError"), ("harness.llama.lib", "LlamaUnavailable"),
                       ("harness.synth", "SynthError"), ("harness.ours.inject", "FaultError"),
                       ("harness.budget", "BudgetError"),
-                      ("harness.runs.store", "RunError")):
+                      ("harness.runs.store", "RunError"), ("harness.check", "CheckError")):
         try:
             errs.append(getattr(__import__(mod, fromlist=[name]), name))
         except Exception:

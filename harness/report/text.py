@@ -117,7 +117,8 @@ def header_lines(cmp: Comparison) -> list[str]:
     ref, ours = m.get("ref", {}), m.get("ours", {})
     pol = m.get("policy") or {}
     lines = [f"model {ours.get('gguf', '?')} ({model_label(ours)}); reference "
-             f"{ref.get('source', '?')} {ref.get('backend', '')} (KV {ref.get('kv_type', '?')}); ours "
+             f"{ref.get('source', '?')} {ref.get('backend', '')} (KV {ref.get('kv_type', '?')}); "
+             f"{'candidate' if m.get('local_basis') == 'candidate' else 'ours'} "
              f"{ours.get('source', '?')} {ours.get('device', '')} {ours.get('dtype', '')}",
              f"tokens {len(m.get('tokens', []))} (prompt {m.get('n_prompt')}): prefill + "
              f"{max(len(m.get('tokens', [])) - (m.get('n_prompt') or 0), 0)} decode steps, {m.get('compared')} site tensors compared; tolerance regime {pol.get('regime')}"
@@ -130,6 +131,13 @@ def header_lines(cmp: Comparison) -> list[str]:
         lines.append(f"warning: {w}")
     if m.get("faults"):
         lines.append(f"injected faults: {', '.join(m['faults'])}")
+    if m.get("local_basis") == "candidate":
+        lines.append(f"local error: each op of {ours.get('source', 'the engine')} recomputed with our PyTorch op on "
+                     "its own inputs from the same trace; it decides the first divergence")
+    for site, span in (m.get("local_spans") or {}).items():
+        lines.append(f"local error at {site} spans {', '.join(span)} (the trace lacks the ops between)")
+    if m.get("not_checkable"):
+        lines.append(f"not checkable (the trace lacks them): {'; '.join(m['not_checkable'])}")
     if ref.get("unavailable"):
         lines.append(f"not available from the reference: {', '.join(ref['unavailable'])}")
     return lines
@@ -147,14 +155,18 @@ def first_lines(cmp: Comparison) -> list[str]:
     if f is None:
         return []
     r = f.row
+    engine = cmp.meta.get("local_basis") == "candidate"     # `llamadiff check`: another engine's trace
+    cand = "yours" if engine else "ours"
     out = [f"first divergence: {f.site} at {step_label(f.step)} ({f.kind} error decides)",
            f"  end to end: rel {fmt_short(r['rel_l2'])}, max |diff| {fmt_short(r['max_abs'])}, "
-           f"cosine {fmt_short(r['cosine'], 6)}, worst {r['worst']}: ours {fmt_short(r['ours'], 5)}, "
+           f"cosine {fmt_short(r['cosine'], 6)}, worst {r['worst']}: {cand} {fmt_short(r['ours'], 5)}, "
            f"ref {fmt_short(r['ref'], 5)}"]
     if "local_rel_l2" in r and r.get("local_rel_l2") is not None:
-        out.append(f"  local (on the reference's inputs): rel {fmt_short(r['local_rel_l2'])} (tolerance "
+        where, a, b = (("our op on your inputs", "expected", "yours") if engine
+                       else ("on the reference's inputs", "ours", "ref"))
+        out.append(f"  local ({where}): rel {fmt_short(r['local_rel_l2'])} (tolerance "
                    f"{fmt_short(r['local_tol_rel'])}), worst {r['local_worst']}: "
-                   f"ours {fmt_short(r['local_ours'], 5)}, ref {fmt_short(r['local_ref'], 5)}")
+                   f"{a} {fmt_short(r['local_ours'], 5)}, {b} {fmt_short(r['local_ref'], 5)}")
     for i in f.inputs:
         state = "matches" if i["passed"] and i.get("local_passed") is not False else "differs"
         out.append(f"  input {i['site']}: {state} (rel {fmt_short(i['rel_l2'])}, "

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +50,7 @@ class RecordedRun:
     manifest: dict
     trace: Trace
     storage: str                      # least precise dtype stored: "float32", "float16", "bfloat16"
+    dtypes: dict = field(default_factory=dict)   # (step, site) -> the dtype that tensor was stored in
 
     @property
     def name(self) -> str:
@@ -182,10 +183,16 @@ def _native_shape(key: tuple[int, str], shape: tuple, stated: dict, n_prompt: in
     return None
 
 
+# sites an engine may dump for its last token only at the prefill (T = 1 instead of the prompt length)
+LAST_ROW_SITES = ("output_norm", "logits")
+
+
 def _check_layout(path: str, key: tuple[int, str], shape: tuple, dims: dict, n_prompt: int) -> None:
     step, site = key
     layout = parse_site(site)[1].layout
     T = n_prompt if step == 0 else 1
+    if site in LAST_ROW_SITES and len(shape) == len(layout) and shape[0] == 1:
+        T = 1                                              # the last token's row only
     fixed = {"T": T, "P": (0 if step == 0 else n_prompt + step - 1) + T}
     if len(shape) != len(layout):
         raise _fail(path, f"tensor {step}/{site}: shape {list(shape)} does not fit the layout {layout}")
@@ -283,7 +290,7 @@ def load_run(path, filt: SiteFilter | None = None, verify: bool = True) -> Recor
         by_file.setdefault(entry["file"], []).append((key, entry))
     files = m.get("files") if isinstance(m.get("files"), dict) else {}
     trace = Trace(n_layer, tokens=list(m["tokens"]), n_prompt=n_prompt)
-    storages = set()
+    dtypes: dict[tuple[int, str], str] = {}
     for fname, entries in by_file.items():
         fpath = os.path.join(path, fname)
         header, _ = _read_header(path, fpath)
@@ -304,14 +311,14 @@ def load_run(path, filt: SiteFilter | None = None, verify: bool = True) -> Recor
             with safe_open(fpath, framework="pt") as f:
                 for (step, site), e in wanted:
                     t = f.get_tensor(e["name"])
-                    storages.add(STORAGE_OF_TAG[e["dtype"]])
+                    dtypes[(step, site)] = STORAGE_OF_TAG[e["dtype"]]
                     t = t.float() if t.dtype != torch.float32 else t
                     trace.tensors[(step, site)] = t.reshape(reshape[step, site]) if (step, site) in reshape else t
         except Exception as ex:  # safetensors raises its own error types on damaged files
             raise _fail(path, f"{fname} cannot be read ({type(ex).__name__}: {ex})") from None
-    storage = max(storages or {"float32"}, key=lambda s: UNIT_ROUNDOFF[s])
+    storage = max(set(dtypes.values()) or {"float32"}, key=lambda s: UNIT_ROUNDOFF[s])
     trace.meta = _trace_meta(m, path, storage)
-    return RecordedRun(path, m, trace, storage)
+    return RecordedRun(path, m, trace, storage, dtypes)
 
 
 def load_tensor(path, step: int, site: str) -> torch.Tensor:
