@@ -178,3 +178,22 @@ def test_not_checkable_lines():
                 eng.tensors[(step, s)] = 0
     assert not_checkable(all_sites(2), [0, 1], eng) == ["blk.{0,1}.kq at every step", "blk.1.k at every step",
                                                         "logits at decode step 1"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bug", [None, "no_qkv_bias", "kv_pos_stuck"])
+def test_check_on_cuda(exe, tiny_f32, tmp_path, bug):
+    """`check --device cuda`: llama.cpp's CUDA build and our ops on the GPU, the trace from the C engine."""
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from harness.llama.lib import has_gpu_offload
+    if not has_gpu_offload():
+        pytest.skip("llama-cpp-python has no GPU offload in this build")
+    out = engine(exe, tiny_f32, tmp_path / "e", *(["--bug", bug] if bug else []))
+    rc, d = check(tmp_path, tiny_f32, out, "--device", "cuda")
+    assert d["meta"]["ref"]["backend"] == "cuda"
+    if bug is None:
+        assert rc == 0, d["first_divergence"]
+    else:
+        assert rc == 1 and first(d) == BUGS[bug]
