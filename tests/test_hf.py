@@ -13,7 +13,7 @@ from harness.compare.comparator import compare_traces  # noqa: E402
 from harness.compare.tolerance import Policy  # noqa: E402
 from harness.diff import DiffRequest, capture_reference  # noqa: E402
 from harness.gguf.load import GGUFError  # noqa: E402
-from harness.hf.trace import HFError, hf_trace, load_hf  # noqa: E402
+from harness.hf.trace import HFError, hf_trace, hf_trace_like, load_hf  # noqa: E402
 from harness.ours.model import load_model  # noqa: E402
 from harness.sites import all_sites  # noqa: E402
 from harness.gguf.arch import ARCHS  # noqa: E402
@@ -70,7 +70,7 @@ def llama_f32_ref(tiny_f32, llama_lib):
 
 
 def _vs_llama(hf_model, ref):
-    hf = hf_trace(hf_model, ref.tokens[:ref.n_prompt], ref.n_steps, ref.tokens[ref.n_prompt:])
+    hf = hf_trace_like(hf_model, ref)
     return hf, compare_traces(hf, ref, Policy("cpu", "F32"))
 
 

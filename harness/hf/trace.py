@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.gguf.load import GGUFError, file_type_name, open_gguf, tensor_types
+from harness.provenance import machine_provenance
 from harness.sites import SiteFilter
 from harness.trace import Trace
 
@@ -150,7 +151,9 @@ def load_hf(gguf_path, load: str = "auto") -> HFModel:
             "from_pretrained(gguf_file=...)" if load == "from_pretrained" else "load_gguf_checkpoint + from_config",
             "architecture": arch, "model_class": type(model).__name__, "attention": f"eager ({ATTENTION})",
             "device": "cpu", "dtype": "float32", "gguf": os.path.basename(path), "file_type": file_type_name(hdr),
-            "weight_type": types.get("blk.0.ffn_down.weight") or types.get("token_embd.weight", "F32")}
+            "weight_type": types.get("blk.0.ffn_down.weight") or types.get("token_embd.weight", "F32"),
+            "kv_type": "f32", "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+            "machine": machine_provenance("cpu")}
     return HFModel(model, meta)
 
 
@@ -265,3 +268,8 @@ def hf_trace(gguf, prompt: list[int], steps: int = 0, decode_tokens: list[int] |
         taps.remove()
     trace.tokens, trace.n_prompt = tokens, len(prompt)
     return trace
+
+
+def hf_trace_like(gguf, ref: Trace, sites: SiteFilter | str | None = None) -> Trace:
+    """:func:`hf_trace` teacher-forced on a reference trace's tokens (its prompt and decode inputs)."""
+    return hf_trace(gguf, ref.tokens[:ref.n_prompt], ref.n_steps, ref.tokens[ref.n_prompt:], sites)
