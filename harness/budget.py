@@ -27,6 +27,7 @@ RUNTIME_HOST = 1 * GiB        # per process (caller + llama.cpp worker): Python,
 RUNTIME_GPU = 1 * GiB         # CUDA contexts (both processes), cuBLAS workspaces
 COMPARE_BYTES = 40            # per element of the largest pair compared: float64 copies + temporaries
 ATTN_TEMP_BYTES = 16          # per (H, T, P) element of our attention: scores, scaled+mask, softmax, rounded
+HOLD = 1 * GiB                # harness.stream.Lockstep.HOLD: our reduced tensors held for one check
 PIPE_COPIES = 2               # a captured batch on the host: the worker's copy + the caller's (pickled)
 
 
@@ -151,8 +152,9 @@ def estimate(cfg, plan: Plan) -> Estimate:
     sides = 1 + (plan.ours and plan.local) + plan.ours         # ref, ours, local
     if not plan.ours:                    # record: one step at a time, copied to the host
         add("captured tensors (one step)", peak * (1 + PIPE_COPIES), "host")
-    elif streaming:                      # one batch in flight: llama.cpp's, ours, local
-        add("captured tensors (one batch)", peak * sides)
+    elif streaming:                      # llama.cpp's batch, and ours until reduced (harness.stream)
+        add("captured tensors (one batch)", peak)
+        add("our tensors awaiting reduction", min(peak, HOLD) if gpu_run else largest * 4)
         if not gpu_run:
             add("tensors through the worker pipe", peak * PIPE_COPIES, "host")
     elif gpu_run:                        # diff_on_device: the reference's trace on the GPU
@@ -167,8 +169,11 @@ def estimate(cfg, plan: Plan) -> Estimate:
         add("our KV caches", (1 + plan.local) * P * cfg.n_layer * 2 * Hkv * Dh * plan.our_item)
         add("our activations", ATTN_TEMP_BYTES * H * T * P + 4 * T * (cfg.d_ff * 3 + cfg.n_vocab))
         add("comparison temporaries", COMPARE_BYTES * largest)
-    host = sum(v for w, v in parts.values() if w == "host") + 2 * RUNTIME_HOST
-    gpu = sum(v for w, v in parts.values() if w == "GPU") + (RUNTIME_GPU if gpu_run else 0)
+    add("runtimes (Python, torch, llama.cpp; 2 processes)", 2 * RUNTIME_HOST, "host")
+    if gpu_run:
+        add("CUDA contexts", RUNTIME_GPU, "GPU")
+    host = sum(v for w, v in parts.values() if w == "host")
+    gpu = sum(v for w, v in parts.values() if w == "GPU")
     return Estimate(host, gpu, parts)
 
 
@@ -261,7 +266,7 @@ def suggestions(cfg, plan: Plan, host: int | None, gpu: int | None) -> str:
     out = []
     if plan.ubatch is None or plan.ubatch > 1:
         u = _largest(1, min(plan.ubatch or plan.n_prompt, plan.n_prompt), lambda u: ok(replace(plan, ubatch=u)))
-        if u is not None:
+        if u is not None and u < (plan.ubatch or plan.n_prompt):
             out.append(f"micro-batches of {u} tokens")
     p = _largest(1, plan.n_prompt, lambda n: ok(replace(plan, n_prompt=n)))
     if p is not None and p < plan.n_prompt:

@@ -79,7 +79,10 @@ def _global_index(flat: int, piece: tuple, full: tuple, t_axis: int, t0: int) ->
 class Lockstep:
     """Runner sink that drives our model one llama.cpp batch at a time and compares as it goes.
 
-    ``step_shape(step)`` -> (T, P) of the whole step (for the merged rows' shapes)."""
+    ``step_shape(step)`` -> (T, P) of the whole step (for the merged rows' shapes). Our tensors
+    wait, reduced but not yet checked for non-finite values, until ``HOLD`` bytes of them are
+    pending (one host synchronisation per batch of pairs, not one per pair)."""
+    HOLD = 1 << 30
 
     def __init__(self, model, comp: Comparator, filt: SiteFilter | None, hooks, local: bool, step_shape):
         self.model, self.comp, self.filt, self.hooks = model, comp, filt, list(hooks)
@@ -90,7 +93,7 @@ class Lockstep:
         self.seen: set[tuple[int, str]] = set()
         self.broken: set[tuple[str, int, str]] = set()
         self.pending: list = []
-        self.step_rows = {0: 0}
+        self.pending_bytes = 0
 
     def __call__(self, step: int, site: str, x: torch.Tensor) -> None:     # llama.cpp's tensors
         self.batch[site] = x
@@ -126,6 +129,9 @@ class Lockstep:
             if name == "logits" and kind == "e2e":
                 self._logit_rows(step, t0, x, ref)
             self.pending.append((kind, step, name, t0, x, ref, optimistic_stats(x, ref)))
+            self.pending_bytes += x.numel() * 4
+            if self.pending_bytes >= self.HOLD or not x.is_cuda:
+                self._reduce()
         return rec
 
     def _logit_rows(self, step: int, t0: int, x, ref) -> None:
@@ -146,7 +152,7 @@ class Lockstep:
             T, P = self.step_shape(step)
             full = tuple({"T": T, "P": P}.get(d, n) for d, n in zip(parse_site(name)[1].layout, ref.shape))
             self.merger.add(kind, step, name, v.tolist(), tuple(ref.shape), t0, full)
-        self.pending = []
+        self.pending, self.pending_bytes = [], 0
 
     def finish(self, ours_meta: dict, ref_meta: dict, tokens: list[int], n_prompt: int, n_layer: int):
         """The Comparison (rows in execution order) once llama.cpp's run has returned."""

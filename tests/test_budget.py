@@ -1,0 +1,93 @@
+"""The memory budget (harness.budget): estimates from the shapes, refusal with what would fit,
+micro-batch sizing; and the command line's exit 2 in one line for a run that cannot fit or an
+out-of-memory that happens anyway. Nothing large is allocated: available memory is faked."""
+from dataclasses import replace
+
+import pytest
+
+from harness.budget import GiB, BudgetError, Plan, auto_ubatch, check, estimate, parse_size, suggestions
+from harness.cli import main
+from harness.synth import PRESETS
+
+CFG = PRESETS["qwen2.5-0.5b"].config()
+GPU_PLAN = Plan(4096, 2, device="cuda", our_weight_bytes=2 * GiB, llama_weight_bytes=GiB)
+
+
+def test_estimate_grows_with_the_prompt_and_micro_batches_bound_it():
+    sizes = [estimate(CFG, replace(GPU_PLAN, n_prompt=n)).gpu for n in (512, 2048, 4096)]
+    assert sizes[0] < sizes[1] < sizes[2]
+    # whole traces: the attention sites grow as T x P; at 4096 tokens far beyond one 80 GB card
+    assert sizes[2] > 80 * GiB > estimate(CFG, replace(GPU_PLAN, n_prompt=2048)).gpu
+    small = estimate(CFG, replace(GPU_PLAN, ubatch=256))
+    assert small.gpu < 16 * GiB and small.host < 4 * GiB
+    assert "captured tensors (one batch)" in small.parts
+
+
+def test_check_refuses_with_the_estimate_and_what_would_fit():
+    with pytest.raises(BudgetError) as e:
+        check(CFG, GPU_PLAN, host=64 * GiB, gpu=80 * GiB)
+    msg = str(e.value)
+    assert "\n" not in msg and "needs about" in msg and "GPU 80.0 GiB" in msg
+    assert "micro-batches of" in msg and "a prompt of at most" in msg
+    assert check(CFG, replace(GPU_PLAN, ubatch=256), host=64 * GiB, gpu=80 * GiB).gpu < 80 * GiB
+
+
+def test_suggestions_fit_and_nothing_fits():
+    hint = suggestions(CFG, replace(GPU_PLAN, ubatch=64), host=64 * GiB, gpu=5 * GiB)
+    assert "micro-batches of" in hint and "a prompt of at most" in hint
+    u = int(hint.split("micro-batches of ")[1].split()[0])
+    n = int(hint.split("a prompt of at most ")[1].split()[0])
+    for key, value in (("ubatch", u), ("n_prompt", n)):     # the largest that fits
+        assert estimate(CFG, replace(replace(GPU_PLAN, ubatch=64), **{key: value})).gpu <= 5 * GiB
+        assert estimate(CFG, replace(replace(GPU_PLAN, ubatch=64), **{key: value + 1})).gpu > 5 * GiB
+    with pytest.raises(BudgetError, match="nothing smaller fits"):
+        check(CFG, GPU_PLAN, host=64 * GiB, gpu=GiB)          # below the weights alone
+
+
+def test_auto_ubatch():
+    assert auto_ubatch(CFG, replace(GPU_PLAN, n_prompt=512), 64 * GiB, 80 * GiB) is None
+    u = auto_ubatch(CFG, GPU_PLAN, 64 * GiB, 80 * GiB)
+    assert 1 <= u < 4096 and estimate(CFG, replace(GPU_PLAN, ubatch=u)).gpu <= 0.8 * 80 * GiB
+
+
+def test_parse_size():
+    assert parse_size("8G") == 8 * GiB and parse_size("512MiB") == 512 << 20 and parse_size("1000") == 1000
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_report_that_cannot_fit_exits_2_with_the_estimate(tiny_f32, llama_lib, monkeypatch, capsys):
+    monkeypatch.setenv("LLAMADIFF_HOST_MEMORY", "256M")          # a machine far smaller than the run
+    rc = main(["report", tiny_f32, "--tokens", ",".join(["5"] * 300), "--steps", "2", "--in-process"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("llamadiff: error: this run needs about host") and "host 256.0 MiB" in err
+
+
+def test_record_that_cannot_fit_exits_2(tiny_f32, llama_lib, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("LLAMADIFF_HOST_MEMORY", "100M")
+    rc = main(["record", tiny_f32, "--tokens", "5,6,7", "--name", "r", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs about" in err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("exc", [MemoryError("no memory"), RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")])
+def test_out_of_memory_that_happens_anyway_is_one_line_exit_2(monkeypatch, capsys, exc):
+    import harness.cli as cli
+
+    def boom(args):
+        raise exc
+    monkeypatch.setattr(cli, "cmd_faults", boom)
+    assert main(["faults"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llamadiff: error: out of memory") and err.count("\n") == 1
+
+
+def test_other_errors_are_not_taken_for_out_of_memory(monkeypatch):
+    import harness.cli as cli
+
+    def boom(args):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(cli, "cmd_faults", boom)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["faults"])

@@ -1,0 +1,80 @@
+"""Micro-batched prefill (harness.stream): a prompt longer than the micro-batch, decoded by
+llama.cpp in several batches and followed batch by batch by our model, gives the single-batch
+path's table: the same rows, verdicts and first divergence; and the merged statistics of the
+batches are those of the whole tensor."""
+import pytest
+import torch
+
+from harness.compare.metrics import pair_stats, stats_vector
+from harness.diff import DiffRequest, diff_gguf
+from harness.ours.inject import Fault, get_fault
+from harness.stream import Merger
+
+PROMPT = [(i * 37) % 200 + 5 for i in range(40)]       # 40 tokens: 3 batches of 16, 16, 8
+
+
+def _late_q_rope(x, ctx):
+    """A bug only at positions >= 20 (the second batch) of layer 1's q_rope, prefill only."""
+    if ctx.step or ctx.layer != 1:
+        return None
+    pos = torch.arange(ctx.pos, ctx.pos + x.shape[0])
+    return torch.where((pos >= 20)[:, None, None], x * 1.05, x)
+
+
+LATE = Fault("late_q_rope", [("blk.*.q_rope", _late_q_rope)])
+
+
+def _run(path, faults, ubatch):
+    req = DiffRequest(path, tokens=PROMPT, steps=2, faults=faults, ubatch=ubatch, isolate=False)
+    return diff_gguf(req).comparison
+
+
+@pytest.mark.parametrize("fault, where", [(None, None), ("drop_qkv_bias", (0, 0, "blk.0.q")),
+                                          ("decode_pos_off_by_one", (1, 0, "blk.0.q_rope")),
+                                          (LATE, (0, 1, "blk.1.q_rope"))])
+def test_microbatched_matches_single_batch(tiny_f32, llama_lib, fault, where):
+    faults = [] if fault is None else [fault if isinstance(fault, Fault) else get_fault(fault)]
+    one, many = _run(tiny_f32, faults, 0), _run(tiny_f32, faults, 16)
+    assert one.meta.get("ubatch") is None and many.meta["ubatch"] == 16
+    a, b = one.table, many.table
+    assert list(zip(a.step, a.site)) == list(zip(b.step, b.site)) and len(a) == 3 * 63
+    assert (a.passed == b.passed).all() and (a.local_passed == b.local_passed).all()
+    got = [(f.step, f.layer, f.site) if f else None for f in (one.first, many.first)]
+    assert got == [where, where]
+    assert list(many.logit_rows.row[many.logit_rows.step == 0]) == list(range(len(PROMPT)))
+    same = a.site.str.match(r"^(embd|blk\.\d+\.(attn_norm|q_proj|q|k|v|k_proj|v_proj))$") & (a.step == 0)
+    if fault is None:       # the first layer's inputs do not depend on the batching: equal statistics
+        assert (a[same & (a.layer == 0)].rel_l2.values == pytest.approx(b[same & (b.layer == 0)].rel_l2.values,
+                                                                       rel=1e-6, abs=1e-12))
+
+
+def test_merged_stats_are_the_whole_tensors():
+    """Row batches of a (T, D) pair and causal (H, T, P) slabs (zeros past each batch, as the
+    softmax gives) merge into the whole pair's statistics, worst element included."""
+    g = torch.Generator().manual_seed(0)
+    T, D, H = 10, 6, 3
+    a, b = torch.randn(T, D, generator=g), torch.randn(T, D, generator=g)
+    a[7, 2] = 9.0
+    wa = torch.rand(H, T, T, generator=g).tril()
+    wb = torch.rand(H, T, T, generator=g).tril()
+    wa[1, 8, 3] = 5.0
+    m = Merger()
+    for t0, t1 in ((0, 4), (4, 8), (8, 10)):
+        m.add("e2e", 0, "embd", stats_vector(a[t0:t1], b[t0:t1]).tolist(), (t1 - t0, D), t0, (T, D))
+        m.add("e2e", 0, "blk.0.attn_weights", stats_vector(wa[:, t0:t1, :t1], wb[:, t0:t1, :t1]).tolist(),
+              (H, t1 - t0, t1), t0, (H, T, T))
+    from harness.compare.metrics import finish_stats
+    got = {site: finish_stats(vec, full) for _, _, site, full, vec in m.vectors()}
+    for site, (x, y) in (("embd", (a, b)), ("blk.0.attn_weights", (wa, wb))):
+        want, have = pair_stats(x, y), got[site]
+        assert have.worst_index == want.worst_index
+        for f in ("max_abs", "rel_l2", "cosine", "max_norm", "ours_value", "ref_value"):
+            assert getattr(have, f) == pytest.approx(getattr(want, f), rel=1e-12), f
+    assert got["embd"].worst_index == (7, 2) and got["blk.0.attn_weights"].worst_index == (1, 8, 3)
+
+
+def test_runner_refuses_microbatches_into_a_plain_trace(tiny_f32, llama_lib):
+    from harness.llama.runner import LlamaError, LlamaOptions, LlamaRunner
+    with LlamaRunner(tiny_f32, LlamaOptions(device="cpu", ubatch=8, isolate=False), 64) as r:
+        with pytest.raises(LlamaError, match="batch_done"):
+            r.run(PROMPT, 1)
