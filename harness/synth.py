@@ -69,6 +69,10 @@ PRESETS: dict[str, Preset] = {
     "qwen2.5-7b": Preset(n_layer=28, d_model=3584, d_ff=18944, n_head=28, n_head_kv=4,
                          n_vocab=152064, n_ctx=32768, rope_base=1e6, rms_eps=1e-6, tied=False,
                          n_regular=151643, n_special=22),
+    # Qwen2.5-32B shapes, for memory benchmarks (issue 16); its F16 base is about 65 GB on disk
+    "qwen2.5-32b": Preset(n_layer=64, d_model=5120, d_ff=27648, n_head=40, n_head_kv=8,
+                          n_vocab=152064, n_ctx=32768, rope_base=1e6, rms_eps=1e-6, tied=False,
+                          n_regular=151643, n_special=22),
     # Qwen3: no QKV biases, per-head Q/K norms, head size 128 from attention.key_length
     "tiny-qwen3": Preset(n_layer=3, d_model=256, d_ff=512, n_head=4, n_head_kv=2, n_vocab=1024,
                          n_ctx=2048, rope_base=1e6, rms_eps=1e-6, tied=True, n_regular=1000, n_special=3,
@@ -80,7 +84,7 @@ PRESETS: dict[str, Preset] = {
                        n_vocab=151936, n_ctx=40960, rope_base=1e6, rms_eps=1e-6, tied=False,
                        n_regular=151643, n_special=22, arch="qwen3", key_length=128),
 }
-_F16_BASE = {"qwen2.5-7b", "qwen3-8b"}   # presets quantized from an F16 (not F32) file, to halve the temp file
+_F16_BASE = {"qwen2.5-7b", "qwen2.5-32b", "qwen3-8b"}   # presets quantized from an F16 (not F32) file, to halve the temp file
 WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_k_m")
 
 # Qwen2.5's added tokens, in id order. The first three are the ones llama.cpp's chat/eos logic uses.
