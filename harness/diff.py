@@ -191,8 +191,17 @@ def diff_on_device(req: DiffRequest, model: Model | None = None, runner=None,
                    ref: Trace | None = None) -> DiffResult:
     """Both sides on one GPU, streaming: llama.cpp's tensors are captured into GPU memory (no host
     copy), and each of our tensors is compared where it is produced and then dropped, so host
-    memory holds only the table. Same table as :func:`diff_gguf`; ``ours``/``local`` are None."""
+    memory holds only the table. Same table as :func:`diff_gguf`; ``ours``/``local`` are None.
+    When the memory budget asks for micro-batches (or ``req.ubatch`` / the runner's options do),
+    :func:`diff_stream` instead: GPU memory then bounded by one batch."""
     filt = SiteFilter(req.sites) if req.sites else None
+    if ref is None and runner is None:
+        tokens, ubatch = plan_request(req)
+        req = replace(req, tokens=tokens, ubatch=ubatch or 0)
+        if ubatch:
+            return diff_stream(req, model)
+    elif ref is None and getattr(runner, "options", None) is not None and runner.options.ubatch:
+        return diff_stream(replace(req, ubatch=runner.options.ubatch), model, runner)
     if ref is None:
         opts = llama_options(req, keep_on_device=True, all_outputs=req.all_outputs)
         own = runner is None
