@@ -13,7 +13,10 @@ All llama.cpp runs output logits for the last token of each step only (``all_out
   loads     llama.cpp model+context load, and our GGUF load (dequantized on the GPU)
   peak host RSS of the report process, and peak GPU memory (device-wide, from cudaMemGetInfo)
 ``--with-7b`` adds the 7B-shaped Q4_K_M model at 512 tokens, eagerly dequantized and with lazy
-(layer-by-layer) weights. Each is also given as a ratio to ``plain``, the number that travels between machines.
+(layer-by-layer) weights. ``--long ROWS`` (issue 16) runs micro-batched reports instead, e.g.
+``--long 05b-32k,7b-8k,32b-2k``: the micro-batch size the memory budget picks, plain decode with the
+same micro-batches, the full report (harness.diff.diff_stream, llama.cpp in this process), and
+GPU memory sampled every 5 ms during the report. Each is also given as a ratio to ``plain``, the number that travels between machines.
 Each (model, length) runs in fresh subprocesses so that peak RSS belongs to that work alone.
 """
 from __future__ import annotations
@@ -109,6 +112,149 @@ def child_report(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False
                 first=cmp.first.site if cmp.first else None)
 
 
+class _Sampler:
+    """Device-wide used GPU memory sampled every 5 ms on a thread (llama.cpp's cudaMallocs
+    included), between start() and stop()."""
+
+    def __init__(self):
+        import threading
+        import torch
+        self.torch, self.peak, self.on = torch, 0, False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while self.on:
+            free, total = self.torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+            time.sleep(0.005)
+
+    def start(self):
+        self.on = True
+        self.thread.start()
+
+    def stop(self) -> int:
+        self.on = False
+        self.thread.join()
+        return self.peak
+
+
+def child_stream(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False) -> dict:
+    """Issue 16: a micro-batched report of a T-token prompt (batch size from the memory budget)."""
+    from dataclasses import replace
+    import numpy as np
+    import torch
+    from harness.diff import DiffRequest, diff_stream, model_for, plan_request
+    from harness.gguf.load import read_config_file
+    from harness.llama.runner import LlamaOptions
+    from harness.llama.worker import open_runner
+    from harness.trace import Trace
+    cfg = read_config_file(gguf)
+    prompt = np.random.default_rng(0).integers(300, min(cfg.n_vocab, 100000), T).tolist()
+    req = DiffRequest(gguf, tokens=prompt, steps=steps, device="cuda", lazy_weights=True if lazy else None,
+                      isolate=False)
+    _, ubatch = plan_request(req)
+    ubatch = ubatch or T
+    with open_runner(gguf, LlamaOptions(device="cuda", isolate=False, ubatch=512), n_ctx_needed=T + steps + 1) as r:
+        toks = [int(lg.argmax()) for lg in r.logits_plain(prompt, steps)[:-1]]
+        plain512 = _median(lambda: r.logits_plain(prompt, steps, toks), repeats)   # llama.cpp's default n_ubatch
+    t0 = time.perf_counter()
+    runner = open_runner(gguf, LlamaOptions(device="cuda", keep_on_device=True, isolate=False, ubatch=ubatch),
+                         n_ctx_needed=T + steps + 1)
+    llama_load = time.perf_counter() - t0
+    toks = [int(lg.argmax()) for lg in runner.logits_plain(prompt, steps)[:-1]]
+    plain = _median(lambda: runner.logits_plain(prompt, steps, toks), repeats)
+    req = replace(req, tokens=prompt, ubatch=ubatch)
+    t0 = time.perf_counter()
+    model = model_for(req, Trace(cfg.n_layer, meta=dict(runner.meta)))
+    torch.cuda.synchronize()
+    torch_load = time.perf_counter() - t0
+    diff_stream(replace(req, tokens=prompt[:min(T, 2 * ubatch)], steps=1), model, runner)   # warm-up
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    held = total - free          # llama.cpp (weights, both contexts' caches and buffers) + our weights
+    sampler = _Sampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    res = diff_stream(req, model, runner)
+    torch.cuda.synchronize()
+    report = time.perf_counter() - t0
+    peak = sampler.stop()
+    cmp = res.comparison
+    return dict(ubatch=ubatch, plain_s=plain, plain512_s=plain512, report_s=report, llama_load_s=llama_load, torch_load_s=torch_load,
+                held_gb=held / 2**30, peak_gpu_gb=peak / 2**30, above_held_gb=(peak - held) / 2**30,
+                peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                sites_compared=len(cmp.table), diverged=cmp.diverged, first=cmp.first.site if cmp.first else None,
+                lazy=bool(getattr(model.blocks[0].attn.mq, "lazy", False)))
+
+
+LONG = {"05b-32k": ("qwen2.5-0.5b F16", "qwen2.5-0.5b", "f16", 32768, False),
+        "05b-2k": ("qwen2.5-0.5b F16", "qwen2.5-0.5b", "f16", 2048, False),
+        "7b-8k": ("qwen2.5-7b Q4_K_M", "qwen2.5-7b", "q4_k_m", 8192, False),
+        "32b-2k": ("qwen2.5-32b-shaped Q4_K_M, lazy weights", "qwen2.5-32b", "q4_k_m", 2048, True)}
+
+
+def long_table(rows: list[dict]) -> str:
+    lines = ["| model | tokens | micro-batch | plain decode (same micro-batch) | plain decode (n_ubatch 512) | "
+             "full report | report / plain (same; 512) | GPU held before the report | peak GPU | peak above held | "
+             "peak host RSS | sites | first divergence |", "|" + "---|" * 13]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['T']}+{r['steps']} | error: {r['error']} |" + " |" * 10)
+            continue
+        lines.append(f"| {r['model']} | {r['T']}+{r['steps']} | {r['ubatch']} | {r['plain_s']:.2f} s | "
+                     f"{r['plain512_s']:.2f} s | {r['report_s']:.2f} s | {r['report_s'] / r['plain_s']:.1f}x; "
+                     f"{r['report_s'] / r['plain512_s']:.1f}x | {r['held_gb']:.1f} GB | "
+                     f"{r['peak_gpu_gb']:.1f} GB | {r['above_held_gb']:.1f} GB | {r['peak_rss_gb']:.2f} GB | "
+                     f"{r['sites_compared']} | {r['first'] or 'none'} |")
+    return "\n".join(lines)
+
+
+def check_microbatch(fixtures: str, T: int = 512, ubatch: int = 128) -> str:
+    """On the GPU: the streaming report with micro-batches against one batch, clean and with a
+    fault; the same verdicts and first divergence expected."""
+    import numpy as np
+    from harness.diff import DiffRequest, diff_on_device
+    from harness.ours.inject import get_fault
+    from harness.synth import default_fixture
+    gguf = default_fixture("f16", preset="qwen2.5-0.5b", seed=0, cache_dir=fixtures)
+    prompt = np.random.default_rng(0).integers(300, 100000, T).tolist()
+    out = []
+    for faults in ([], [get_fault("drop_qkv_bias")], [get_fault("decode_pos_off_by_one")]):
+        res = [diff_on_device(DiffRequest(gguf, tokens=prompt, steps=3, device="cuda", faults=faults, ubatch=u,
+                                          isolate=False)).comparison for u in (0, ubatch)]
+        a, b = res[0].table, res[1].table
+        same = list(zip(a.step, a.site)) == list(zip(b.step, b.site))
+        out.append(f"faults {[f.name for f in faults]}: rows {len(a)}/{len(b)} same keys {same}, "
+                   f"passed equal {bool((a.passed.values == b.passed.values).all()) if same else '-'}, "
+                   f"local_passed equal {bool((a.local_passed.values == b.local_passed.values).all()) if same else '-'}, "
+                   f"first {[(c.first.step, c.first.site) if c.first else None for c in res]}, "
+                   f"ubatch {[c.meta.get('ubatch') for c in res]}")
+    return "\n".join(out)
+
+
+def run_long(args) -> int:
+    from harness.synth import default_fixture
+    rows = []
+    for key in args.long.split(","):
+        label, preset, wtype, T, lazy = LONG[key]
+        t0 = time.perf_counter()
+        try:
+            gguf = default_fixture(wtype, preset=preset, seed=0, cache_dir=args.fixtures)
+        except Exception as e:  # noqa: BLE001 - a row not reached is reported, not extrapolated
+            rows.append(dict(model=label, T=T, steps=args.steps, error=f"fixture: {e}"))
+            continue
+        print(f"[{label}] fixture ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        row = dict(model=label, T=T, steps=args.steps)
+        row.update(run_child("stream", gguf, T, args.steps, args.repeats, lazy))
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    text = long_table(rows)
+    print(text)
+    with open(os.path.join(args.out, "long.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return 0
+
+
 def run_child(kind: str, gguf: str, T: int, steps: int, repeats: int, lazy: bool = False) -> dict:
     """``kind``: capture, report (in-process llama.cpp) or isolated (llama.cpp in its worker)."""
     out = subprocess.run([sys.executable, __file__, "--child", kind, gguf, str(T), str(steps), str(repeats),
@@ -144,6 +290,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, gguf, T, steps, repeats, lazy = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:8])
         res = child_capture(gguf, T, steps, repeats) if kind == "capture" else \
+            child_stream(gguf, T, steps, repeats, bool(lazy)) if kind == "stream" else \
             child_report(gguf, T, steps, repeats, bool(lazy), isolate=kind == "isolated")
         print(json.dumps(res))
         return 0
@@ -154,9 +301,16 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--with-7b", action="store_true")
     ap.add_argument("--fixtures", default="build/fixtures")
+    ap.add_argument("--long", help="issue 16 rows, comma-separated: " + ", ".join(LONG))
+    ap.add_argument("--check-microbatch", action="store_true", help="GPU: micro-batched vs one batch, same verdicts?")
     args = ap.parse_args()
+    if args.check_microbatch:
+        print(check_microbatch(args.fixtures))
+        return 0
     from harness.synth import default_fixture
     os.makedirs(args.out, exist_ok=True)
+    if args.long:
+        return run_long(args)
     configs = [("qwen2.5-0.5b F16", "qwen2.5-0.5b", "f16", int(t), False) for t in args.lengths.split(",") if t]
     if args.with_7b:
         configs.append(("qwen2.5-7b Q4_K_M", "qwen2.5-7b", "q4_k_m", 512, False))
