@@ -279,13 +279,14 @@ def check(req: CheckRequest, candidate: Trace | None = None, storage: dict | Non
                     local_spans={s: sp for s, sp in spans.items() if len(sp) > 1})
     if cmp.first is not None:
         cmp.first.inputs = anchor_rows(cmp, anchors_of(cmp.first.site, present, op_in))
-        cmp.first.explanation = explain(cmp, spans.get(cmp.first.site, [cmp.first.site]))
+        who = "transformers'" if candidate.meta.get("source") == "transformers" else "your"
+        cmp.first.explanation = explain(cmp, spans.get(cmp.first.site, [cmp.first.site]), who)
     return CheckResult(cmp, candidate, ref, local, missing)
 
 
-def explain(cmp: Comparison, span: list[str]) -> str:
-    """The first divergence in the engine's terms: what our op gives on its inputs, what it gave,
-    and which of its inputs match llama.cpp."""
+def explain(cmp: Comparison, span: list[str], who: str = "your") -> str:
+    """The first divergence in the engine's terms (``who``: "your", "transformers'"): what our op
+    gives on its inputs, what it gave, and which of its inputs match llama.cpp."""
     f = cmp.first
     r = f.row
     what = f.site if len(span) == 1 else f"{f.site} (local error over {', '.join(span)}: the trace lacks the ops between)"
@@ -293,12 +294,13 @@ def explain(cmp: Comparison, span: list[str]) -> str:
     ok = [i["site"] for i in f.inputs if i["passed"]]
     bad = [i["site"] for i in f.inputs if not i["passed"]]
     if ok:
-        parts.append(f"your {' and '.join(ok)} match{'es' if len(ok) == 1 else ''} llama.cpp, your {f.site} does not")
+        parts.append(f"{who} {' and '.join(ok)} match{'es' if len(ok) == 1 else ''} llama.cpp, {who} {f.site} does not")
     if bad:
-        parts.append(f"your {' and '.join(bad)} already differ{'s' if len(bad) == 1 else ''} from llama.cpp "
+        parts.append(f"{who} {' and '.join(bad)} already differ{'s' if len(bad) == 1 else ''} from llama.cpp "
                      "end to end (drift; they pass locally)")
-    parts.append(f"recomputed on your own inputs, {f.site} should be {r['local_ours']:.4g} at {r['local_worst']}, "
-                 f"your engine has {r['local_ref']:.4g} (relative error {r['local_rel_l2']:.3g}, "
+    own, has = ("your own", "your engine has") if who == "your" else (f"{who} own", f"{who.rstrip(chr(39))} has")
+    parts.append(f"recomputed on {own} inputs, {f.site} should be {r['local_ours']:.4g} at {r['local_worst']}, "
+                 f"{has} {r['local_ref']:.4g} (relative error {r['local_rel_l2']:.3g}, "
                  f"tolerance {r['local_tol_rel']:.3g})")
     return "; ".join(parts)
 

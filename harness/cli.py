@@ -156,17 +156,35 @@ def cmd_check(args) -> int:
         ref, gguf = args.model, _run_gguf(args.model, args.gguf)
     elif args.gguf:
         raise UsageError("--gguf is for a recorded reference run; the first argument is already a GGUF")
-    if args.engine is None:
-        raise UsageError("give the engine's trace directory (ENGINE_TRACE)")
-    req = CheckRequest(engine=args.engine, gguf=gguf, reference=ref, device=args.device, kv_type=args.kv_type,
-                       extra_bufts=args.extra_bufts, isolate=not args.in_process)
+    if (args.engine is None) == (args.candidate is None):
+        raise UsageError("give the engine's trace directory (ENGINE_TRACE) or --candidate hf, not both")
     if args.device == "cuda":
         _check_report_args(argparse.Namespace(prompt="", tokens=None, steps=0, device="cuda"))
-    res = check(req)
+    req = CheckRequest(engine=args.engine, gguf=gguf, reference=ref, device=args.device, kv_type=args.kv_type,
+                       extra_bufts=args.extra_bufts, isolate=not args.in_process)
+    res = check(req, candidate=_hf_candidate(args, gguf, ref) if args.candidate else None)
     emit(render(res.comparison, args.format, color=args.out is None and sys.stdout.isatty()), args.out)
     if args.out:
         print(verdict_line(res.comparison))
     return EXIT_DIVERGED if res.comparison.diverged else EXIT_OK
+
+
+def _hf_candidate(args, gguf: str, ref: str | None):
+    """transformers' trace of the GGUF: on the recorded run's tokens, else on --tokens/--prompt
+    (greedy decode steps, which llama.cpp is then fed)."""
+    from harness.hf.trace import hf_trace, hf_trace_like
+    if ref is not None:
+        if args.prompt is not None or args.tokens is not None:
+            raise UsageError("with a recorded run the tokens are the run's: drop --prompt/--tokens")
+        from harness.runs.store import load_run
+        return hf_trace_like(gguf, _run_errors(lambda: load_run(ref)).trace)
+    _check_report_args(argparse.Namespace(prompt=args.prompt, tokens=args.tokens, steps=args.steps, device="cpu"))
+    if args.tokens:
+        tokens = parse_tokens(args.tokens)
+    else:
+        from harness.llama.runner import tokenize_file
+        tokens = tokenize_file(gguf, args.prompt)
+    return hf_trace(gguf, tokens, args.steps)
 
 
 def _run_gguf(run: str, model: str | None) -> str:
@@ -345,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a recorded llama.cpp run of the same tokens")
     k.add_argument("engine", nargs="?", help="the engine's trace directory (docs/trace-format.md)")
     k.add_argument("--gguf", help="with a recorded run: the GGUF (default: the path its manifest names)")
+    k.add_argument("--candidate", choices=["hf"], help="instead of a trace: Hugging Face transformers' model "
+                   "of the GGUF (built by transformers' own GGUF reader), run on --prompt/--tokens")
+    k.add_argument("--prompt", help="with --candidate hf: prompt text (llama.cpp's tokenizer)")
+    k.add_argument("--tokens", help="with --candidate hf: prompt as comma-separated token ids")
+    k.add_argument("--steps", type=int, default=4, help="with --candidate hf: greedy decode steps (default 4)")
     k.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where llama.cpp and our ops run")
     k.add_argument("--kv-type", default="f16", choices=["f16", "f32"],
                    help="llama.cpp's KV cache type (default f16, llama.cpp's own default)")

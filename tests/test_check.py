@@ -197,3 +197,23 @@ def test_check_on_cuda(exe, tiny_f32, tmp_path, bug):
         assert rc == 0, d["first_divergence"]
     else:
         assert rc == 1 and first(d) == BUGS[bug]
+
+
+def test_transformers_candidate(tiny_f32, tmp_path):
+    """`check --candidate hf`: transformers' model of the GGUF (its own GGUF reader) per op against
+    llama.cpp: clean exit 0; a bias element zeroed in transformers' layer 1 is found at blk.1.q."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    import torch
+    from harness.check import CheckRequest, check as check_lib
+    from harness.hf.trace import hf_trace, load_hf
+    rc, d = check(tmp_path, tiny_f32, "--candidate", "hf", "--tokens", PROMPT, "--steps", "2")
+    assert rc == 0 and d["meta"]["ours"]["source"] == "transformers"
+    assert max(r["local_rel_l2"] for r in d["table"]) < 1e-6
+    hfm = load_hf(tiny_f32)
+    with torch.no_grad():
+        hfm.model.model.layers[1].self_attn.q_proj.bias[5] = 0.0
+    cand = hf_trace(hfm, [int(t) for t in PROMPT.split(",")], 2)
+    res = check_lib(CheckRequest(gguf=str(tiny_f32)), candidate=cand)
+    f = res.comparison.first
+    assert (f.step, f.layer, f.site) == (0, 1, "blk.1.q") and f.kind == "local"
+    assert "transformers' blk.1.q_proj matches llama.cpp" in f.explanation
