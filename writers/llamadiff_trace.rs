@@ -87,6 +87,15 @@ impl Trace {
         Ok(())
     }
 
+    /// Set token `i` (a decode input picked while running: open with placeholders, set each pick).
+    pub fn set_token(&mut self, i: usize, token: i64) -> io::Result<()> {
+        if i >= self.tokens.len() || token < 0 {
+            return Err(err(format!("token {} at index {} out of range (0..{})", token, i, self.tokens.len() - 1)));
+        }
+        self.tokens[i] = token;
+        Ok(())
+    }
+
     fn steps(&self) -> usize {
         self.tokens.len() - self.n_prompt
     }
