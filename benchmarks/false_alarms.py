@@ -34,6 +34,7 @@ from harness.diff import DiffRequest, capture_reference, diff_gguf, model_for  #
 from harness.synth import PRESETS, WEIGHT_TYPES, default_fixture  # noqa: E402
 
 FIRST_SEED = 100
+LONG = (257, 400)                # lengths of the long prompts (--long)
 RESERVED_SEEDS = frozenset({0, *calibrate.SEEDS})      # the tests' and the calibration's
 
 
@@ -41,12 +42,13 @@ class BadInput(Exception):
     """One-line message, exit 2."""
 
 
-def random_prompts(rng: np.random.Generator, n: int, n_regular: int, max_len: int) -> list[list[int]]:
-    """``n`` prompts of 2..max_len regular tokens (lengths and tokens uniform), none of them a
-    calibration prompt."""
+def random_prompts(rng: np.random.Generator, n: int, n_regular: int, max_len: int,
+                   min_len: int = 2) -> list[list[int]]:
+    """``n`` prompts of min_len..max_len regular tokens (lengths and tokens uniform), none of
+    them a calibration prompt."""
     out = []
     while len(out) < n:
-        p = [int(t) for t in rng.integers(0, n_regular, size=int(rng.integers(2, max_len + 1)))]
+        p = [int(t) for t in rng.integers(0, n_regular, size=int(rng.integers(min_len, max_len + 1)))]
         if p not in calibrate.PROMPTS:
             out.append(p)
     return out
@@ -73,10 +75,14 @@ def run_regime(preset: str, wtype: str, args, cache_dir: str) -> dict:
     """``args.seeds`` fresh weight seeds x ``args.prompts_per_seed`` random prompts of one regime."""
     t0, runs = time.time(), []
     rng = np.random.default_rng([args.first_seed, WEIGHT_TYPES.index(wtype), list(PRESETS).index(preset)])
+    n_regular = PRESETS[preset].n_regular
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         path = default_fixture(wtype, preset=preset, seed=seed, cache_dir=cache_dir)
         model = None
-        for tokens in random_prompts(rng, args.prompts_per_seed, PRESETS[preset].n_regular, args.max_prompt):
+        prompts = random_prompts(rng, args.prompts_per_seed, n_regular, args.max_prompt)
+        if seed - args.first_seed < args.long:          # past the KV cache's 256-cell padding
+            prompts[0] = random_prompts(rng, 1, n_regular, LONG[1], LONG[0])[0]
+        for tokens in prompts:
             run, model = clean_run(path, args.device, tokens, args.steps, model)
             runs.append(dict(seed=seed, **run))
         del model
@@ -102,6 +108,8 @@ def parse_args(argv=None):
     p.add_argument("--first-seed", type=int, default=FIRST_SEED)
     p.add_argument("--steps", type=int, default=4, help="decode steps of every run")
     p.add_argument("--max-prompt", type=int, default=64, help="longest random prompt (tokens)")
+    p.add_argument("--long", type=int, default=1, help=f"seeds whose first prompt is long instead "
+                   f"({LONG[0]}-{LONG[1]} tokens, past the 256-cell KV padding)")
     p.add_argument("--cache-dir", default=None, help="where fixtures are written (default: a temporary folder)")
     p.add_argument("--keep-fixtures", action="store_true", help="keep each GGUF after its runs")
     p.add_argument("--out", default=None, help="also write every run's result to this JSON file")
@@ -117,8 +125,10 @@ def parse_args(argv=None):
     if used:
         raise BadInput(f"seeds {sorted(used)} are the tests' or the calibration's: use --first-seed above "
                        f"{max(RESERVED_SEEDS)}")
-    if min(args.seeds, args.prompts_per_seed) < 1 or args.steps < 0 or args.max_prompt < 2 or args.first_seed < 0:
-        raise BadInput("--seeds and --prompts-per-seed must be >= 1, --steps >= 0, --max-prompt >= 2, --first-seed >= 0")
+    if min(args.seeds, args.prompts_per_seed) < 1 or min(args.steps, args.long, args.first_seed) < 0 \
+            or args.max_prompt < 2:
+        raise BadInput("--seeds and --prompts-per-seed must be >= 1, --max-prompt >= 2, --steps, --long and "
+                       "--first-seed >= 0")
     return args
 
 
@@ -131,7 +141,8 @@ def write_json(path: str, data) -> None:
 
 def report(results: list[dict], args) -> None:
     print(f"clean runs: {args.seeds} seeds from {args.first_seed} x {args.prompts_per_seed} random prompts of "
-          f"2-{args.max_prompt} tokens, {args.steps} decode steps, device {args.device}\n")
+          f"2-{args.max_prompt} tokens (the first prompt of {args.long} seed(s): {LONG[0]}-{LONG[1]}), "
+          f"{args.steps} decode steps, device {args.device}\n")
     fams = sorted({f for r in results for f in r["headroom"]})
     print("| regime | runs | divergences | e2e failures | worst local / tolerance | seconds |")
     print("|---|---|---|---|---|---|")
@@ -164,7 +175,13 @@ def main(argv=None) -> int:
             torch.set_num_threads(1)       # tiny models: more intra-op threads only contend
         with tempfile.TemporaryDirectory(prefix="false_alarms-") as tmp:
             cache = args.cache_dir or tmp
-            results = [run_regime(p, t, args, cache) for p in args.presets for t in args.types]
+            results = []
+            for preset in args.presets:
+                for wtype in args.types:
+                    results.append(run_regime(preset, wtype, args, cache))
+                    r = results[-1]
+                    print(f"{r['regime']}: {r['runs']} runs, {r['divergences']} divergences ({r['seconds']} s)",
+                          file=sys.stderr, flush=True)
         report(results, args)
         if args.out:
             write_json(args.out, dict(command="python benchmarks/false_alarms.py " + " ".join(

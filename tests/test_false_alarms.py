@@ -20,7 +20,7 @@ def fa():
 
 
 ARGS = ["--presets", "tiny", "--types", "f32", "--seeds", "1", "--prompts-per-seed", "1", "--steps", "2",
-        "--max-prompt", "12", "--keep-fixtures"]
+        "--max-prompt", "12", "--long", "0", "--keep-fixtures"]
 
 
 def test_clean_runs_exit_0_and_a_divergent_one_exits_1(fa, synth_dir, llama_lib, tmp_path, capsys, monkeypatch):
