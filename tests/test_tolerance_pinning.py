@@ -13,6 +13,8 @@ regime also gets a fixed-size perturbation, :data:`MUST_CATCH`, at every target 
 past a third of it fails; so does a comparison whose local verdicts leak between ops.
 
 llama.cpp is captured once per regime; only our side is rerun (about 0.1 s a comparison).
+The scaled checks also run against llama.cpp's CUDA build (``cuda-*`` ids, marked gpu, skipped
+without CUDA); the fixed-size one holds CPU figures only.
 """
 import zlib
 
@@ -25,7 +27,10 @@ from harness.sites import parse_site
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 STEPS = 2
-REGIMES = ("f32", "f16", "q8_0", "q4_k_m")
+TYPES = ("f32", "f16", "q8_0", "q4_k_m")
+# the same checks on llama.cpp's CUDA build (run on the GPU machine; skipped without CUDA)
+REGIMES = [pytest.param(("cpu", t), id=t) for t in TYPES] + \
+    [pytest.param(("cuda", t), id=f"cuda-{t}", marks=pytest.mark.gpu) for t in TYPES]
 # one site per family that is not a weight matmul, as (step, site): every layer, every step
 TARGETS = [(1, "embd"), (0, "blk.2.attn_norm"), (2, "output_norm"), (1, "blk.0.k"), (2, "blk.1.q_rope"),
            (1, "blk.2.kq"), (2, "blk.0.attn_weights"), (0, "blk.2.kqv"), (1, "blk.1.l_out"),
@@ -47,15 +52,26 @@ def _matmul_targets(model) -> list[tuple[int, str]]:
     return [(STEPS if i % 2 == 0 else 0, site) for i, site in enumerate(by_class.values())]
 
 
+def _skip_without_cuda(llama_lib):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not llama_lib.llama_supports_gpu_offload():
+        pytest.skip("llama-cpp-python has no GPU offload in this build")
+
+
 @pytest.fixture(scope="module", params=REGIMES)
 def regime(request, synth_dir, llama_lib):
     from harness.synth import default_fixture
-    path = default_fixture(request.param, preset="tiny", seed=0, cache_dir=synth_dir)
-    req = DiffRequest(path, tokens=PROMPT, steps=STEPS)
+    device, wtype = request.param
+    if device == "cuda":
+        _skip_without_cuda(llama_lib)
+    path = default_fixture(wtype, preset="tiny", seed=0, cache_dir=synth_dir)
+    req = DiffRequest(path, tokens=PROMPT, steps=STEPS, device=device)
     ref = capture_reference(req)
     model = model_for(req, ref)
+    assert ref.meta["backend"] == device
     targets = TARGETS + _matmul_targets(model)
-    return request.param, req, ref, model, model_policy(model, "cpu"), targets
+    return f"{device}/{wtype}", req, ref, model, model_policy(model, device), targets
 
 
 def _tol(policy, site):
@@ -85,7 +101,7 @@ def _scaled(policy, step: int, site: str, factor: float) -> Fault:
         if ctx.step != step:
             return None
         gen = torch.Generator().manual_seed(zlib.crc32(f"{site}@{step}".encode()))
-        n = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        n = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device)
         xd = x.double()
         rms, peak = xd.pow(2).mean().sqrt().item(), n.abs().max().item()
         c = factor * min(tol.rel * xd.norm().item() / n.norm().item(), tol.max * rms / peak)
@@ -95,7 +111,8 @@ def _scaled(policy, step: int, site: str, factor: float) -> Fault:
 
 def _run(regime, faults):
     _, req, ref, model, _, _ = regime
-    return diff_gguf(DiffRequest(req.gguf, tokens=PROMPT, steps=STEPS, faults=faults), model=model, ref=ref).comparison
+    return diff_gguf(DiffRequest(req.gguf, tokens=PROMPT, steps=STEPS, device=req.device, faults=faults),
+                     model=model, ref=ref).comparison
 
 
 def _ratio(row, tol) -> float:
@@ -137,7 +154,9 @@ def test_a_fixed_small_error_is_caught_at_every_site(regime):
     """MUST_CATCH[class] at every target at once: each fails locally at its own (step, site) and
     no other op does (the local verdicts do not leak through re-anchoring or the KV cache)."""
     from harness.compare.tolerance import weight_class
-    wtype, _, _, model, policy, targets = regime
+    wtype, req, _, model, policy, targets = regime
+    if req.device != "cpu":
+        pytest.skip("MUST_CATCH holds the CPU build's figures")
     types = site_weight_types(model.gguf)
 
     def size(site):
