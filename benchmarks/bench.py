@@ -261,7 +261,12 @@ def run_child(kind: str, gguf: str, T: int, steps: int, repeats: int, lazy: bool
                           str(int(lazy))],
                          capture_output=True, text=True)
     if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"rc {out.returncode}"}
+        log = os.path.join(os.environ.get("OUT", "/tmp"), f"child-{kind}-{T}.err")
+        with open(log, "w") as f:
+            f.write(out.stderr)
+        said = [ln for ln in out.stderr.strip().splitlines() if "GGML_ASSERT" in ln or "Error" in ln or "error" in ln]
+        last = said[-1] if said else (out.stderr.strip().splitlines() or [f"rc {out.returncode}"])[-1]
+        return {"error": f"{last.strip()[:300]} (rc {out.returncode}, stderr in {os.path.basename(log)})"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
