@@ -117,6 +117,11 @@ def test_errors_are_one_line(tiny_f32, tmp_path, monkeypatch):
     dropped, llama = tmp_path / "dropped.gguf", tmp_path / "llama.gguf"
     rewrite(tiny_f32, str(dropped), drop=("blk.1.ffn_up.weight",))
     rewrite(tiny_f32, str(llama), arch="llama")
+    reshaped = tmp_path / "reshaped.gguf"                     # a shape transformers' model cannot take
+    rewrite(tiny_f32, str(reshaped), reshape={"blk.0.ffn_up.weight": (256, 512)})
+    with pytest.raises(HFError, match=r"cannot load reshaped.gguf .*model.layers.0.mlp.up_proj.weight") as e:
+        load_hf(reshaped)
+    assert "\n" not in str(e.value)
     with pytest.raises(HFError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\]") as e:
         load_hf(dropped, load="reader")          # not left randomly initialised
     assert "\n" not in str(e.value)

@@ -57,8 +57,7 @@ def _transformers():
 
 
 def _line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:300] if s else type(e).__name__
+    return " ".join(str(e).split())[:400] or type(e).__name__
 
 
 @contextlib.contextmanager
@@ -93,18 +92,22 @@ def _register(transformers) -> None:
 
 def _from_pretrained(transformers, path: str):
     folder, name = os.path.split(os.path.abspath(path))
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
-    _check_fit(model, info.get("missing_keys", ()), info.get("unexpected_keys", ()))
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(      # mismatches: reported below
+        folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager", output_loading_info=True,
+        ignore_mismatched_sizes=True)
+    _check_fit(model, info.get("missing_keys", ()), info.get("unexpected_keys", ()),
+               info.get("mismatched_keys", ()))
     return model
 
 
-def _check_fit(model, missing, unexpected) -> None:
-    """Every parameter came from the file (a missing one would silently stay randomly initialised)."""
-    allowed = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    if unexpected or set(missing) - allowed:
-        raise ValueError(f"GGUF tensors do not fit {type(model).__name__}: missing {sorted(set(missing) - allowed)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]}")
+def _check_fit(model, missing, unexpected, mismatched=()) -> None:
+    """Every parameter came from the file (a missing or mismatched one would silently stay randomly
+    initialised)."""
+    missing = sorted(set(missing) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set()))
+    if unexpected or missing or mismatched:
+        bad = [f"{k}: file {tuple(a)}, model {tuple(b)}" for k, a, b in mismatched][:2]
+        raise ValueError(f"GGUF tensors do not fit {type(model).__name__}: missing {missing[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}, size mismatch {bad}")
 
 
 def _from_reader(transformers, path: str):
@@ -160,12 +163,16 @@ def load_hf(gguf_path, load: str = "auto") -> HFModel:
 class _Taps:
     """Forward hooks on the HF modules that hand each site's value (our layout) to ``keep``."""
 
-    def __init__(self, hf: torch.nn.Module, keep):
-        self.hf, self.keep, self.step, self.handles = hf, keep, 0, []
+    def __init__(self, hf: torch.nn.Module, keep, filt: SiteFilter | None = None):
+        self.hf, self.keep, self.filt, self.step, self.handles = hf, keep, filt, 0, []
         self.n_head, self.n_kv = hf.config.num_attention_heads, hf.config.num_key_value_heads
 
+    def wants(self, name: str) -> bool:
+        return self.filt is None or self.filt.wants(self.step, name)
+
     def put(self, name: str, x: torch.Tensor) -> None:
-        self.keep(self.step, name, x.detach().float().contiguous())
+        if self.wants(name):
+            self.keep(self.step, name, x.detach().float().contiguous())
 
     def on(self, module, name: str, pick=lambda out: out[0]):
         self.handles.append(module.register_forward_hook(lambda m, a, out: self.put(name, pick(out))))
@@ -180,6 +187,8 @@ class _Taps:
             x = out[0]
             if m.bias is not None:
                 self.put(p + key, x.view(x.shape[0], nh, -1))
+                if not self.wants(p + key + "_proj"):
+                    return
                 x = F.linear(args[0][0], m.weight)
             self.put(p + key + "_proj", x.view(x.shape[0], nh, -1))
         self.handles.append(module.register_forward_hook(hook))
@@ -189,8 +198,9 @@ class _Taps:
             T = query.shape[2]
             self.put(p + "q_rope", query[0].transpose(0, 1))
             self.put(p + "k_rope", key[0, :, -T:].transpose(0, 1))
-            rep = key[0].repeat_interleave(module.num_key_value_groups, dim=0)    # HF's repeat_kv
-            self.put(p + "kq", torch.matmul(query[0], rep.transpose(1, 2)))
+            if self.wants(p + "kq"):
+                rep = key[0].repeat_interleave(module.num_key_value_groups, dim=0)    # HF's repeat_kv
+                self.put(p + "kq", torch.matmul(query[0], rep.transpose(1, 2)))
             self.put(p + "attn_weights", weights[0])
             self.put(p + "kqv", out[0])
         return tap
@@ -241,12 +251,7 @@ def hf_trace(gguf, prompt: list[int], steps: int = 0, decode_tokens: list[int] |
                       f"token id {bad[0]} out of range (vocabulary has {n_vocab} tokens)")
     filt = SiteFilter(sites) if isinstance(sites, str) else sites
     trace = Trace(hf.config.num_hidden_layers, meta=dict(hfm.meta))
-
-    def keep(step, name, x):
-        if filt is None or filt.wants(step, name):
-            trace(step, name, x)
-
-    taps = _Taps(hf, keep)
+    taps = _Taps(hf, trace, filt)
     tokens, forced = [int(t) for t in prompt], [int(t) for t in (decode_tokens or [])][:steps]
     cache, feed = transformers.DynamicCache(config=hf.config), tokens[:]
     try:
