@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+import harness.compare.systematic as sysmod
 from harness.compare.metrics import PairStats, batch_stats, finish_many, logit_stats, optimistic_stats, pair_stats, stats_vector
 from harness.gguf.arch import ARCHS, ArchSpec
 from harness.sites import DIM_NAMES, SITES, SiteSpec, input_sites, parse_site
@@ -74,14 +75,21 @@ class Comparator:
     compared (the streaming GPU path) or fed from whole traces (:func:`compare_traces`).
 
     ``batched``: queue pairs and reduce them in segmented batches, brought to the host together
-    in :meth:`result`; None (default) does so for GPU tensors and compares CPU pairs at once."""
+    in :meth:`result`; None (default) does so for GPU tensors and compares CPU pairs at once.
+
+    ``systematic``: also test each local pair for systematic error below the element-wise
+    tolerance (:mod:`harness.compare.systematic`; a :class:`~harness.compare.systematic.Null`,
+    True for the calibrated one, False for none). A site then fails locally when its element-wise
+    error or a calibrated systematic statistic fails (``local_elem_passed``, ``sys_passed``)."""
 
     BATCH_NUMEL = 1 << 22
     LARGE = 1 << 18
     LARGE_HOLD = 1 << 27      # elements of large pairs held until their finiteness is checked
 
-    def __init__(self, policy: Policy, batched: bool | None = None):
+    def __init__(self, policy: Policy, batched: bool | None = None, systematic: "sysmod.Null | bool" = True):
         self.policy, self.batched = policy, batched
+        self.null = (_default_null() if systematic is True else systematic) or None
+        self.sys_pending: list = []   # (step, site, sys_vector on the device)
         self.rows: dict[tuple[int, str], dict] = {}
         self.logit_rows: list[dict] = []
         self.spikes: list[dict] = []
@@ -181,6 +189,12 @@ class Comparator:
             self._queue("local", step, site, local, ref)
         else:
             self._local_row(step, site, tuple(ref.shape), _values(pair_stats(local, ref)))
+        if self.null is not None:
+            vec = sysmod.sys_vector(local, ref, spec.layout[0] == "T")
+            if self._defer(local):
+                self.sys_pending.append((step, site, vec))
+            else:
+                self.rows[(step, site)].update(sysmod.row_values(vec.tolist()))
 
     def _local_row(self, step: int, site: str, shape: tuple, v: tuple) -> None:
         _, rel, max_norm, _, widx, ov, rv, _ = v
@@ -189,7 +203,8 @@ class Comparator:
         self.rows.setdefault((step, site), {}).update(
             local_rel_l2=rel, local_max_norm=max_norm, local_worst=_describe_index(spec, widx),
             local_ours=ov, local_ref=rv, local_tol_rel=lt.rel, local_tol_max=lt.max,
-            local_tol_regime=regime, local_passed=lt.passes(rel, max_norm))
+            local_tol_regime=regime, local_passed=lt.passes(rel, max_norm),
+            local_elem_passed=lt.passes(rel, max_norm))
 
     def _queue(self, kind: str, step: int, site: str, ours, ref) -> None:
         """Hold a small pair until a batch is full (bounded memory), then reduce the batch at
@@ -233,6 +248,11 @@ class Comparator:
         for step, ours, ref in self.logit_pairs:
             self._logit_rows(step, ours, ref)
         self.logit_pairs = []
+        if self.sys_pending:
+            vals = torch.stack([p[2] for p in self.sys_pending]).cpu().tolist()
+            for (step, site, _), v in zip(self.sys_pending, vals):
+                self.rows.setdefault((step, site), {}).update(sysmod.row_values(v))
+            self.sys_pending = []
         if not self.pending:
             return
         vals = torch.cat([p[1] for p in self.pending]).cpu().numpy()
@@ -244,8 +264,20 @@ class Comparator:
         for (kind, step, site, shape), v in zip(keys, values):
             (self._e2e_row if kind == "e2e" else self._local_row)(step, site, shape, v)
 
+    def _systematic_verdicts(self) -> None:
+        """Each local row's systematic verdict (``sys_passed``: None where the regime and family
+        were never calibrated), folded into ``local_passed``."""
+        for row in self.rows.values():
+            if "local_elem_passed" not in row or "sys_z_slope" not in row:
+                continue
+            ok, score, stat = self.null.verdict(row["local_tol_regime"], row["family"], row)
+            row.update(sys_passed=ok, sys_score=score, sys_stat=stat)
+            row["local_passed"] = bool(row["local_elem_passed"]) and ok is not False
+
     def result(self, ours_meta: dict, ref: Trace) -> Comparison:
         self.flush()
+        if self.null is not None:
+            self._systematic_verdicts()
         keys = [k for k in ref.keys() if k in self.rows and "rel_l2" in self.rows[k]]
         table = pd.DataFrame([self.rows[k] for k in keys])
         if len(table) and "local_passed" not in table:
@@ -260,11 +292,21 @@ class Comparator:
                           _first(table, "passed"), meta)
 
 
+_NULL: list = []
+
+
+def _default_null() -> "sysmod.Null":
+    """The calibrated null of ``systematic.json``, read once."""
+    if not _NULL:
+        _NULL.append(sysmod.Null())
+    return _NULL[0]
+
+
 def compare_traces(ours: Trace, ref: Trace, policy: Policy, local: Trace | None = None,
-            batched: bool | None = None) -> Comparison:
+            batched: bool | None = None, systematic: "sysmod.Null | bool" = True) -> Comparison:
     """Divergence table of ``ours`` against ``ref`` over the (step, site) pairs both hold
-    (``batched``: see :class:`Comparator`)."""
-    c = Comparator(policy, batched)
+    (``batched``, ``systematic``: see :class:`Comparator`)."""
+    c = Comparator(policy, batched, systematic)
     for key, r in ref.items():
         if key in ours:
             c.add(*key, ours[key], r)
@@ -354,4 +396,16 @@ def _explain(step, site, row, inputs, kind, ref_name) -> str:
     parts.append(f"worst element {row[pre + 'worst'] if pre + 'worst' in row else row['worst']}: "
                  f"ours {row[pre + 'ours']:.4g}, {ref_name} {row[pre + 'ref']:.4g} "
                  f"(relative error {row[pre + 'rel_l2']:.3g})")
+    if kind == "local" and row.get("sys_passed") is False and row.get("local_elem_passed", True):
+        parts.append(_systematic_words(row))
     return "; ".join(parts)
+
+
+def _systematic_words(row: dict) -> str:
+    """Why a site whose elements are all within tolerance still fails: its worst statistic."""
+    stat = row.get("sys_stat")
+    what = {"slope": f"ours = (1 {row.get('sys_slope', 0):+.3g}) x reference, z = {row.get('sys_z_slope', 0):.3g}",
+            "offset": f"mean error {row.get('sys_offset', 0):+.3g} x rms, z = {row.get('sys_z_offset', 0):.3g}",
+            "chan": f"per-channel mean error {row.get('sys_chan', 0):.3g} x rms, z = {row.get('sys_z_chan', 0):.3g}"}
+    return (f"every element is within tolerance but the error is systematic ({stat}: {what.get(stat, '')}, "
+            f"{row.get('sys_score', 0):.3g}x its calibrated clean-run threshold)")

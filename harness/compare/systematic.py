@@ -1,0 +1,175 @@
+"""Systematic error below the element-wise tolerance: per-site statistics with a calibrated null.
+
+Rounding noise is (nearly) unbiased and uncorrelated with the value; a bug that scales, shifts or
+squashes a tensor is not. On the *local* pair of a site (our op on the reference's inputs, and
+the reference's output; d = ours - ref) three statistics each give a z-score and an effect size:
+
+``slope``   least-squares slope of d on ref, beta = <d, ref> / <ref, ref> (ours ~ (1 + beta) ref),
+            against its standard error from the residual: catches scale errors and squashing
+            (any error correlated with the value). Effect: |beta|.
+``offset``  mean of d against its standard error: catches a constant added. Effect: |mean d| / rms(ref).
+``chan``    token-major sites with at least 2 tokens (layout (T, ...)): the per-channel means of d
+            over tokens, as a chi-square against the pooled within-channel variance, turned
+            into a z-score (chi - C) / sqrt(2C): catches a per-channel vector added (a bias added
+            twice). Effect: rms of the channel means / rms(ref).
+
+A statistic fails at a site only when its |z| exceeds the threshold calibrated for the site's
+regime and family on clean runs (:class:`Null`: ``max(Z_FLOOR, SAFETY x worst clean |z|)``) *and*
+its effect exceeds EFFECT_FLOOR (16 float32 unit roundoffs: a bias smaller than rounding is
+never a finding, however many elements make it significant). A regime or family never calibrated
+is not tested (``sys_passed`` NA): the element-wise verdict alone decides there.
+
+The null lives in ``systematic.json`` next to ``tolerances.json`` (kept apart so that
+``harness.calibrate`` rewriting the tolerance table never drops it); ``benchmarks/mde.py null``
+writes it from clean runs (:func:`observe`, :func:`build_null`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+STATS = ("slope", "offset", "chan")
+NULL_PATH = os.path.join(os.path.dirname(__file__), "systematic.json")
+NULL_VERSION = 1
+Z_FLOOR = 8.0           # never a threshold below this (a Gaussian |z| > 8 has p ~ 1e-15)
+SAFETY = 2.0            # threshold = SAFETY x the worst clean |z| seen in calibration
+EFFECT_FLOOR = 16 * 2.0 ** -24
+# columns a comparison row gets, in the order of :func:`sys_vector`
+COLUMNS = ("sys_slope", "sys_z_slope", "sys_offset", "sys_z_offset", "sys_chan", "sys_z_chan")
+
+
+def sys_vector(ours: torch.Tensor, ref: torch.Tensor, token_major: bool) -> torch.Tensor:
+    """The six numbers of :data:`COLUMNS` as one float64 tensor on ``ours``'s device, with no
+    host synchronisation (a GPU caller stacks many and transfers them once). Elements non-finite
+    on either side are left out (NaN results when nothing is left); ``chan`` is NaN unless
+    ``token_major`` and the tensor has at least 2 rows."""
+    a = ours.detach().to(torch.float64)
+    b = ref.detach().to(device=a.device, dtype=torch.float64)
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    a, b = torch.where(ok, a, 0.0), torch.where(ok, b, 0.0)
+    d = a - b
+    n = ok.sum().double()
+    fd, fb = d.flatten(), b.flatten()
+    bb, db, dd, sd = fb @ fb, fd @ fb, fd @ fd, fd.sum()
+    beta = db / bb
+    s2_slope = (dd - db * db / bb).clamp_min(0.0) / (n - 1)
+    z_slope = _z(db, (bb * s2_slope).sqrt())
+    mu = sd / n
+    s2 = (dd - n * mu * mu).clamp_min(0.0) / (n - 1)
+    z_off = _z(mu, (s2 / n).sqrt())
+    rms = (bb / n).sqrt()
+    nan = torch.full((), float("nan"), dtype=torch.float64, device=a.device)
+    chan, z_chan = nan, nan
+    if token_major and d.dim() >= 2 and d.shape[0] >= 2:
+        chan, z_chan = _channel(d.reshape(d.shape[0], -1), rms)
+    return torch.stack([beta, z_slope, mu / rms, z_off, chan, z_chan])
+
+
+def _z(num: torch.Tensor, se: torch.Tensor) -> torch.Tensor:
+    """num / se; 0 when both are 0, +-inf when only the noise is 0 (an exact site that moved)."""
+    inf = torch.full_like(num, float("inf"))
+    return torch.where(se > 0, num / se.clamp_min(1e-300), torch.where(num != 0, inf * num.sign(), 0.0 * num))
+
+
+def _channel(d: torch.Tensor, rms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(effect, z) of the per-channel means of a (T, C) error against the pooled within-channel
+    variance: chi = T * sum_c m_c^2 / s^2 ~ chi-square(C) under unbiased noise."""
+    t, c = d.shape
+    m = d.mean(0)
+    s2 = ((d - m) ** 2).sum() / (t * c - c)
+    chi_num = t * (m * m).sum()
+    chi = torch.where(s2 > 0, chi_num / s2.clamp_min(1e-300),
+                      torch.where(chi_num > 0, torch.full_like(chi_num, float("inf")), 0.0 * chi_num + c))
+    return (m * m).mean().sqrt() / rms, (chi - c) / math.sqrt(2 * c)
+
+
+def row_values(vec) -> dict[str, float]:
+    """A host copy of :func:`sys_vector` as row columns."""
+    return {k: float(v) for k, v in zip(COLUMNS, list(vec))}
+
+
+# -- the calibrated null -----------------------------------------------------------------------
+def _load() -> dict:
+    try:
+        with open(NULL_PATH) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {"version": NULL_VERSION, "thresholds": {}}
+
+
+class Null:
+    """Thresholds per (regime, family, statistic) from clean runs (``systematic.json``)."""
+
+    def __init__(self, table: dict | None = None):
+        self.table = table if table is not None else _load()
+
+    def thresholds(self, regime: str, family: str) -> dict[str, float] | None:
+        """{stat: |z| threshold} of a regime (``cpu/q4/float32``, as the tolerance policy names
+        it) and family, or None when that pair was never calibrated (not tested)."""
+        return (self.table.get("thresholds", {}).get(regime) or {}).get(family)
+
+    def verdict(self, regime: str, family: str, row: dict) -> tuple[bool | None, float, str]:
+        """(passed, score, worst statistic) of a row holding :data:`COLUMNS`: passed is None when
+        the regime/family was never calibrated; score = the largest |z| / threshold over the
+        statistics whose effect exceeds EFFECT_FLOOR (0 when none does)."""
+        thr = self.thresholds(regime, family)
+        if thr is None:
+            return None, float("nan"), ""
+        score, worst = 0.0, ""
+        for stat in STATS:
+            eff, z, t = abs(row.get(_EFFECT[stat], math.nan)), abs(row.get(f"sys_z_{stat}", math.nan)), thr.get(stat)
+            if t is None or not (eff > EFFECT_FLOOR) or math.isnan(z):
+                continue
+            if z / t > score:
+                score, worst = z / t, stat
+        return score <= 1.0, score, worst
+
+
+def observe(observed: dict, table) -> dict:
+    """Fold a clean comparison table into ``observed[regime][family][stat] = [worst |z|, samples,
+    worst effect]`` per (local regime, family, statistic). The worst |z| is over the samples whose
+    effect exceeds EFFECT_FLOOR, the only ones a verdict can fail (a deterministic rounding bias
+    far below the floor, such as a different rsqrt, has a huge z that must not set the threshold);
+    returns ``observed``."""
+    if "sys_z_slope" not in table or "local_tol_regime" not in table:
+        return observed
+    for (regime, fam), part in table[table["sys_z_slope"].notna()].groupby(["local_tol_regime", "family"]):
+        cell = observed.setdefault(regime, {}).setdefault(fam, {})
+        for stat in STATS:
+            z = part[f"sys_z_{stat}"].astype(float).abs()
+            eff = part[_EFFECT[stat]].astype(float).abs()
+            seen = z.notna() & eff.notna()
+            if not seen.any():
+                continue
+            live = z[seen & (eff > EFFECT_FLOOR)]
+            old = cell.get(stat, [0.0, 0, 0.0])
+            cell[stat] = [max(old[0], float(live.max()) if len(live) else 0.0), old[1] + int(seen.sum()),
+                          max(old[2], float(eff[seen].max()))]
+    return observed
+
+
+_EFFECT = {"slope": "sys_slope", "offset": "sys_offset", "chan": "sys_chan"}
+
+
+def build_null(observed: dict, provenance: dict, previous: dict | None = None) -> dict:
+    """The null table: thresholds ``max(Z_FLOOR, SAFETY x worst |z|)`` per (regime, family,
+    stat). Regimes of ``previous`` not observed now (e.g. the other backend's) are kept."""
+    obs = dict((previous or {}).get("observed", {}))
+    obs.update(observed)
+    thr = {r: {f: {s: max(Z_FLOOR, SAFETY * v[0]) for s, v in st.items() if math.isfinite(v[0])}
+               for f, st in fams.items()} for r, fams in obs.items()}
+    prov = dict((previous or {}).get("provenance", {}))
+    prov.update(provenance)
+    return {"version": NULL_VERSION, "z_floor": Z_FLOOR, "safety": SAFETY, "effect_floor": EFFECT_FLOOR,
+            "observed": obs, "thresholds": thr, "provenance": prov}
+
+
+def write_null(table: dict, path: str = NULL_PATH) -> None:
+    """Write the null table atomically (a half-written file is never left)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
