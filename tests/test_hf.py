@@ -82,17 +82,29 @@ def test_no_divergence_from_llama_cpp(hf_f32, llama_f32_ref):
     assert max(_rel(hf[k], r) for k, r in llama_f32_ref.items()) < 1e-4
 
 
-def test_a_broken_hf_bias_is_found_at_its_site(tiny_f32, llama_f32_ref):
-    """One element of layer 0's q bias zeroed in the HF module (its largest, an outlier): the
-    first divergence is blk.0.q at the prefill; q_proj (before the bias) still agrees."""
+def _zero_largest_q_bias(hf):
+    bias = hf.model.layers[0].self_attn.q_proj.bias
+    bias[bias.abs().argmax()] = 0.0
+
+
+def _scale_an_up_row(hf):
+    hf.model.layers[2].mlp.up_proj.weight[7] *= 1.1
+
+
+@pytest.mark.parametrize("bug, expected", [(_zero_largest_q_bias, (0, 0, "blk.0.q")),
+                                           (_scale_an_up_row, (0, 2, "blk.2.ffn_up"))])
+def test_a_broken_hf_module_is_found_at_its_site(tiny_f32, llama_f32_ref, bug, expected):
+    """A bug planted in the HF modules (one element of layer 0's q bias, its largest outlier,
+    zeroed; one row of layer 2's up projection scaled by 1.1): the first divergence is at its exact
+    (step, layer, site); the op's input (q_proj before the bias, ffn_norm) still agrees."""
     broken = load_hf(tiny_f32)
-    bias = broken.model.model.layers[0].self_attn.q_proj.bias
     with torch.no_grad():
-        bias[bias.abs().argmax()] = 0.0
+        bug(broken.model)
     hf, cmp = _vs_llama(broken, llama_f32_ref)
-    assert (cmp.first.step, cmp.first.layer, cmp.first.site) == (0, 0, "blk.0.q")
+    assert (cmp.first.step, cmp.first.layer, cmp.first.site) == expected
     row = cmp.table.set_index(["step", "site"])
-    assert bool(row.loc[(0, "blk.0.q_proj"), "passed"])
+    before = {"blk.0.q": "blk.0.q_proj", "blk.2.ffn_up": "blk.2.ffn_norm"}[expected[2]]
+    assert bool(row.loc[(0, before), "passed"]) and not bool(row.loc[(0, expected[2]), "passed"])
 
 
 def test_site_filter_and_greedy_steps(hf_f32):
