@@ -78,3 +78,13 @@ def test_runner_refuses_microbatches_into_a_plain_trace(tiny_f32, llama_lib):
     with LlamaRunner(tiny_f32, LlamaOptions(device="cpu", ubatch=8, isolate=False), 64) as r:
         with pytest.raises(LlamaError, match="batch_done"):
             r.run(PROMPT, 1)
+
+
+def test_microbatched_through_the_worker(tiny_f32, llama_lib):
+    """The default, llama.cpp in its worker process: each batch's tensors and its marker come
+    over the pipe in order; the first divergence is found where the single batch finds it."""
+    req = DiffRequest(tiny_f32, tokens=PROMPT[:28], steps=1, faults=[LATE], ubatch=8)
+    cmp = diff_gguf(req).comparison
+    assert cmp.meta["ubatch"] == 8 and (cmp.first.step, cmp.first.layer, cmp.first.site) == (0, 1, "blk.1.q_rope")
+    worst = cmp.first.row["local_worst"].split()          # "token 23 head 1 dim 5": a row of a later batch
+    assert worst[0] == "token" and 20 <= int(worst[1]) < 28
