@@ -11,7 +11,7 @@ Every site is a value transformers itself computed, read by forward hooks, with 
 that are derived from HF's own tensors: ``q_proj``/``k_proj``/``v_proj`` (HF's Linear fuses the
 bias; the pre-bias value is ``F.linear(input, weight)`` on the module's own input and weight) and
 ``kq`` (the unscaled ``query @ key^T`` that eager attention forms and scales in one expression;
-recomputed from the exact query and cached keys it received, the same op). The attention function
+recomputed by eager's own expression from the query and cached keys it received). The attention function
 is transformers' ``eager_attention_forward``, called through a registered wrapper
 (``AttentionInterface``) that also reads its query (q_rope), cached keys (k_rope: the last T),
 attention weights and output (kqv).
@@ -199,8 +199,9 @@ class _Taps:
             self.put(p + "q_rope", query[0].transpose(0, 1))
             self.put(p + "k_rope", key[0, :, -T:].transpose(0, 1))
             if self.wants(p + "kq"):
-                rep = key[0].repeat_interleave(module.num_key_value_groups, dim=0)    # HF's repeat_kv
-                self.put(p + "kq", torch.matmul(query[0], rep.transpose(1, 2)))
+                repeat_kv = inspect.getmodule(type(module)).repeat_kv          # eager's own expression
+                keys = repeat_kv(key, module.num_key_value_groups)
+                self.put(p + "kq", torch.matmul(query, keys.transpose(2, 3))[0])
             self.put(p + "attn_weights", weights[0])
             self.put(p + "kqv", out[0])
         return tap
