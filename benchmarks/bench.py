@@ -138,8 +138,24 @@ class _Sampler:
         return self.peak
 
 
+_LOUD: list = []
+
+
+def _loud_errors() -> None:
+    """llama.cpp's error-level log lines to stderr (harness.llama.lib silences all of its log;
+    a CUDA error's cause, e.g. 'out of memory' or 'invalid configuration argument', is only
+    said there, before the abort)."""
+    import ctypes
+    from harness.llama.lib import llama
+    lc = llama()
+    cb = lc.llama_log_callback(lambda level, text, user: os.write(2, text) if level >= 4 and text else None)
+    _LOUD.append(cb)                  # keep the callback alive
+    lc.llama_log_set(cb, ctypes.c_void_p(0))
+
+
 def child_stream(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False) -> dict:
     """Issue 16: a micro-batched report of a T-token prompt (batch size from the memory budget)."""
+    _loud_errors()
     from dataclasses import replace
     import numpy as np
     import torch
