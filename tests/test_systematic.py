@@ -1,0 +1,124 @@
+"""Systematic-error statistics (harness.compare.systematic) and their place in the verdict."""
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from harness.compare import systematic as S
+
+
+def _noise(shape, seed=0, scale=1e-6):
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.randn(shape, generator=g, dtype=torch.float64)
+    return ref, ref + scale * torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+def _row(vec):
+    return S.row_values(vec.tolist())
+
+
+def test_unbiased_noise_gives_small_z():
+    ref, ours = _noise((16, 256))
+    r = _row(S.sys_vector(ours, ref, True))
+    assert abs(r["sys_z_slope"]) < 5 and abs(r["sys_z_offset"]) < 5 and abs(r["sys_z_chan"]) < 5
+    assert abs(r["sys_slope"]) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["slope", "offset", "chan"])
+def test_each_statistic_sees_its_bug_far_below_the_noise_rms(kind):
+    ref, ours = _noise((16, 256))
+    if kind == "slope":
+        ours = ours + 2e-6 * ref                           # 1 + 2e-6 scale, noise rms 1e-6
+    elif kind == "offset":
+        ours = ours + 1e-6                                 # constant shift of 1e-6 rms
+    else:
+        ours = ours + 2e-6 * torch.randn(256, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    r = _row(S.sys_vector(ours, ref, True))
+    assert abs(r[f"sys_z_{kind}"]) > 20
+    clean = _row(S.sys_vector(_noise((16, 256))[1], _noise((16, 256))[0], True))
+    assert abs(clean[f"sys_z_{kind}"]) < 5
+
+
+def test_exact_sites_and_channel_needs_two_tokens():
+    ref = torch.randn(1, 64, dtype=torch.float64)
+    r = _row(S.sys_vector(ref.clone(), ref, True))
+    assert r["sys_z_slope"] == 0 and r["sys_z_offset"] == 0 and math.isnan(r["sys_z_chan"])
+    moved = _row(S.sys_vector(ref * (1 + 1e-3), ref, False))
+    assert moved["sys_z_slope"] > 1e6 and moved["sys_slope"] == pytest.approx(1e-3, rel=1e-6)
+    masked = torch.tensor([[1.0, float("-inf"), 2.0], [3.0, 4.0, float("-inf")]])
+    assert math.isfinite(_row(S.sys_vector(masked, masked, False))["sys_z_slope"])
+
+
+def _null(thr=10.0):
+    return S.Null({"thresholds": {"cpu/f32/float32": {"matmul": {s: thr for s in S.STATS}}}})
+
+
+def test_verdict_needs_calibration_z_and_effect():
+    null = _null()
+    row = dict(sys_slope=1e-3, sys_z_slope=50.0, sys_offset=0.0, sys_z_offset=0.0, sys_chan=math.nan,
+               sys_z_chan=math.nan)
+    assert null.verdict("cpu/f32/float32", "matmul", row)[:1] == (False,)
+    assert null.verdict("cpu/f32/float32", "matmul", row)[2] == "slope"
+    assert null.verdict("cpu/f32/float32", "norm", row)[0] is None          # family never calibrated
+    assert null.verdict("cuda/f32/float32", "matmul", row)[0] is None       # regime never calibrated
+    assert null.verdict("cpu/f32/float32", "matmul", dict(row, sys_z_slope=9.0))[0] is True
+    # a deterministic rounding bias below the effect floor never fails, however large its z
+    assert null.verdict("cpu/f32/float32", "matmul", dict(row, sys_slope=S.EFFECT_FLOOR / 2, sys_z_slope=1e6))[0]
+
+
+def test_observe_ignores_samples_below_the_effect_floor_and_build_null_keeps_a_floor():
+    t = pd.DataFrame(dict(local_tol_regime=["cpu/f32/float32"] * 3, family=["norm", "norm", "matmul"],
+                          sys_slope=[1e-9, 1e-3, 1e-3], sys_z_slope=[500.0, 3.0, 6.0],
+                          sys_offset=[0.0] * 3, sys_z_offset=[0.0] * 3, sys_chan=[math.nan] * 3,
+                          sys_z_chan=[math.nan] * 3))
+    obs = S.observe({}, t)
+    assert obs["cpu/f32/float32"]["norm"]["slope"][:2] == [3.0, 2]
+    assert "chan" not in obs["cpu/f32/float32"]["norm"]
+    null = S.build_null(obs, {"cpu": {}})
+    assert null["thresholds"]["cpu/f32/float32"]["norm"]["slope"] == S.Z_FLOOR
+    assert null["thresholds"]["cpu/f32/float32"]["matmul"]["slope"] == S.SAFETY * 6.0
+    kept = S.build_null({}, {}, previous=null)
+    assert kept["thresholds"] == null["thresholds"]
+
+
+def test_shipped_null_has_thresholds_at_or_above_the_floor():
+    table = S.Null().table
+    thr = table["thresholds"]
+    assert any(r.startswith("cpu/") for r in thr)
+    assert all(v >= S.Z_FLOOR for fams in thr.values() for st in fams.values() for v in st.values())
+
+
+# -- in the comparison -------------------------------------------------------------------------
+def _diff(path, faults=(), systematic=True):
+    from harness.compare.comparator import compare_traces
+    from harness.diff import DiffRequest, capture_reference, model_for, model_policy, run_ours
+    req = DiffRequest(path, tokens=[5, 17, 300, 41, 9, 77, 2, 640, 31], steps=2)
+    ref = capture_reference(req)
+    model = model_for(req, ref)
+    ours, local = run_ours(model, ref, faults), run_ours(model, ref, faults, anchor=ref)
+    return compare_traces(ours, ref, model_policy(model, "cpu"), local, systematic=systematic)
+
+
+def test_clean_tiny_has_no_systematic_alarm(tiny_f32, llama_lib):
+    cmp = _diff(tiny_f32)
+    assert not cmp.diverged
+    t = cmp.table
+    assert t["sys_passed"].notna().all() and bool(t["sys_passed"].all())
+    assert (t["local_passed"] == t["local_elem_passed"]).all()
+
+
+def test_scale_bug_below_tolerance_is_localized_by_the_slope(synth_dir, llama_lib):
+    from harness.mde import perturb_fault
+    from harness.synth import default_fixture
+    path = default_fixture("q8_0", preset="tiny", seed=0, cache_dir=synth_dir)
+    site = "blk.1.ffn_up"
+    fault = perturb_fault("scale", 1e-4, site, 1)            # 1e-4 x: 100x below the q8 matmul tolerance
+    cmp = _diff(path, [fault])
+    assert (cmp.first.step, cmp.first.layer, cmp.first.site) == (1, 1, site)
+    row = cmp.first.row
+    assert row["local_elem_passed"] and row["sys_passed"] is False and row["sys_stat"] == "slope"
+    assert row["sys_slope"] == pytest.approx(1e-4, rel=0.05)
+    assert "systematic" in cmp.first.explanation
+    before = _diff(path, [fault], systematic=False)
+    assert not before.diverged and "sys_passed" not in before.table
