@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from harness.compare.comparator import Comparator, Comparison, step_label
 from harness.compare.tolerance import FLOOR_UNITS, MAX_PER_REL, UNIT_ROUNDOFF, Tol
 from harness.runs.store import LAST_ROW_SITES
@@ -37,6 +39,8 @@ class CheckRequest:
     kv_type: str = "f16"               # llama.cpp's KV cache type in the live run (its default)
     extra_bufts: bool = False
     isolate: bool = True
+    engine_kv: str | None = None       # the engine's KV cache type, "f16" or "f32" (our recomputation of
+                                       # kq/kqv reads its cache so rounded); None: the trace's engine.kv_type, else f32
 
 
 @dataclass
@@ -256,8 +260,11 @@ def check(req: CheckRequest, candidate: Trace | None = None, storage: dict | Non
         name = candidate.meta.get("source", "the candidate")
     if not req.gguf:
         raise CheckError("the GGUF the engine ran is needed (our ops are recomputed with its weights)")
+    kv = req.engine_kv or candidate.meta.get("kv_type") or "f32"
+    if kv not in ("f16", "f32"):
+        raise CheckError(f"{name}: KV cache type {kv!r} (supported: f16, f32)")
     try:
-        model = load_model(req.gguf, device=req.device)
+        model = load_model(req.gguf, device=req.device, kv_dtype=torch.float16 if kv == "f16" else None)
     except GGUFError as e:
         raise CheckError(str(e)) from None
     check_model_fits(model.config, candidate, name)
@@ -275,12 +282,15 @@ def check(req: CheckRequest, candidate: Trace | None = None, storage: dict | Non
     d = model.describe()
     cmp.meta["ours"] = {**{k: d[k] for k in ("gguf", "file_type", "type_mix", "weight_type", "architecture")},
                         **candidate.meta, "device": "", "dtype": ""}
-    cmp.meta.update(candidate_path=req.engine, local_basis="candidate", not_checkable=missing,
+    cmp.meta.update(candidate_path=req.engine, local_basis="candidate", not_checkable=missing, engine_kv=kv,
                     local_spans={s: sp for s, sp in spans.items() if len(sp) > 1})
     if cmp.first is not None:
         cmp.first.inputs = anchor_rows(cmp, anchors_of(cmp.first.site, present, op_in))
         who = "transformers'" if candidate.meta.get("source") == "transformers" else "your"
         cmp.first.explanation = explain(cmp, spans.get(cmp.first.site, [cmp.first.site]), who)
+        if kv == "f32" and parse_site(cmp.first.site)[1].key in ("kq", "kqv") and cmp.first.row["local_rel_l2"] < 1e-2:
+            cmp.first.explanation += ("; if the engine keeps its KV cache in float16, say so (--engine-kv f16, or "
+                                      "engine.kv_type in the trace's manifest): a small error here is what that gives")
     return CheckResult(cmp, candidate, ref, local, missing)
 
 

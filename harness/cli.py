@@ -161,7 +161,7 @@ def cmd_check(args) -> int:
     if args.device == "cuda":
         _check_report_args(argparse.Namespace(prompt="", tokens=None, steps=0, device="cuda"))
     req = CheckRequest(engine=args.engine, gguf=gguf, reference=ref, device=args.device, kv_type=args.kv_type,
-                       extra_bufts=args.extra_bufts, isolate=not args.in_process)
+                       extra_bufts=args.extra_bufts, isolate=not args.in_process, engine_kv=args.engine_kv)
     res = check(req, candidate=_hf_candidate(args, gguf, ref) if args.candidate else None)
     emit(render(res.comparison, args.format, color=args.out is None and sys.stdout.isatty()), args.out)
     if args.out:
@@ -371,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where llama.cpp and our ops run")
     k.add_argument("--kv-type", default="f16", choices=["f16", "f32"],
                    help="llama.cpp's KV cache type (default f16, llama.cpp's own default)")
+    k.add_argument("--engine-kv", choices=["f16", "f32"], help="your engine's KV cache type: our recomputation "
+                   "of kq/kqv reads cached K/V so rounded (default: the trace's engine.kv_type, else f32)")
     k.add_argument("--in-process", action="store_true", help="run llama.cpp in this process (see report)")
     _add_extra_bufts(k)
     k.add_argument("--format", default="table", choices=["table", "markdown", "json"])

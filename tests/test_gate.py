@@ -160,7 +160,7 @@ def _foreign_trace(path, perturb=None):
     """The committed f32 run re-written by the standalone writer (as another engine would)."""
     run = load_run(run_dir("f32"))
     t = run.trace
-    with TraceWriter(str(path), t.n_layer, t.n_prompt, tokens=t.tokens, engine={"name": "numpy-engine"}) as w:
+    with TraceWriter(str(path), t.n_layer, t.n_prompt, tokens=t.tokens, engine={"name": "numpy-engine", "kv_type": "f16"}) as w:
         for (step, site), x in t.items():
             a = x.numpy()
             if (step, site) == perturb:
@@ -184,6 +184,20 @@ def test_standalone_writer_trace_is_accepted_and_a_perturbed_one_is_named(tmp_pa
     assert rc == 1 and "blk.1.ffn_up at decode step 2" in out
     failures = [c.get("name") for c in ET.parse(junit).getroot().iter("testcase") if c.find("failure") is not None]
     assert failures == ["blk.1"]
+
+
+def test_foreign_trace_local_errors_or_end_to_end_with_a_warning(workdir, tmp_path, tiny_f32, capsys):
+    """With the run's GGUF found, a foreign trace is decided by each op's local error (a 1% scale
+    of one op's output is found there, kind local); without it, end to end, with a warning."""
+    bad = _foreign_trace(tmp_path / "bad", perturb=(2, "blk.1.ffn_up"))
+    rc, out, err = gate(capsys, run_dir("f32"), "--candidate", bad, "--model", tiny_f32, "--format", "json")
+    first = json.loads(out)["first_divergence"]
+    assert rc == 1 and (first["step"], first["site"], first["kind"]) == (2, "blk.1.ffn_up", "local")
+    assert "end-to-end verdict only" not in err
+    rc, out, err = gate(capsys, "reference_runs/tiny-f32", "--candidate", bad, "--format", "json")  # no GGUF here
+    first = json.loads(out)["first_divergence"]
+    assert rc == 1 and (first["step"], first["site"], first["kind"]) == (2, "blk.1.ffn_up", "end-to-end")
+    assert "end-to-end verdict only" in err
 
 
 def test_candidate_on_other_tokens_exits_2(tmp_path, capsys):

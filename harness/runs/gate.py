@@ -133,15 +133,41 @@ def run_gate(run_path, candidate: str = "torch", model: str | None = None, fault
         if faults:
             raise RunError("--inject works on the torch candidate only")
         cand = load_run(candidate)
-        cmp = compare_runs(run, cand)
-        warnings = _provenance_warnings(run, cand.provenance, cmp)
-        return GateResult(run, cmp, cand.path, None, [], time.time() - t0, warnings)
+        cmp, gguf, note = _gate_trace(run, cand, model)
+        warnings = _provenance_warnings(run, cand.provenance, cmp) + ([note] if note else [])
+        return GateResult(run, cmp, cand.path, gguf, [], time.time() - t0, warnings)
 
     gguf = locate_gguf(run, model)
     cmp = replay(run, gguf, faults, device, dtype)[0].comparison
     desc = f"torch {dtype} on {device}" + (f" with faults {', '.join(cmp.meta['faults'])}" if faults else "")
     warnings = _provenance_warnings(run, torch_provenance(run, device), cmp)
     return GateResult(run, cmp, desc, gguf, cmp.meta["faults"], time.time() - t0, warnings)
+
+
+def _gate_trace(run: RecordedRun, cand: RecordedRun, model: str | None):
+    """Another engine's trace against the run: decided by each op's local error (our op on the
+    trace's own inputs, :func:`harness.check.check`) when the run's GGUF is found, else end to end
+    with a warning. Returns (comparison, GGUF or None, warning or None)."""
+    from harness.check import CheckError, CheckRequest, check
+    try:
+        gguf = locate_gguf(run, model)
+    except RunError:
+        if model is not None:
+            raise
+        return compare_runs(run, cand), None, ("the run's GGUF was not found: end-to-end verdict only, drift "
+                                               "included (pass --model GGUF for each op's local error)")
+    check_compatible(run.trace, cand.trace, run.path, cand.path) if not _last_rows(cand) else None
+    try:
+        res = check(CheckRequest(engine=cand.path, gguf=gguf, reference=run.path))
+    except CheckError as e:
+        raise RunError(str(e)) from None
+    return res.comparison, gguf, None
+
+
+def _last_rows(cand: RecordedRun) -> bool:
+    """Does the trace keep the last row only at some site (then shapes differ from the run's)?"""
+    t = cand.trace
+    return any(k[0] == 0 and x.dim() and x.shape[0] == 1 < t.n_prompt for k, x in t.tensors.items())
 
 
 def replay(run: RecordedRun, gguf: str, faults=(), device: str = "cpu", dtype: str = "float32",
