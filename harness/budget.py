@@ -285,13 +285,27 @@ def suggestions(cfg, plan: Plan, host: int | None, gpu: int | None) -> str:
     return "; ".join(out)
 
 
-def auto_ubatch(cfg, plan: Plan, host: int | None, gpu: int | None, share: float = 0.8) -> int | None:
+WORKING = ("llama.cpp compute buffer", "captured tensors (one batch)", "our tensors awaiting reduction",
+           "tensors through the worker pipe", "our activations", "comparison temporaries")
+WORKING_SET = 12 * GiB        # what auto_ubatch allows a batch's working set beyond weights and caches
+
+
+def working_set(est: Estimate) -> int:
+    """Bytes of an estimate that scale with the batch (not weights, caches or runtimes)."""
+    return sum(est.parts.get(k, ("", 0))[1] for k in WORKING)
+
+
+def auto_ubatch(cfg, plan: Plan, host: int | None, gpu: int | None, share: float = 0.8,
+                limit: int = WORKING_SET) -> int | None:
     """Micro-batch size for ``plan``: None (one batch, every trace held) when that fits in
-    ``share`` of the memory, else the largest batch whose run fits, else 1 (then :func:`check`
-    says what would fit)."""
+    ``share`` of the memory, else the largest batch whose run fits and whose working set stays
+    under ``limit`` bytes, else 1 (then :func:`check` says what would fit)."""
     cap = lambda v: None if v is None else int(v * share)     # noqa: E731
     h, g = cap(host), cap(gpu)
     if fits(estimate(cfg, replace(plan, ubatch=None)), h, g):
         return None
-    u = _largest(1, max(plan.n_prompt, 1), lambda n: fits(estimate(cfg, replace(plan, ubatch=n)), h, g))
-    return u or 1
+
+    def ok(n):
+        est = estimate(cfg, replace(plan, ubatch=n))
+        return fits(est, h, g) and working_set(est) <= limit
+    return _largest(1, max(plan.n_prompt, 1), ok) or 1

@@ -5,7 +5,8 @@ from dataclasses import replace
 
 import pytest
 
-from harness.budget import GiB, BudgetError, Plan, auto_ubatch, check, estimate, parse_size, suggestions
+from harness.budget import (GiB, WORKING_SET, BudgetError, Plan, auto_ubatch, check, estimate, parse_size,
+                            suggestions, working_set)
 from harness.cli import main
 from harness.synth import PRESETS
 
@@ -48,6 +49,10 @@ def test_auto_ubatch():
     assert auto_ubatch(CFG, replace(GPU_PLAN, n_prompt=512), 64 * GiB, 80 * GiB) is None
     u = auto_ubatch(CFG, GPU_PLAN, 64 * GiB, 80 * GiB)
     assert 1 <= u < 4096 and estimate(CFG, replace(GPU_PLAN, ubatch=u)).gpu <= 0.8 * 80 * GiB
+    # the largest batch whose working set (what scales with the batch) stays under the limit
+    assert working_set(estimate(CFG, replace(GPU_PLAN, ubatch=u))) <= WORKING_SET
+    assert working_set(estimate(CFG, replace(GPU_PLAN, ubatch=u + 1))) > WORKING_SET
+    assert auto_ubatch(CFG, GPU_PLAN, 64 * GiB, 80 * GiB, limit=2 * GiB) < u
 
 
 def test_parse_size():
