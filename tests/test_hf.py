@@ -111,7 +111,8 @@ def test_site_filter_and_greedy_steps(hf_f32):
     tr = hf_trace(hf_f32, PROMPT, steps=2, sites="blk.1.q_rope,logits")
     assert set(tr.tensors) == {(s, n) for s in range(3) for n in ("blk.1.q_rope", "logits")}
     cfg = hf_f32.model.config
-    assert tr[0, "blk.1.q_rope"].shape == (len(PROMPT), cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads)
+    H = cfg.num_attention_heads
+    assert tr[0, "blk.1.q_rope"].shape == (len(PROMPT), H, cfg.hidden_size // H)
     assert tr[1, "logits"].shape[0] == 1 and tr.tokens[-1] == int(tr[1, "logits"][-1].argmax())
 
 

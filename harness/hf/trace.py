@@ -255,13 +255,15 @@ def hf_trace(gguf, prompt: list[int], steps: int = 0, decode_tokens: list[int] |
     taps = _Taps(hf, trace, filt)
     tokens, forced = [int(t) for t in prompt], [int(t) for t in (decode_tokens or [])][:steps]
     cache, feed = transformers.DynamicCache(config=hf.config), tokens[:]
+    # transformers 5 renamed the forward's past_key_values to cache (the old name deprecated)
+    cache_kw = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     try:
         taps.install()
         with torch.no_grad():
             for step in range(steps + 1):
                 taps.step, pos0 = step, len(tokens) - len(feed)
                 pos = torch.arange(pos0, len(tokens))[None]
-                out = hf(input_ids=torch.tensor([feed]), position_ids=pos, cache=cache, use_cache=True)
+                out = hf(input_ids=torch.tensor([feed]), position_ids=pos, use_cache=True, **{cache_kw: cache})
                 if step < steps:
                     nxt = forced[step] if step < len(forced) else int(out.logits[0, -1].argmax())
                     tokens.append(nxt)
