@@ -9,7 +9,8 @@ reports, per site family, the clean runs' worst local error as a fraction of its
 headroom: 0.1 means the worst clean op used a tenth of its tolerance).
 
     python benchmarks/false_alarms.py                                   # CPU: tiny, tiny-qwen3 x 4 types, 20 runs each
-    python benchmarks/false_alarms.py --device cuda --out false_alarms_cuda.json
+    python benchmarks/false_alarms.py --mixed-runs 20                  # + the mixed-type 0.5B Q4_K_M file
+    python benchmarks/false_alarms.py --device cuda --mixed-runs 20 --out false_alarms_cuda.json
 
 Prints one markdown row per regime. Exit 0: no clean run diverged; 1: at least one did (each is
 listed with its first divergence); 2: bad input or a llama.cpp failure (one line on stderr;
@@ -23,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -71,19 +73,37 @@ def clean_run(path: str, device: str, tokens: list[int], steps: int, model=None)
                 first_e2e=list(cmp.first_e2e) if cmp.first_e2e else None, headroom=headroom), model
 
 
-def run_regime(preset: str, wtype: str, args, cache_dir: str) -> dict:
-    """``args.seeds`` fresh weight seeds x ``args.prompts_per_seed`` random prompts of one regime."""
+@dataclass(frozen=True)
+class Regime:
+    """What one regime's clean runs are: ``seeds`` fresh weight seeds x ``per_seed`` prompts of
+    2..max_prompt tokens (the first prompt of the first ``long`` seeds: LONG), ``steps`` decode steps."""
+    preset: str
+    wtype: str
+    seeds: int
+    per_seed: int
+    long: int
+    max_prompt: int
+    steps: int
+    tied: bool | None = None
+
+    def label(self, device: str) -> str:
+        return f"{device}/{self.preset}/{self.wtype}" + (" tied (mixed)" if self.tied else "")
+
+
+def run_regime(reg: Regime, args, cache_dir: str) -> dict:
+    """Every clean run of one regime, summarized."""
     t0, runs = time.time(), []
-    rng = np.random.default_rng([args.first_seed, WEIGHT_TYPES.index(wtype), list(PRESETS).index(preset)])
-    n_regular = PRESETS[preset].n_regular
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        path = default_fixture(wtype, preset=preset, seed=seed, cache_dir=cache_dir)
+    rng = np.random.default_rng([args.first_seed, WEIGHT_TYPES.index(reg.wtype), list(PRESETS).index(reg.preset),
+                                 int(bool(reg.tied))])
+    n_regular = PRESETS[reg.preset].n_regular
+    for seed in range(args.first_seed, args.first_seed + reg.seeds):
+        path = default_fixture(reg.wtype, preset=reg.preset, seed=seed, cache_dir=cache_dir, tied=reg.tied)
         model = None
-        prompts = random_prompts(rng, args.prompts_per_seed, n_regular, args.max_prompt)
-        if seed - args.first_seed < args.long:          # past the KV cache's 256-cell padding
+        prompts = random_prompts(rng, reg.per_seed, n_regular, reg.max_prompt)
+        if seed - args.first_seed < reg.long:          # past the KV cache's 256-cell padding
             prompts[0] = random_prompts(rng, 1, n_regular, LONG[1], LONG[0])[0]
         for tokens in prompts:
-            run, model = clean_run(path, args.device, tokens, args.steps, model)
+            run, model = clean_run(path, args.device, tokens, reg.steps, model)
             runs.append(dict(seed=seed, **run))
         del model
         if not args.keep_fixtures:
@@ -92,10 +112,22 @@ def run_regime(preset: str, wtype: str, args, cache_dir: str) -> dict:
     for r in runs:
         for fam, v in r["headroom"].items():
             headroom[fam] = max(headroom.get(fam, 0.0), v)
-    return dict(regime=f"{args.device}/{preset}/{wtype}", runs=len(runs), steps=args.steps,
+    return dict(regime=reg.label(args.device), runs=len(runs), steps=reg.steps, seeds=reg.seeds,
                 divergences=sum(r["diverged"] for r in runs), e2e_failures=sum(r["first_e2e"] is not None for r in runs),
                 prompt_lens=[r["prompt_len"] for r in runs], headroom=headroom,
                 diverged=[r for r in runs if r["diverged"]], seconds=round(time.time() - t0, 1))
+
+
+def regimes(args) -> list[Regime]:
+    out = [Regime(p, t, args.seeds, args.prompts_per_seed, args.long, args.max_prompt, args.steps)
+           for p in args.presets for t in args.types]
+    if args.mixed_runs:
+        preset, wtype, tied = calibrate.MIXED
+        per_seed = -(-args.mixed_runs // args.mixed_seeds)
+        small = args.device == "cpu"           # 2 CPU cores: short prompts and few steps, as the calibration
+        out.append(Regime(preset, wtype, args.mixed_seeds, per_seed, 0, 32 if small else args.max_prompt,
+                          calibrate.CPU_BIG_STEPS if small else args.steps, tied))
+    return out
 
 
 def parse_args(argv=None):
@@ -110,6 +142,10 @@ def parse_args(argv=None):
     p.add_argument("--max-prompt", type=int, default=64, help="longest random prompt (tokens)")
     p.add_argument("--long", type=int, default=1, help=f"seeds whose first prompt is long instead "
                    f"({LONG[0]}-{LONG[1]} tokens, past the 256-cell KV padding)")
+    p.add_argument("--mixed-runs", type=int, default=0, help="also this many runs of the mixed-type file "
+                   "(qwen2.5-0.5b Q4_K_M tied, as published: Q5_0, Q8_0, Q4_K, Q6_K matrices; on the CPU prompts "
+                   "of up to 32 tokens and 3 decode steps)")
+    p.add_argument("--mixed-seeds", type=int, default=2, help="fresh weight seeds the mixed runs are spread over")
     p.add_argument("--cache-dir", default=None, help="where fixtures are written (default: a temporary folder)")
     p.add_argument("--keep-fixtures", action="store_true", help="keep each GGUF after its runs")
     p.add_argument("--out", default=None, help="also write every run's result to this JSON file")
@@ -125,10 +161,15 @@ def parse_args(argv=None):
     if used:
         raise BadInput(f"seeds {sorted(used)} are the tests' or the calibration's: use --first-seed above "
                        f"{max(RESERVED_SEEDS)}")
-    if min(args.seeds, args.prompts_per_seed) < 1 or min(args.steps, args.long, args.first_seed) < 0 \
+    used = set(range(args.first_seed, args.first_seed + args.mixed_seeds)) & RESERVED_SEEDS if args.mixed_runs else ()
+    if used:
+        raise BadInput(f"seeds {sorted(used)} are the tests' or the calibration's: use --first-seed above "
+                       f"{max(RESERVED_SEEDS)}")
+    if min(args.seeds, args.prompts_per_seed, args.mixed_seeds) < 1 \
+            or min(args.steps, args.long, args.first_seed, args.mixed_runs) < 0 \
             or args.max_prompt < 2:
-        raise BadInput("--seeds and --prompts-per-seed must be >= 1, --max-prompt >= 2, --steps, --long and "
-                       "--first-seed >= 0")
+        raise BadInput("--seeds, --prompts-per-seed and --mixed-seeds must be >= 1, --max-prompt >= 2, --steps, "
+                       "--long, --mixed-runs and --first-seed >= 0")
     return args
 
 
@@ -144,11 +185,11 @@ def report(results: list[dict], args) -> None:
           f"2-{args.max_prompt} tokens (the first prompt of {args.long} seed(s): {LONG[0]}-{LONG[1]}), "
           f"{args.steps} decode steps, device {args.device}\n")
     fams = sorted({f for r in results for f in r["headroom"]})
-    print("| regime | runs | divergences | e2e failures | worst local / tolerance | seconds |")
-    print("|---|---|---|---|---|---|")
+    print("| regime | seeds | runs | decode steps | divergences | e2e failures | worst local / tolerance | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         worst = max(r["headroom"], key=r["headroom"].get)
-        print(f"| {r['regime']} | {r['runs']} | {r['divergences']} | {r['e2e_failures']} | "
+        print(f"| {r['regime']} | {r['seeds']} | {r['runs']} | {r['steps']} | {r['divergences']} | {r['e2e_failures']} | "
               f"{r['headroom'][worst]:.2f} ({worst}) | {r['seconds']} |")
     print("\nworst clean local error / tolerance per family, over all regimes: " + ", ".join(
         f"{f} {max(r['headroom'].get(f, 0.0) for r in results):.2g}" for f in fams))
@@ -176,12 +217,11 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="false_alarms-") as tmp:
             cache = args.cache_dir or tmp
             results = []
-            for preset in args.presets:
-                for wtype in args.types:
-                    results.append(run_regime(preset, wtype, args, cache))
-                    r = results[-1]
-                    print(f"{r['regime']}: {r['runs']} runs, {r['divergences']} divergences ({r['seconds']} s)",
-                          file=sys.stderr, flush=True)
+            for reg in regimes(args):
+                results.append(run_regime(reg, args, cache))
+                r = results[-1]
+                print(f"{r['regime']}: {r['runs']} runs, {r['divergences']} divergences ({r['seconds']} s)",
+                      file=sys.stderr, flush=True)
         report(results, args)
         if args.out:
             write_json(args.out, dict(command="python benchmarks/false_alarms.py " + " ".join(

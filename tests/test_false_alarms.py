@@ -3,6 +3,7 @@ when none diverges, 1 when one does (named with its first divergence), 2 in one 
 import importlib.util
 import json
 import pathlib
+import sys
 
 import pytest
 
@@ -15,8 +16,10 @@ SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "false_alarms.py"
 def fa():
     spec = importlib.util.spec_from_file_location("false_alarms", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["false_alarms"] = mod          # its dataclasses look their module up
     spec.loader.exec_module(mod)
-    return mod
+    yield mod
+    sys.modules.pop("false_alarms", None)
 
 
 ARGS = ["--presets", "tiny", "--types", "f32", "--seeds", "1", "--prompts-per-seed", "1", "--steps", "2",
@@ -27,7 +30,7 @@ def test_clean_runs_exit_0_and_a_divergent_one_exits_1(fa, synth_dir, llama_lib,
     out = tmp_path / "fa.json"
     assert fa.main(ARGS + ["--cache-dir", str(synth_dir), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| cpu/tiny/f32 | 1 | 0 | 0 |" in printed
+    assert "| cpu/tiny/f32 | 1 | 1 | 2 | 0 | 0 |" in printed
     res = json.loads(out.read_text())["regimes"][0]
     assert res["runs"] == 1 and res["divergences"] == 0 and res["steps"] == 2
     assert {r for r in res["headroom"]} >= {"matmul", "norm", "softmax", "logits"} and max(res["headroom"].values()) < 1
@@ -38,7 +41,7 @@ def test_clean_runs_exit_0_and_a_divergent_one_exits_1(fa, synth_dir, llama_lib,
         type(req)(req.gguf, tokens=req.tokens, steps=req.steps, faults=[REGISTRY["drop_qkv_bias"]]), **kw))
     assert fa.main(ARGS + ["--cache-dir", str(synth_dir)]) == 1
     printed = capsys.readouterr().out
-    assert "| cpu/tiny/f32 | 1 | 1 |" in printed
+    assert "| cpu/tiny/f32 | 1 | 1 | 2 | 1 |" in printed
     assert printed.count("FALSE ALARM cpu/tiny/f32 seed 100") == 1 and "blk.0.q at prefill" in printed
 
 
