@@ -55,16 +55,22 @@ def cmd_null(args) -> int:
     from harness.calibrate import PROMPTS, SEEDS, STEPS
     observed: dict = {}
     t0, runs = time.time(), 0
+    previous = systematic.Null().table if os.path.exists(systematic.NULL_PATH) else None
+    if previous is not None and args.fresh:
+        previous = dict(previous, observed={r: v for r, v in previous.get("observed", {}).items()
+                                            if not r.startswith(args.device + "/")})
     empty = systematic.Null({})          # compute the statistics, judge nothing
     tiny = ("tiny", "tiny-qwen3")
+    seeds = SEEDS[:1] if args.census else SEEDS
     targets = [(f"{p}/{t}", s) for p in args.presets.split(",")
-               for t in (args.types if p in tiny else args.big_types).split(",") for s in (SEEDS if p in tiny else SEEDS[:1])]
+               for t in (args.types if p in tiny else args.big_types).split(",") for s in (seeds if p in tiny else SEEDS[:1])]
     if args.mixed:
         targets.append(("mixed", SEEDS[0]))
     for regime, seed in targets:
         path = fixture(regime, seed)
         big = regime == "mixed" or regime.split("/")[0] not in ("tiny", "tiny-qwen3")
         prompts = PROMPTS[:3] if big and args.device == "cpu" else PROMPTS
+        prompts = [max(prompts, key=len)] if args.census else prompts
         steps = 3 if big and args.device == "cpu" else STEPS
         model = None
         for tokens in prompts:
@@ -76,17 +82,38 @@ def cmd_null(args) -> int:
             systematic.observe(observed, table)
             runs += 1
         print(f"{regime} s{seed}: {len(prompts)} prompts x {steps} steps ({time.time() - t0:.0f} s)", flush=True)
-    previous = systematic.Null().table if os.path.exists(systematic.NULL_PATH) else None
-    if previous is not None and args.fresh:
-        previous = dict(previous, observed={r: v for r, v in previous.get("observed", {}).items()
-                                            if not r.startswith(args.device + "/")})
-    prov = {args.device: dict(command="python benchmarks/mde.py " + " ".join(sys.argv[1:]), runs=runs,
-                              seconds=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d"))}
-    table = systematic.build_null(observed, prov, previous)
-    systematic.write_null(table, args.out or systematic.NULL_PATH)
+        _write_null(args, observed, previous, runs, t0, f"{regime} s{seed}")   # a time limit keeps what is done
     for regime in sorted(observed):
-        print(" ", regime, {f: {s: round(v[0], 2) for s, v in st.items()} for f, st in sorted(observed[regime].items())})
+        print(" ", regime, {f: {s: round(v[0], 2) for s, v in st.items() if s in systematic.STATS}
+                            for f, st in sorted(observed[regime].items())})
     return 0
+
+
+def cmd_sizes(args) -> int:
+    """Copy the largest calibrated tensor sizes (``n_max``) of a null computed here (the same
+    fixtures, prompts and steps give the same shapes on every device) into another device's
+    regimes of the shipped null: for a null whose GPU run predates ``n_max``."""
+    with open(args.source) as f:
+        src = json.load(f)
+    table = systematic.Null().table
+    n_max = table.setdefault("n_max", {})
+    for regime, fams in src.get("n_max", {}).items():
+        if regime.startswith(args.to + "/"):
+            continue
+        target = args.to + "/" + regime.split("/", 1)[1]
+        if target in table.get("thresholds", {}):
+            n_max[target] = dict(fams)
+            table["observed"][target] = {f: dict(st, n=fams.get(f, 0)) for f, st in table["observed"][target].items()}
+    table.setdefault("provenance", {}).setdefault(args.to, {})["n_max_from"] = src.get("provenance", {})
+    systematic.write_null(table)
+    print({r: v for r, v in n_max.items() if r.startswith(args.to + "/")})
+    return 0
+
+
+def _write_null(args, observed, previous, runs, t0, last) -> None:
+    prov = {args.device: dict(command="python benchmarks/mde.py " + " ".join(sys.argv[1:]), runs=runs, last=last,
+                              seconds=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d"))}
+    systematic.write_null(systematic.build_null(observed, prov, previous), args.out or systematic.NULL_PATH)
 
 
 def cmd_mde(args) -> int:
@@ -104,17 +131,23 @@ def cmd_mde(args) -> int:
             print(f"{regime} seed {seed}: {time.time() - t0:.0f} s (clean run: {clean.after or 'no divergence'})",
                   flush=True)
             del model
+            text = _write_mde(args, rows, t0)        # after every run: a time limit keeps what is done
+    print(text)
+    return 0
+
+
+def _write_mde(args, rows, t0) -> str:
     summary = mde.summarize(rows)
     meta = dict(command="python benchmarks/mde.py " + " ".join(sys.argv[1:]), device=args.device,
                 card=_card(args.device), seconds=round(time.time() - t0, 1), step=args.step,
                 prompt_len=args.prompt_len, steps=args.steps, iters=args.iters, range=[mde.E_LO, mde.E_HI])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(dict(meta=meta, summary=summary, runs=rows), f, indent=1, default=str)
-    with open(args.out + ".md", "w") as f:
-        f.write(render(summary, meta))
-    print(render(summary, meta))
-    return 0
+    for ext, text in ((".json", json.dumps(dict(meta=meta, summary=summary, runs=rows), indent=1, default=str)),
+                      (".md", render(summary, meta))):
+        with open(args.out + ext + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(args.out + ext + ".tmp", args.out + ext)
+    return render(summary, meta)
 
 
 def _big(regime: str) -> bool:
@@ -156,7 +189,7 @@ def cmd_clean(args) -> int:
         n_runs = args.big_runs if _big(regime) else args.runs
         model, path = None, None
         for i in range(n_runs):
-            seed = 100 + (i % (1 if _big(regime) else args.fixtures))
+            seed = args.big_seed if _big(regime) else 100 + i % args.fixtures
             if fixture(regime, seed) != path:
                 path, model = fixture(regime, seed), None
             model, ref = captured(path, args.device, prompt_for(1000 + i, 5 + (7 * i) % 40), 1 + i % 4, model)
@@ -184,6 +217,8 @@ def main(argv=None) -> int:
     n.add_argument("--big-types", default="f16,q4_k_m", help="weight types of the other presets (seed 1 only)")
     n.add_argument("--mixed", action="store_true")
     n.add_argument("--fresh", action="store_true", help="drop this device's stored null first")
+    n.add_argument("--census", action="store_true", help="only the sizes: the first seed and longest prompt "
+                   "(the largest tensors of a full run); see `sizes`")
     n.add_argument("--out", default=None)
     m = sub.add_parser("mde")
     m.add_argument("--regimes", default="tiny/f32,tiny/f16,tiny/q8_0,tiny/q4_k_m,mixed")
@@ -196,19 +231,23 @@ def main(argv=None) -> int:
     m.add_argument("--step", type=int, default=0, help="the step perturbed (0 = prefill)")
     m.add_argument("--iters", type=int, default=mde.ITERS)
     m.add_argument("--out", default="build/mde")
+    z = sub.add_parser("sizes")
+    z.add_argument("source", help="a null json computed on this machine over the same fixtures")
+    z.add_argument("--to", default="cuda", help="the device whose regimes get the sizes")
     c = sub.add_parser("clean")
     c.add_argument("--regimes", default="tiny/f32,tiny/f16,tiny/q8_0,tiny/q4_k_m")
     c.add_argument("--runs", type=int, default=20)
     c.add_argument("--big-runs", type=int, default=3)
     c.add_argument("--fixtures", type=int, default=4, help="fresh fixture seeds cycled over (100, 101, ...)")
+    c.add_argument("--big-seed", type=int, default=100, help="the one fixture seed of the 0.5B-shaped regimes")
     c.add_argument("--out", default=None)
-    for s in (n, m, c):
+    for s in (n, m, c, z):
         s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny models: 1 is fastest)")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
-    return {"null": cmd_null, "mde": cmd_mde, "clean": cmd_clean}[args.cmd](args)
+    return {"null": cmd_null, "mde": cmd_mde, "clean": cmd_clean, "sizes": cmd_sizes}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -51,18 +51,22 @@ def test_exact_sites_and_channel_needs_two_tokens():
 
 
 def _null(thr=10.0):
-    return S.Null({"thresholds": {"cpu/f32/float32": {"matmul": {s: thr for s in S.STATS}}}})
+    return S.Null({"thresholds": {"cpu/f32/float32": {"matmul": {s: thr for s in S.STATS}}},
+                   "n_max": {"cpu/f32/float32": {"matmul": 4096}}})
 
 
 def test_verdict_needs_calibration_z_and_effect():
     null = _null()
     row = dict(sys_slope=1e-3, sys_z_slope=50.0, sys_offset=0.0, sys_z_offset=0.0, sys_chan=math.nan,
-               sys_z_chan=math.nan)
+               sys_z_chan=math.nan, shape=(8, 512))
     assert null.verdict("cpu/f32/float32", "matmul", row)[:1] == (False,)
     assert null.verdict("cpu/f32/float32", "matmul", row)[2] == "slope"
     assert null.verdict("cpu/f32/float32", "norm", row)[0] is None          # family never calibrated
     assert null.verdict("cuda/f32/float32", "matmul", row)[0] is None       # regime never calibrated
     assert null.verdict("cpu/f32/float32", "matmul", dict(row, sys_z_slope=9.0))[0] is True
+    # a tensor larger than any calibrated: a clean bias's z grows with the size, so not tested
+    assert null.verdict("cpu/f32/float32", "matmul", dict(row, shape=(9, 512)))[0] is None
+    assert S.Null({"thresholds": _null().table["thresholds"]}).verdict("cpu/f32/float32", "matmul", row)[0] is None
     # a deterministic rounding bias below the effect floor never fails, however large its z
     assert null.verdict("cpu/f32/float32", "matmul", dict(row, sys_slope=S.EFFECT_FLOOR / 2, sys_z_slope=1e6))[0]
 
@@ -71,13 +75,14 @@ def test_observe_ignores_samples_below_the_effect_floor_and_build_null_keeps_a_f
     t = pd.DataFrame(dict(local_tol_regime=["cpu/f32/float32"] * 3, family=["norm", "norm", "matmul"],
                           sys_slope=[1e-9, 1e-3, 1e-3], sys_z_slope=[500.0, 3.0, 6.0],
                           sys_offset=[0.0] * 3, sys_z_offset=[0.0] * 3, sys_chan=[math.nan] * 3,
-                          sys_z_chan=[math.nan] * 3))
+                          sys_z_chan=[math.nan] * 3, shape=[(2, 8), (4, 8), (3, 5)]))
     obs = S.observe({}, t)
     assert obs["cpu/f32/float32"]["norm"]["slope"][:2] == [3.0, 2]
     assert "chan" not in obs["cpu/f32/float32"]["norm"]
     null = S.build_null(obs, {"cpu": {}})
     assert null["thresholds"]["cpu/f32/float32"]["norm"]["slope"] == S.Z_FLOOR
     assert null["thresholds"]["cpu/f32/float32"]["matmul"]["slope"] == S.SAFETY * 6.0
+    assert null["n_max"]["cpu/f32/float32"] == {"norm": 32, "matmul": 15}
     kept = S.build_null({}, {}, previous=null)
     assert kept["thresholds"] == null["thresholds"]
 

@@ -248,13 +248,15 @@ class Comparator:
         for step, ours, ref in self.logit_pairs:
             self._logit_rows(step, ours, ref)
         self.logit_pairs = []
-        if self.sys_pending:
+        if self.pending:
+            self._fill_pending()
+        if self.sys_pending:      # after the rows exist: the same column order as the per-pair path
             vals = torch.stack([p[2] for p in self.sys_pending]).cpu().tolist()
             for (step, site, _), v in zip(self.sys_pending, vals):
                 self.rows.setdefault((step, site), {}).update(sysmod.row_values(v))
             self.sys_pending = []
-        if not self.pending:
-            return
+
+    def _fill_pending(self) -> None:
         vals = torch.cat([p[1] for p in self.pending]).cpu().numpy()
         keys = [k for p in self.pending for k in p[0]]
         self.pending = []

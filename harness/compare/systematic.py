@@ -17,7 +17,11 @@ A statistic fails at a site only when its |z| exceeds the threshold calibrated f
 regime and family on clean runs (:class:`Null`: ``max(Z_FLOOR, SAFETY x worst clean |z|)``) *and*
 its effect exceeds EFFECT_FLOOR (16 float32 unit roundoffs: a bias smaller than rounding is
 never a finding, however many elements make it significant). A regime or family never calibrated
-is not tested (``sys_passed`` NA): the element-wise verdict alone decides there.
+is not tested (``sys_passed`` NA): the element-wise verdict alone decides there. Nor is a tensor
+larger than any the calibration saw for its regime and family (``n_max``): a small clean bias
+(CUDA kernels have some) has a z growing as the square root of the element count, so a threshold
+holds only up to the sizes it was measured on (measured: tiny-calibrated CUDA thresholds flagged
+2 of 3 clean prefill logits of the 0.5B-shaped files, 150x more elements).
 
 The null lives in ``systematic.json`` next to ``tolerances.json`` (kept apart so that
 ``harness.calibrate`` rewriting the tolerance table never drops it); ``benchmarks/mde.py null``
@@ -111,12 +115,17 @@ class Null:
         it) and family, or None when that pair was never calibrated (not tested)."""
         return (self.table.get("thresholds", {}).get(regime) or {}).get(family)
 
+    def n_max(self, regime: str, family: str) -> int:
+        """The largest tensor (elements) the calibration saw in this regime and family (0: unknown)."""
+        return int((self.table.get("n_max", {}).get(regime) or {}).get(family, 0))
+
     def verdict(self, regime: str, family: str, row: dict) -> tuple[bool | None, float, str]:
-        """(passed, score, worst statistic) of a row holding :data:`COLUMNS`: passed is None when
-        the regime/family was never calibrated; score = the largest |z| / threshold over the
-        statistics whose effect exceeds EFFECT_FLOOR (0 when none does)."""
+        """(passed, score, worst statistic) of a row holding :data:`COLUMNS` and ``shape``: passed
+        is None when the regime/family was never calibrated, or the tensor is larger than any it
+        was calibrated on; score = the largest |z| / threshold over the statistics whose effect
+        exceeds EFFECT_FLOOR (0 when none does)."""
         thr = self.thresholds(regime, family)
-        if thr is None:
+        if thr is None or math.prod(row.get("shape") or (math.inf,)) > self.n_max(regime, family):
             return None, float("nan"), ""
         score, worst = 0.0, ""
         for stat in STATS:
@@ -148,6 +157,7 @@ def observe(observed: dict, table) -> dict:
             old = cell.get(stat, [0.0, 0, 0.0])
             cell[stat] = [max(old[0], float(live.max()) if len(live) else 0.0), old[1] + int(seen.sum()),
                           max(old[2], float(eff[seen].max()))]
+        cell["n"] = max(cell.get("n", 0), max(math.prod(s) for s in part["shape"]))
     return observed
 
 
@@ -159,12 +169,13 @@ def build_null(observed: dict, provenance: dict, previous: dict | None = None) -
     stat). Regimes of ``previous`` not observed now (e.g. the other backend's) are kept."""
     obs = dict((previous or {}).get("observed", {}))
     obs.update(observed)
-    thr = {r: {f: {s: max(Z_FLOOR, SAFETY * v[0]) for s, v in st.items() if math.isfinite(v[0])}
+    thr = {r: {f: {s: max(Z_FLOOR, SAFETY * v[0]) for s, v in st.items() if s in STATS and math.isfinite(v[0])}
                for f, st in fams.items()} for r, fams in obs.items()}
+    n_max = {r: {f: int(st.get("n", 0)) for f, st in fams.items()} for r, fams in obs.items()}
     prov = dict((previous or {}).get("provenance", {}))
     prov.update(provenance)
     return {"version": NULL_VERSION, "z_floor": Z_FLOOR, "safety": SAFETY, "effect_floor": EFFECT_FLOOR,
-            "observed": obs, "thresholds": thr, "provenance": prov}
+            "observed": obs, "thresholds": thr, "n_max": n_max, "provenance": prov}
 
 
 def write_null(table: dict, path: str = NULL_PATH) -> None:
