@@ -4,9 +4,11 @@ For every regime (a synth preset x weight type, on the chosen llama.cpp backend)
 synthetic GGUFs with fresh seeds (from --first-seed on: never the tests' seed 0 nor the
 calibration's seeds, ``harness.calibrate.SEEDS``), draws random prompts (random lengths and
 tokens from a seeded generator; never one of the calibration's prompts) and runs a clean
-comparison of each, decode steps included. It counts the runs whose verdict is a divergence and
-reports, per site family, the clean runs' worst local error as a fraction of its tolerance (the
-headroom: 0.1 means the worst clean op used a tenth of its tolerance).
+comparison of each, decode steps included. It counts the runs whose verdict is a divergence (and
+of those, the runs an element-wise tolerance failed in and the runs a systematic statistic of
+:mod:`harness.compare.systematic` flagged, where that is active) and reports, per site family,
+the clean runs' worst local error as a fraction of its element-wise tolerance (the headroom: 0.1
+means the worst clean op used a tenth of its tolerance).
 
     python benchmarks/false_alarms.py                                   # CPU: tiny, tiny-qwen3 x 4 types, 20 runs each
     python benchmarks/false_alarms.py --mixed-runs 20                  # + the mixed-type 0.5B Q4_K_M file
@@ -66,8 +68,12 @@ def clean_run(path: str, device: str, tokens: list[int], steps: int, model=None)
     ratio = np.maximum(t["local_rel_l2"].astype(float) / t["local_tol_rel"].astype(float),
                        t["local_max_norm"].astype(float) / t["local_tol_max"].astype(float))
     headroom = {fam: float(r.max()) for fam, r in ratio.groupby(t["family"])}
+    elem = ~t["local_elem_passed"].astype(bool) if "local_elem_passed" in t else ~t["local_passed"].astype(bool)
+    flagged = t[t["sys_passed"].eq(False)] if "sys_passed" in t else t.iloc[:0]
     first = cmp.first
-    return dict(prompt_len=len(tokens), tokens=tokens, diverged=cmp.diverged,
+    return dict(prompt_len=len(tokens), tokens=tokens, diverged=cmp.diverged, elem_diverged=bool(elem.any()),
+                sys_flags=[dict(step=int(r["step"]), site=r["site"], stat=r.get("sys_stat"))
+                           for r in flagged.to_dict("records")],
                 first=None if first is None else dict(step=first.step, layer=first.layer, site=first.site,
                                                       explanation=first.explanation),
                 first_e2e=list(cmp.first_e2e) if cmp.first_e2e else None, headroom=headroom), model
@@ -114,6 +120,8 @@ def run_regime(reg: Regime, args, cache_dir: str) -> dict:
             headroom[fam] = max(headroom.get(fam, 0.0), v)
     return dict(regime=reg.label(args.device), runs=len(runs), steps=reg.steps, seeds=reg.seeds,
                 divergences=sum(r["diverged"] for r in runs), e2e_failures=sum(r["first_e2e"] is not None for r in runs),
+                elem_divergences=sum(r["elem_diverged"] for r in runs),
+                sys_divergences=sum(bool(r["sys_flags"]) for r in runs),
                 prompt_lens=[r["prompt_len"] for r in runs], headroom=headroom,
                 diverged=[r for r in runs if r["diverged"]], seconds=round(time.time() - t0, 1))
 
@@ -185,11 +193,13 @@ def report(results: list[dict], args) -> None:
           f"2-{args.max_prompt} tokens (the first prompt of {args.long} seed(s): {LONG[0]}-{LONG[1]}), "
           f"{args.steps} decode steps, device {args.device}\n")
     fams = sorted({f for r in results for f in r["headroom"]})
-    print("| regime | seeds | runs | decode steps | divergences | e2e failures | worst local / tolerance | seconds |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| regime | seeds | runs | decode steps | divergences | element-wise | systematic | e2e failures | "
+          "worst local / tolerance | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         worst = max(r["headroom"], key=r["headroom"].get)
-        print(f"| {r['regime']} | {r['seeds']} | {r['runs']} | {r['steps']} | {r['divergences']} | {r['e2e_failures']} | "
+        print(f"| {r['regime']} | {r['seeds']} | {r['runs']} | {r['steps']} | {r['divergences']} | "
+              f"{r['elem_divergences']} | {r['sys_divergences']} | {r['e2e_failures']} | "
               f"{r['headroom'][worst]:.2f} ({worst}) | {r['seconds']} |")
     print("\nworst clean local error / tolerance per family, over all regimes: " + ", ".join(
         f"{f} {max(r['headroom'].get(f, 0.0) for r in results):.2g}" for f in fams))

@@ -30,7 +30,7 @@ def test_clean_runs_exit_0_and_a_divergent_one_exits_1(fa, synth_dir, llama_lib,
     out = tmp_path / "fa.json"
     assert fa.main(ARGS + ["--cache-dir", str(synth_dir), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| cpu/tiny/f32 | 1 | 1 | 2 | 0 | 0 |" in printed
+    assert "| cpu/tiny/f32 | 1 | 1 | 2 | 0 | 0 | 0 | 0 |" in printed
     res = json.loads(out.read_text())["regimes"][0]
     assert res["runs"] == 1 and res["divergences"] == 0 and res["steps"] == 2
     assert {r for r in res["headroom"]} >= {"matmul", "norm", "softmax", "logits"} and max(res["headroom"].values()) < 1
@@ -41,7 +41,7 @@ def test_clean_runs_exit_0_and_a_divergent_one_exits_1(fa, synth_dir, llama_lib,
         type(req)(req.gguf, tokens=req.tokens, steps=req.steps, faults=[REGISTRY["drop_qkv_bias"]]), **kw))
     assert fa.main(ARGS + ["--cache-dir", str(synth_dir)]) == 1
     printed = capsys.readouterr().out
-    assert "| cpu/tiny/f32 | 1 | 1 | 2 | 1 |" in printed
+    assert "| cpu/tiny/f32 | 1 | 1 | 2 | 1 | 1 |" in printed
     assert printed.count("FALSE ALARM cpu/tiny/f32 seed 100") == 1 and "blk.0.q at prefill" in printed
 
 
