@@ -95,13 +95,15 @@ def test_shipped_null_has_thresholds_at_or_above_the_floor():
 
 
 # -- in the comparison -------------------------------------------------------------------------
-def _diff(path, faults=(), systematic=True):
+def _diff(path, faults=(), systematic=True, sites=None):
     from harness.compare.comparator import compare_traces
     from harness.diff import DiffRequest, capture_reference, model_for, model_policy, run_ours
-    req = DiffRequest(path, tokens=[5, 17, 300, 41, 9, 77, 2, 640, 31], steps=2)
+    from harness.sites import SiteFilter
+    req = DiffRequest(path, tokens=[5, 17, 300, 41, 9, 77, 2, 640, 31], steps=2, sites=sites)
     ref = capture_reference(req)
     model = model_for(req, ref)
-    ours, local = run_ours(model, ref, faults), run_ours(model, ref, faults, anchor=ref)
+    filt = SiteFilter(sites) if sites else None
+    ours, local = run_ours(model, ref, faults, filt), run_ours(model, ref, faults, filt, anchor=ref)
     return compare_traces(ours, ref, model_policy(model, "cpu"), local, systematic=systematic)
 
 
@@ -127,3 +129,12 @@ def test_scale_bug_below_tolerance_is_localized_by_the_slope(synth_dir, llama_li
     assert "systematic" in cmp.first.explanation
     before = _diff(path, [fault], systematic=False)
     assert not before.diverged and "sys_passed" not in before.table
+
+
+def test_not_tested_where_the_reference_lacks_the_op_inputs(tiny_f32, llama_lib):
+    """Only logits captured: our "local" logits ran on our own output_norm (end-to-end drift, which
+    is systematic), so the statistics must not judge them; the element-wise verdict decides."""
+    cmp = _diff(tiny_f32, sites="logits")
+    t = cmp.table
+    assert list(t["site"].unique()) == ["logits"] and t["sys_passed"].isna().all()
+    assert (t["local_passed"] == t["local_elem_passed"]).all()

@@ -266,11 +266,16 @@ class Comparator:
         for (kind, step, site, shape), v in zip(keys, values):
             (self._e2e_row if kind == "e2e" else self._local_row)(step, site, shape, v)
 
-    def _systematic_verdicts(self) -> None:
+    def _systematic_verdicts(self, ref: Trace, op_in) -> None:
         """Each local row's systematic verdict (``sys_passed``: None where the regime and family
-        were never calibrated), folded into ``local_passed``."""
-        for row in self.rows.values():
+        were never calibrated, or where the reference lacks the op's inputs, so that our "local"
+        value was not recomputed on them and carries upstream drift), folded into ``local_passed``."""
+        have = set(ref.keys())
+        for (step, site), row in self.rows.items():
             if "local_elem_passed" not in row or "sys_z_slope" not in row:
+                continue
+            if not _anchored(step, site, have, ref.n_layer, op_in):
+                row.update(sys_passed=None, sys_score=float("nan"), sys_stat="")
                 continue
             ok, score, stat = self.null.verdict(row["local_tol_regime"], row["family"], row)
             row.update(sys_passed=ok, sys_score=score, sys_stat=stat)
@@ -278,13 +283,13 @@ class Comparator:
 
     def result(self, ours_meta: dict, ref: Trace) -> Comparison:
         self.flush()
-        if self.null is not None:
-            self._systematic_verdicts()
         keys = [k for k in ref.keys() if k in self.rows and "rel_l2" in self.rows[k]]
+        spec = trace_arch(ours_meta, ref.meta, {k[1] for k in keys})
+        if self.null is not None:
+            self._systematic_verdicts(ref, spec.inputs if spec is not None else None)
         table = pd.DataFrame([self.rows[k] for k in keys])
         if len(table) and "local_passed" not in table:
             table["local_passed"] = pd.NA
-        spec = trace_arch(ours_meta, ref.meta, {k[1] for k in keys})
         first = _first_divergence(table, self.has_local, ref.meta.get("source") or "the reference",
                                   spec.inputs if spec is not None else None)
         meta = dict(ours=ours_meta, ref=ref.meta, tokens=ref.tokens, n_prompt=ref.n_prompt,
@@ -295,6 +300,16 @@ class Comparator:
 
 
 _NULL: list = []
+
+
+def _anchored(step: int, site: str, have: set, n_layer: int, op_in) -> bool:
+    """Did the reference hold every input of the op at ``site`` (so our local value of it was
+    computed on the reference's inputs)? ``output_norm`` reads the last layer's ``l_out``."""
+    names = input_sites(site, op_in) or (
+        [f"blk.{n_layer - 1}.l_out"] if site == "output_norm" and n_layer > 0 else [])
+    # attention reads the cache of every earlier step too (k_rope for kq, v for kqv)
+    steps = range(step + 1) if parse_site(site)[1].key in ("kq", "kqv") else (step,)
+    return all((s, n) in have for n in names for s in steps)
 
 
 def _default_null() -> "sysmod.Null":
