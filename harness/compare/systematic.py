@@ -21,7 +21,7 @@ is not tested (``sys_passed`` NA): the element-wise verdict alone decides there.
 larger than any the calibration saw for its regime and family (``n_max``): a small clean bias
 (CUDA kernels have some) has a z growing as the square root of the element count, so a threshold
 holds only up to the sizes it was measured on (measured: tiny-calibrated CUDA thresholds flagged
-2 of 3 clean prefill logits of the 0.5B-shaped files, 150x more elements).
+2 of 3 clean prefill logits of the 0.5B-shaped files, 2 to 9x more elements).
 
 The null lives in ``systematic.json`` next to ``tolerances.json`` (kept apart so that
 ``harness.calibrate`` rewriting the tolerance table never drops it); ``benchmarks/mde.py null``
