@@ -138,3 +138,20 @@ def test_not_tested_where_the_reference_lacks_the_op_inputs(tiny_f32, llama_lib)
     t = cmp.table
     assert list(t["site"].unique()) == ["logits"] and t["sys_passed"].isna().all()
     assert (t["local_passed"] == t["local_elem_passed"]).all()
+
+
+def test_float16_stored_references_are_not_tested():
+    from harness.compare.comparator import Comparator
+    from harness.runs.store import StoragePolicy
+    assert Comparator(StoragePolicy("cpu", "F32", storage="float16")).null is None
+    assert Comparator(StoragePolicy("cpu", "F32")).null is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_statistics_on_the_gpu_match_the_cpu():
+    ref, ours = _noise((16, 256))
+    ours = ours + 3e-6 * ref
+    a = _row(S.sys_vector(ours.float().cuda(), ref.float().cuda(), True))
+    b = _row(S.sys_vector(ours.float(), ref.float(), True))
+    for k in S.COLUMNS:
+        assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-12)

@@ -89,6 +89,8 @@ class Comparator:
     def __init__(self, policy: Policy, batched: bool | None = None, systematic: "sysmod.Null | bool" = True):
         self.policy, self.batched = policy, batched
         self.null = (_default_null() if systematic is True else systematic) or None
+        if getattr(policy, "storage", "float32") != "float32":
+            self.null = None      # a reference stored rounded (float16 runs): never calibrated for it
         self.sys_pending: list = []   # (step, site, sys_vector on the device)
         self.rows: dict[tuple[int, str], dict] = {}
         self.logit_rows: list[dict] = []
