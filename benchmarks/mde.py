@@ -59,7 +59,7 @@ def cmd_null(args) -> int:
     if previous is not None and args.fresh:
         previous = dict(previous, observed={r: v for r, v in previous.get("observed", {}).items()
                                             if not r.startswith(args.device + "/")})
-    empty = systematic.Null({})          # compute the statistics, judge nothing
+    empty = systematic.Null.collecting()          # compute every statistic, judge nothing
     tiny = ("tiny", "tiny-qwen3")
     seeds = SEEDS[:1] if args.census else SEEDS
     targets = [(f"{p}/{t}", s) for p in args.presets.split(",")

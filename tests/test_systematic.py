@@ -155,3 +155,10 @@ def test_statistics_on_the_gpu_match_the_cpu():
     b = _row(S.sys_vector(ours.float(), ref.float(), True))
     for k in S.COLUMNS:
         assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-12)
+
+
+def test_collecting_null_computes_everything_and_judges_nothing(tiny_f32, llama_lib):
+    cmp = _diff(tiny_f32, systematic=S.Null.collecting())
+    t = cmp.table
+    assert t["sys_z_slope"].notna().all() and t["sys_passed"].isna().all()
+    assert S.observe({}, t)["cpu/f32/float32"]["matmul"]["n"] == 9 * 512

@@ -191,7 +191,10 @@ class Comparator:
             self._queue("local", step, site, local, ref)
         else:
             self._local_row(step, site, tuple(ref.shape), _values(pair_stats(local, ref)))
-        if self.null is not None:
+        # only where a verdict can follow (calibrated regime/family, size within the calibrated):
+        # no float64 temporaries for a vocabulary-wide prefill on the GPU that would not be judged
+        if self.null is not None and ref.numel() <= self.null.n_max(self._tol(site, spec.family, "local")[1],
+                                                                     spec.family):
             vec = sysmod.sys_vector(local, ref, spec.layout[0] == "T")
             if self._defer(local):
                 self.sys_pending.append((step, site, vec))

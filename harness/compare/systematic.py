@@ -115,8 +115,16 @@ class Null:
         it) and family, or None when that pair was never calibrated (not tested)."""
         return (self.table.get("thresholds", {}).get(regime) or {}).get(family)
 
-    def n_max(self, regime: str, family: str) -> int:
-        """The largest tensor (elements) the calibration saw in this regime and family (0: unknown)."""
+    @classmethod
+    def collecting(cls) -> "Null":
+        """A null that judges nothing but lets every statistic be computed (for calibrating one)."""
+        return cls({"collect": True})
+
+    def n_max(self, regime: str, family: str) -> float:
+        """The largest tensor (elements) the calibration saw in this regime and family (0: unknown;
+        inf for :meth:`collecting`)."""
+        if self.table.get("collect"):
+            return math.inf
         return int((self.table.get("n_max", {}).get(regime) or {}).get(family, 0))
 
     def verdict(self, regime: str, family: str, row: dict) -> tuple[bool | None, float, str]:
