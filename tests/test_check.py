@@ -6,9 +6,7 @@ trace's tokens). Every verdict is asserted at its exact (step, layer, site)."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -17,30 +15,14 @@ from harness.cli import main
 from harness.runs.store import load_run, write_trace
 from harness.sites import all_sites
 from harness.trace import Trace
+from tests.example_engine import BUGS, build
 
-ROOT = Path(__file__).resolve().parent.parent
-SRC = ROOT / "examples" / "qwen2_engine.c"
 PROMPT = "3,14,15,92,65"
-
-# bug -> its first wrong op (step, layer, site), planted in every layer / in the last layer only
-BUGS = {
-    "no_qkv_bias": (0, 0, "blk.0.q"),
-    "kv_pos_stuck": (1, 0, "blk.0.q_rope"),
-    "lm_head_transposed": (0, None, "logits"),
-    "q_wrong_lane": (0, 0, "blk.0.kq"),
-}
 
 
 @pytest.fixture(scope="module")
 def exe(tmp_path_factory):
-    gcc = shutil.which("gcc")
-    if not gcc:
-        pytest.skip("gcc not found on PATH: cannot build examples/qwen2_engine.c")
-    out = tmp_path_factory.mktemp("engine") / "qwen2_engine"
-    r = subprocess.run([gcc, "-std=c99", "-O2", "-o", str(out), str(SRC), "-lm"], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
-    return out
+    return build(tmp_path_factory.mktemp("engine") / "qwen2_engine")
 
 
 def engine(exe, gguf, out, *extra, steps=2):

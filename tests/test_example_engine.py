@@ -7,38 +7,21 @@ first end-to-end failure at the bug's first wrong op, (step, layer, site) exactl
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from harness.cli import main
+from tests.example_engine import BUGS, SRC, build
 
-ROOT = Path(__file__).resolve().parent.parent
-SRC = ROOT / "examples" / "qwen2_engine.c"
 PROMPT = [3, 14, 15, 92, 65]
 STEPS = 2
-
-# bug -> its first wrong op (step, layer, site); layer None for the global sites
-BUGS = {
-    "no_qkv_bias": (0, 0, "blk.0.q"),
-    "kv_pos_stuck": (1, 0, "blk.0.q_rope"),
-    "lm_head_transposed": (0, None, "logits"),
-    "q_wrong_lane": (0, 0, "blk.0.kq"),
-}
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_f32, llama_lib):
-    gcc = shutil.which("gcc")
-    if not gcc:
-        pytest.skip("gcc not found on PATH: cannot build examples/qwen2_engine.c")
     tmp = tmp_path_factory.mktemp("example_engine")
-    exe = tmp / "qwen2_engine"
-    r = subprocess.run([gcc, "-std=c99", "-O2", "-o", str(exe), str(SRC), "-lm"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    exe = build(tmp / "qwen2_engine")
     rc = main(["record", str(tiny_f32), "--tokens", ",".join(map(str, PROMPT)), "--steps", str(STEPS),
                "--kv-type", "f32", "--name", "ref", "--out-dir", str(tmp)])
     assert rc == 0
