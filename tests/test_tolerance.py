@@ -201,8 +201,9 @@ def f32_shared(synth_dir, llama_lib):
 @pytest.mark.parametrize("factor, flagged", [(3.0, True), (0.5, False)])
 def test_a_perturbation_of_a_few_tolerances_is_flagged_at_its_site(f32_shared, factor, flagged):
     """One matmul site's output scaled by 1 + e: a relative error of exactly e there. 3x its
-    local tolerance is the first divergence, at that site; at half of it every element passes
-    (``local_elem_passed``), and only the systematic statistics (harness.compare.systematic) find it."""
+    local tolerance is the first divergence, at that site; at half of it (1.5e-6 on CPU F32) every
+    element passes (``local_elem_passed``), and the systematic statistics (harness.compare.systematic)
+    do not judge it either: its effect is below their floor (EFFECT_FLOOR, 3.8e-6), so no divergence."""
     req, ref, model = f32_shared
     site = "blk.1.ffn_up"
     tol = Policy("cpu", "F32").tolerance("matmul")
@@ -214,9 +215,11 @@ def test_a_perturbation_of_a_few_tolerances_is_flagged_at_its_site(f32_shared, f
         assert first.row["local_rel_l2"] == pytest.approx(factor * tol.rel, rel=0.2)
         assert first.also_failing_locally == []
     else:
-        assert bool(res.comparison.table["local_elem_passed"].all())
-        assert first is not None and (first.step, first.site) == (0, site) and first.row["sys_passed"] is False
-        assert first.row["sys_slope"] == pytest.approx(factor * tol.rel, rel=0.2)
+        from harness.compare.systematic import EFFECT_FLOOR
+        t = res.comparison.table
+        assert bool(t["local_elem_passed"].all()) and first is None
+        row = t[(t["step"] == 0) & (t["site"] == site)].iloc[0]
+        assert row["sys_slope"] == pytest.approx(factor * tol.rel, rel=0.2) and row["sys_slope"] < EFFECT_FLOOR
 
 
 MIXED_TOKENS = "1,2,3,4,5,6"
