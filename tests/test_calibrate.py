@@ -299,11 +299,21 @@ def test_a_lower_precision_run_widens_tolerances_by_its_floor_and_no_more(tmp_pa
             assert first is None, first.explanation
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: a recorded run's policy (runs.store.policy_for) gets no site "
-                   "types, so the gate gives every weight matmul the file's class: Q6_K sites of a Q4_K_M run get "
-                   "q4's local tolerance (2.2x q6's), Q8_0 sites of a real mix q4's (tighter than q8's)")
-def test_a_recorded_q4_k_m_run_gives_each_weight_matmul_its_own_class():
+def test_a_recorded_q4_k_m_run_gives_each_weight_matmul_its_own_class(synth_dir, llama_lib):
+    """The gate's policy takes each weight matmul's class from the run's GGUF (runs.store.policy_for
+    ``site_types``): Q6_K sites of a Q4_K_M run get q6's local tolerance, not the file's q4 (2.2x
+    looser); without the GGUF (``compare A B``) every site gets the file's class."""
+    from harness.diff import site_weight_types
+    from harness.gguf.load import load_gguf
+    from harness.runs.gate import run_gate
     from harness.runs.store import load_run, policy_for
-    pol = policy_for(load_run(ROOT / "reference_runs" / "tiny-q4_k_m"))
+    from harness.synth import default_fixture
+    run = load_run(ROOT / "reference_runs" / "tiny-q4_k_m")
+    gguf = default_fixture("q4_k_m", preset="tiny", seed=0, cache_dir=synth_dir)
+    pol = policy_for(run, site_types=site_weight_types(load_gguf(gguf)))
     assert pol.lookup("blk.2.v_proj", "matmul")[1] == "cpu/q6/float32"       # attn_v of the last layer is Q6_K
     assert pol.lookup("logits", "logits")[1] == "cpu/q6/float32"              # output.weight is Q6_K
+    assert pol.lookup("blk.2.q_proj", "matmul")[1] == "cpu/q4/float32"
+    assert policy_for(run).lookup("blk.2.v_proj", "matmul")[1] == "cpu/q4/float32"
+    t = run_gate(run.path, model=gguf).comparison.table
+    assert set(t.loc[t["site"] == "blk.2.v_proj", "local_tol_regime"]) == {"cpu/q6/float32"}

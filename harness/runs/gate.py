@@ -178,7 +178,7 @@ def replay(run: RecordedRun, gguf: str, faults=(), device: str = "cpu", dtype: s
     on the recorded tensors, then compared (:func:`~harness.runs.store.compare_runs`). What the torch
     candidate of ``llamadiff gate`` and the notebook's ``drilldown(ref=RUN)`` run. Returns
     ``(DiffResult, DiffRequest)``; RunError when the model does not fit the run."""
-    from harness.diff import DiffRequest, DiffResult, model_for, run_ours
+    from harness.diff import DiffRequest, DiffResult, model_for, run_ours, site_weight_types
     from harness.sites import SiteFilter, all_sites
     faults, ref = list(faults), run.trace
     req = DiffRequest(gguf, tokens=list(ref.tokens[:ref.n_prompt]), steps=ref.n_steps, device=device, dtype=dtype,
@@ -197,7 +197,7 @@ def replay(run: RecordedRun, gguf: str, faults=(), device: str = "cpu", dtype: s
     ours = run_ours(net, ref, faults, filt)
     check_compatible(ref, ours, run.path, "our model")
     loc = run_ours(net, ref, faults, filt, anchor=ref) if local else None
-    cmp = compare_runs(run, ours, loc, dtype=dtype)
+    cmp = compare_runs(run, ours, loc, dtype=dtype, site_types=site_weight_types(net.gguf))
     cmp.meta["faults"] = [f.name for f in faults]
     return DiffResult(cmp, ref, ours, loc), req
 

@@ -368,8 +368,8 @@ class StoragePolicy(Policy):
     (FLOOR_UNITS unit roundoffs for rel, MAX_PER_REL times that for max)."""
 
     def __init__(self, backend: str, weight_type: str, dtype: str = "float32", storage: str = "float32",
-                 table: dict | None = None):
-        super().__init__(backend, weight_type, dtype, table)
+                 table: dict | None = None, site_types: dict[str, str] | None = None):
+        super().__init__(backend, weight_type, dtype, table, site_types=site_types)
         self.storage = storage
 
     def tolerance(self, family: str, kind: str = "local", wclass: str | None = None) -> Tol:
@@ -411,25 +411,28 @@ def check_compatible(ref: Trace, cand: Trace, ref_name: str = "reference", cand_
 
 
 def policy_for(ref: RecordedRun, cand_storage: str = "float32", dtype: str = "float32",
-               cand_meta: dict | None = None) -> StoragePolicy:
-    """Policy of the reference's backend and weight type (falling back to the candidate's)."""
+               cand_meta: dict | None = None, site_types: dict[str, str] | None = None) -> StoragePolicy:
+    """Policy of the reference's backend and weight type (falling back to the candidate's);
+    ``site_types``: each weight matmul site's weight type (``harness.diff.site_weight_types`` of
+    the run's GGUF), so that each gets its own class's local tolerance; without it, the file's."""
     cand_meta = cand_meta or {}
     backend = ref.backend or cand_meta.get("backend") or "cpu"
     if backend not in ("cpu", "cuda"):
         backend = "cuda" if "cuda" in str(backend).lower() else "cpu"
     wt = ref.weight_type or cand_meta.get("weight_type") or "F32"
     storage = max({ref.storage, cand_storage}, key=lambda s: UNIT_ROUNDOFF[s])
-    return StoragePolicy(backend, wt, dtype, storage)
+    return StoragePolicy(backend, wt, dtype, storage, site_types=site_types)
 
 
-def compare_runs(ref: RecordedRun, cand: RecordedRun | Trace, local: Trace | None = None, dtype: str = "float32"):
+def compare_runs(ref: RecordedRun, cand: RecordedRun | Trace, local: Trace | None = None, dtype: str = "float32",
+                 site_types: dict[str, str] | None = None):
     """Divergence table of ``cand`` against the reference run (end-to-end errors, plus local
-    errors when ``local`` is given)."""
+    errors when ``local`` is given; ``site_types``: see :func:`policy_for`)."""
     from harness.compare.comparator import compare_traces
     cand_trace = cand.trace if isinstance(cand, RecordedRun) else cand
     cand_storage = cand.storage if isinstance(cand, RecordedRun) else "float32"
     check_compatible(ref.trace, cand_trace, ref.path, cand.path if isinstance(cand, RecordedRun) else "candidate")
-    policy = policy_for(ref, cand_storage, dtype, cand_trace.meta)
+    policy = policy_for(ref, cand_storage, dtype, cand_trace.meta, site_types)
     cmp = compare_traces(cand_trace, ref.trace, policy, local)
     cmp.meta.update(reference_run=ref.path, storage_dtype=policy.storage)
     return cmp
