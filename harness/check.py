@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.compare.comparator import Comparator, Comparison, step_label
+from harness.compare.comparator import Comparator, Comparison, step_label, systematic_words
 from harness.compare.tolerance import FLOOR_UNITS, MAX_PER_REL, UNIT_ROUNDOFF, Tol
 from harness.runs.store import LAST_ROW_SITES
 from harness.sites import SiteFilter, all_sites, input_sites, parse_site, shape_of
@@ -166,18 +166,22 @@ class SiteStoragePolicy:
     anchor of its recomputation so. Everything else is the wrapped policy's."""
 
     def __init__(self, policy, storage: dict[tuple[str, str], str]):
-        self.policy, self.storage = policy, storage      # (site, kind) -> "float16" / "bfloat16"
+        # (site, kind) -> "float16" / "bfloat16"; not named ``storage``, which on a policy means the
+        # whole reference's storage dtype (StoragePolicy; a Comparator turns the statistics off for it).
+        # A widened site's regime label names its storage, which the systematic null never calibrated,
+        # so the statistics do not judge it.
+        self.policy, self.site_storage = policy, storage
 
     def __getattr__(self, name):
         return getattr(self.policy, name)
 
     def class_of(self, site, family, kind="local"):
-        c, s = self.policy.class_of(site, family, kind), self.storage.get((site, kind))
+        c, s = self.policy.class_of(site, family, kind), self.site_storage.get((site, kind))
         return c if s is None else f"{c}+{s}"
 
     def lookup(self, site, family, kind="local"):
         tol, label = self.policy.lookup(site, family, kind)
-        s = self.storage.get((site, kind))
+        s = self.site_storage.get((site, kind))
         if s is None:
             return tol, label
         floor = FLOOR_UNITS * UNIT_ROUNDOFF[s]
@@ -185,7 +189,7 @@ class SiteStoragePolicy:
 
     def describe(self) -> dict:
         d = self.policy.describe()
-        widened = sorted({site for (site, _), s in self.storage.items()})
+        widened = sorted({site for (site, _), s in self.site_storage.items()})
         if widened:
             d["storage_widened"] = widened
         return d
@@ -271,7 +275,7 @@ def check(req: CheckRequest, candidate: Trace | None = None, storage: dict | Non
     ref = recorded_reference(req.reference, candidate) if req.reference else live_reference(req, candidate)
     local = engine_local(model, candidate)
     op_in = model.config.spec.inputs
-    sites = [s for s in candidate.sites()]
+    sites = candidate.sites()
     policy = SiteStoragePolicy(model_policy(model, ref.meta.get("backend", "cpu")),
                                storage_widening(storage or {}, sites, op_in))
     cmp = compare_engine(candidate, ref, local, policy)
@@ -312,6 +316,8 @@ def explain(cmp: Comparison, span: list[str], who: str = "your") -> str:
     parts.append(f"recomputed on {own} inputs, {f.site} should be {r['local_ours']:.4g} at {r['local_worst']}, "
                  f"{has} {r['local_ref']:.4g} (relative error {r['local_rel_l2']:.3g}, "
                  f"tolerance {r['local_tol_rel']:.3g})")
+    if r.get("sys_passed") is False and r.get("local_elem_passed", True):
+        parts.append(systematic_words(r, ours="expected", ref="yours"))
     return "; ".join(parts)
 
 

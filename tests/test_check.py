@@ -199,3 +199,25 @@ def test_transformers_candidate(tiny_f32, tmp_path):
     f = res.comparison.first
     assert (f.step, f.layer, f.site) == (0, 1, "blk.1.q") and f.kind == "local"
     assert "transformers' blk.1.q_proj matches llama.cpp" in f.explanation
+
+
+def test_systematic_error_below_the_tolerance_in_an_engine(synth_dir, llama_lib, tmp_path):
+    """An engine (our model's own trace, written as another engine would) whose one Q8_0 matmul
+    scales its output by 1 + 1e-4: every element is within the 1% element-wise tolerance, and the
+    systematic statistics name the op, in the engine's terms."""
+    from harness.ours.model import load_model
+    from harness.synth import default_fixture
+    gguf = default_fixture("q8_0", preset="tiny", seed=0, cache_dir=synth_dir)
+    model = load_model(gguf)
+
+    def scale(x, ctx):
+        return x * (1 + 1e-4) if ctx.step == 0 else None
+    prompt = [int(t) for t in PROMPT.split(",")]
+    with model.hooks([("blk.1.ffn_up", scale)]):
+        trace = model.run_with_cache(prompt, 2)
+    out = write_trace(trace, tmp_path / "eng", engine={"name": "scaled-engine", "kv_type": "f32"})
+    rc, d = check(tmp_path, gguf, out)
+    f = d["first_divergence"]
+    assert rc == 1 and first(d) == (0, 1, "blk.1.ffn_up")
+    assert f["row"]["local_elem_passed"] is True and f["row"]["sys_passed"] is False
+    assert "systematic (slope: expected = (1 -0.0001) x yours" in f["explanation"], f["explanation"]

@@ -419,14 +419,15 @@ def _explain(step, site, row, inputs, kind, ref_name) -> str:
                  f"ours {row[pre + 'ours']:.4g}, {ref_name} {row[pre + 'ref']:.4g} "
                  f"(relative error {row[pre + 'rel_l2']:.3g})")
     if kind == "local" and row.get("sys_passed") is False and row.get("local_elem_passed", True):
-        parts.append(_systematic_words(row))
+        parts.append(systematic_words(row))
     return "; ".join(parts)
 
 
-def _systematic_words(row: dict) -> str:
-    """Why a site whose elements are all within tolerance still fails: its worst statistic."""
+def systematic_words(row: dict, ours: str = "ours", ref: str = "reference") -> str:
+    """Why a site whose elements are all within tolerance still fails: its worst statistic
+    (``ours``/``ref``: what the local pair's two sides are called)."""
     stat = row.get("sys_stat")
-    what = {"slope": f"ours = (1 {row.get('sys_slope', 0):+.3g}) x reference, z = {row.get('sys_z_slope', 0):.3g}",
+    what = {"slope": f"{ours} = (1 {row.get('sys_slope', 0):+.3g}) x {ref}, z = {row.get('sys_z_slope', 0):.3g}",
             "offset": f"mean error {row.get('sys_offset', 0):+.3g} x rms, z = {row.get('sys_z_offset', 0):.3g}",
             "chan": f"per-channel mean error {row.get('sys_chan', 0):.3g} x rms, z = {row.get('sys_z_chan', 0):.3g}"}
     return (f"every element is within tolerance but the error is systematic ({stat}: {what.get(stat, '')}, "
