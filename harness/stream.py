@@ -19,8 +19,11 @@ tolerances and verdicts as the single-batch path. Attention-score sites ``kq``/`
 statistics are the same; ``kq`` (raw scores, no mask) loses the non-causal scores of later
 positions, which nothing downstream reads: its statistics cover the causal part (plus each
 batch's own upper triangle). Logit rows (top-1, top-k, KL) are per token row, so exact.
-What a single-batch run adds on top (the systematic-error statistics of the local pairs) is
-not merged here: micro-batched verdicts are element-wise.
+The systematic-error statistics of the local pairs (:mod:`harness.compare.systematic`) merge
+the same way: each batch's :func:`~harness.compare.systematic.sys_sums` (sums and per-channel
+sums over its rows) add up to the whole step's, so a micro-batched verdict tests them as the
+single-batch path does (exactly for token-major sites; over each batch's own slab for the
+attention-score sites, as above).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import math
 
 import torch
 
+import harness.compare.systematic as sysmod
 from harness.compare.comparator import Comparator
 from harness.compare.metrics import logit_stats, optimistic_stats, stats_vector
 from harness.sites import SiteFilter, parse_site
@@ -39,6 +43,22 @@ class Merger:
 
     def __init__(self):
         self.acc: dict[tuple[str, int, str], list] = {}     # -> [vector (list of 9), full shape]
+        self.sys: dict[tuple[int, str], list] = {}          # local pairs: [sums (6), channel sums]
+
+    def add_sys(self, step: int, site: str, sums: torch.Tensor, chan: torch.Tensor | None) -> None:
+        """A batch's :func:`~harness.compare.systematic.sys_sums` of the local pair at (step, site)."""
+        old = self.sys.get((step, site))
+        if old is None:
+            self.sys[(step, site)] = [sums.clone(), None if chan is None else chan.clone()]
+            return
+        old[0] += sums
+        if old[1] is not None and chan is not None:
+            old[1] += chan
+
+    def systematic(self):
+        """(step, site, the six systematic columns) of every local pair with merged sums."""
+        for (step, site), (sums, chan) in self.sys.items():
+            yield step, site, sysmod.sys_finish(sums, chan).tolist()
 
     def add(self, kind: str, step: int, site: str, vec: list[float], piece: tuple, t0: int, full: tuple) -> None:
         """``vec`` of a batch whose tensor has shape ``piece`` and starts at row ``t0`` of the
@@ -128,7 +148,10 @@ class Lockstep:
                 return
             if name == "logits" and kind == "e2e":
                 self._logit_rows(step, t0, x, ref)
-            self.pending.append((kind, step, name, t0, x, ref, optimistic_stats(x, ref)))
+            sums = None
+            if kind == "local" and self.comp.wants_systematic(name, math.prod(self._full(step, name, ref.shape))):
+                sums = sysmod.sys_sums(x, ref, parse_site(name)[1].layout[0] == "T")
+            self.pending.append((kind, step, name, t0, x, ref, optimistic_stats(x, ref), sums))
             self.pending_bytes += x.numel() * 4
             if self.pending_bytes >= self.HOLD or not x.is_cuda:
                 self._reduce()
@@ -145,20 +168,28 @@ class Lockstep:
         if not self.pending:
             return
         vals = torch.stack([p[6] for p in self.pending]).cpu()
-        for i, (kind, step, name, t0, x, ref, _) in enumerate(self.pending):
+        for i, (kind, step, name, t0, x, ref, _, sums) in enumerate(self.pending):
             v = vals[i]
             if not bool(torch.isfinite(v[2:5]).all()):
                 v = stats_vector(x, ref).cpu()
-            T, P = self.step_shape(step)
-            full = tuple({"T": T, "P": P}.get(d, n) for d, n in zip(parse_site(name)[1].layout, ref.shape))
-            self.merger.add(kind, step, name, v.tolist(), tuple(ref.shape), t0, full)
+            self.merger.add(kind, step, name, v.tolist(), tuple(ref.shape), t0, self._full(step, name, ref.shape))
+            if sums is not None:
+                self.merger.add_sys(step, name, *sums)
         self.pending, self.pending_bytes = [], 0
+
+    def _full(self, step: int, name: str, piece) -> tuple:
+        """The whole step's shape of a batch's tensor of shape ``piece`` at ``name``."""
+        T, P = self.step_shape(step)
+        return tuple({"T": T, "P": P}.get(d, n) for d, n in zip(parse_site(name)[1].layout, piece))
 
     def finish(self, ours_meta: dict, ref_meta: dict, tokens: list[int], n_prompt: int, n_layer: int):
         """The Comparison (rows in execution order) once llama.cpp's run has returned."""
         for kind, step, site, full, vec in self.merger.vectors():
             if (kind, step, site) not in self.broken:
                 self.comp.add_reduced(kind, step, site, full, vec)
+        for step, site, cols in self.merger.systematic():
+            if ("local", step, site) not in self.broken:
+                self.comp.add_systematic(step, site, cols)
         order = Trace(n_layer, tokens=list(tokens), n_prompt=n_prompt, meta=dict(ref_meta),
                       tensors={k: None for k in self.seen})
         return self.comp.result(ours_meta, order)

@@ -88,3 +88,27 @@ def test_microbatched_through_the_worker(tiny_f32, llama_lib):
     assert cmp.meta["ubatch"] == 8 and (cmp.first.step, cmp.first.layer, cmp.first.site) == (0, 1, "blk.1.q_rope")
     worst = cmp.first.row["local_worst"].split()          # "token 23 head 1 dim 5": a row of a later batch
     assert worst[0] == "token" and 20 <= int(worst[1]) < 28
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_microbatched_systematic_statistics(synth_dir, llama_lib, step):
+    """The systematic statistics merge over the batches: a 1e-4 scale in one Q8_0 matmul, within
+    every element's tolerance, is named at its exact site by both paths, and the clean sites'
+    statistics and verdicts are the single-batch path's."""
+    from harness.mde import perturb_fault
+    from harness.synth import default_fixture
+    path = default_fixture("q8_0", preset="tiny", seed=0, cache_dir=synth_dir)
+    fault = perturb_fault("scale", 1e-4, "blk.1.ffn_up", step)
+    one, many = _run(path, [fault], 0), _run(path, [fault], 16)
+    assert many.meta["ubatch"] == 16
+    for c in (one, many):
+        assert (c.first.step, c.first.layer, c.first.site) == (step, 1, "blk.1.ffn_up")
+        assert c.first.row["local_elem_passed"] and c.first.row["sys_stat"] == "slope"
+        assert c.first.row["sys_slope"] == pytest.approx(1e-4, rel=0.05)
+    a, b = one.table, many.table
+    assert a.sys_passed.notna().sum() > 100
+    assert list(a.sys_passed.fillna("na")) == list(b.sys_passed.fillna("na"))
+    # layer 0's token-major sites see the same inputs in both paths: the same statistics
+    same = (a.layer == 0) & a.site.str.match(r"^blk\.0\.(attn_norm|q_proj|q|k|v|ffn_up|ffn_gate)$")
+    for col in ("sys_slope", "sys_z_slope", "sys_z_offset", "sys_z_chan"):
+        assert list(b[same][col]) == pytest.approx(list(a[same][col]), rel=1e-6, abs=1e-9, nan_ok=True), col

@@ -191,15 +191,26 @@ class Comparator:
             self._queue("local", step, site, local, ref)
         else:
             self._local_row(step, site, tuple(ref.shape), _values(pair_stats(local, ref)))
-        # only where a verdict can follow (calibrated regime/family, size within the calibrated):
-        # no float64 temporaries for a vocabulary-wide prefill on the GPU that would not be judged
-        if self.null is not None and ref.numel() <= self.null.n_max(self._tol(site, spec.family, "local")[1],
-                                                                     spec.family):
+        if self.wants_systematic(site, ref.numel()):
             vec = sysmod.sys_vector(local, ref, spec.layout[0] == "T")
             if self._defer(local):
                 self.sys_pending.append((step, site, vec))
             else:
-                self.rows[(step, site)].update(sysmod.row_values(vec.tolist()))
+                self.add_systematic(step, site, vec.tolist())
+
+    def wants_systematic(self, site: str, numel: int) -> bool:
+        """Are the systematic statistics of a local pair at ``site`` of ``numel`` elements wanted?
+        Only where a verdict can follow (calibrated regime/family, size within the calibrated):
+        no float64 temporaries for a vocabulary-wide prefill on the GPU that would not be judged."""
+        if self.null is None:
+            return False
+        family = parse_site(site)[1].family
+        return numel <= self.null.n_max(self._tol(site, family, "local")[1], family)
+
+    def add_systematic(self, step: int, site: str, vec) -> None:
+        """The six :data:`~harness.compare.systematic.COLUMNS` of the local pair at (step, site),
+        computed here or elsewhere (merged over a micro-batched prefill's batches)."""
+        self.rows.setdefault((step, site), {}).update(sysmod.row_values(vec))
 
     def _local_row(self, step: int, site: str, shape: tuple, v: tuple) -> None:
         _, rel, max_norm, _, widx, ov, rv, _ = v
@@ -258,7 +269,7 @@ class Comparator:
         if self.sys_pending:      # after the rows exist: the same column order as the per-pair path
             vals = torch.stack([p[2] for p in self.sys_pending]).cpu().tolist()
             for (step, site, _), v in zip(self.sys_pending, vals):
-                self.rows.setdefault((step, site), {}).update(sysmod.row_values(v))
+                self.add_systematic(step, site, v)
             self.sys_pending = []
 
     def _fill_pending(self) -> None:

@@ -51,14 +51,29 @@ def sys_vector(ours: torch.Tensor, ref: torch.Tensor, token_major: bool) -> torc
     host synchronisation (a GPU caller stacks many and transfers them once). Elements non-finite
     on either side are left out (NaN results when nothing is left); ``chan`` is NaN unless
     ``token_major`` and the tensor has at least 2 rows."""
+    return sys_finish(*sys_sums(ours, ref, token_major))
+
+
+def sys_sums(ours: torch.Tensor, ref: torch.Tensor, token_major: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sufficient statistics of :func:`sys_vector`, which add up over row blocks of a
+    token-major tensor (a micro-batched prefill, :mod:`harness.stream`): float64
+    ``[n, <ref, ref>, <d, ref>, <d, d>, sum d, rows]`` and, for ``token_major`` tensors, the
+    per-channel sums of d over rows (layout (T, ...) flattened to (T, C)), else None."""
     a = ours.detach().to(torch.float64)
     b = ref.detach().to(device=a.device, dtype=torch.float64)
     ok = torch.isfinite(a) & torch.isfinite(b)
     a, b = torch.where(ok, a, 0.0), torch.where(ok, b, 0.0)
     d = a - b
-    n = ok.sum().double()
     fd, fb = d.flatten(), b.flatten()
-    bb, db, dd, sd = fb @ fb, fd @ fb, fd @ fd, fd.sum()
+    rows = float(d.shape[0]) if token_major and d.dim() >= 2 else 0.0
+    sums = torch.stack([ok.sum().double(), fb @ fb, fd @ fb, fd @ fd, fd.sum(),
+                        torch.full((), rows, dtype=torch.float64, device=a.device)])
+    return sums, (d.reshape(d.shape[0], -1).sum(0) if rows else None)
+
+
+def sys_finish(sums: torch.Tensor, chan_sums: torch.Tensor | None) -> torch.Tensor:
+    """:func:`sys_vector`'s six numbers from (possibly added-up) :func:`sys_sums`."""
+    n, bb, db, dd, sd, rows = sums.unbind()
     beta = db / bb
     s2_slope = (dd - db * db / bb).clamp_min(0.0) / (n - 1)
     z_slope = _z(db, (bb * s2_slope).sqrt())
@@ -66,10 +81,10 @@ def sys_vector(ours: torch.Tensor, ref: torch.Tensor, token_major: bool) -> torc
     s2 = (dd - n * mu * mu).clamp_min(0.0) / (n - 1)
     z_off = _z(mu, (s2 / n).sqrt())
     rms = (bb / n).sqrt()
-    nan = torch.full((), float("nan"), dtype=torch.float64, device=a.device)
+    nan = torch.full((), float("nan"), dtype=torch.float64, device=sums.device)
     chan, z_chan = nan, nan
-    if token_major and d.dim() >= 2 and d.shape[0] >= 2:
-        chan, z_chan = _channel(d.reshape(d.shape[0], -1), rms)
+    if chan_sums is not None and float(rows) >= 2:
+        chan, z_chan = _channel(chan_sums, dd, float(rows), rms)
     return torch.stack([beta, z_slope, mu / rms, z_off, chan, z_chan])
 
 
@@ -79,13 +94,14 @@ def _z(num: torch.Tensor, se: torch.Tensor) -> torch.Tensor:
     return torch.where(se > 0, num / se.clamp_min(1e-300), torch.where(num != 0, inf * num.sign(), 0.0 * num))
 
 
-def _channel(d: torch.Tensor, rms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(effect, z) of the per-channel means of a (T, C) error against the pooled within-channel
-    variance: chi = T * sum_c m_c^2 / s^2 ~ chi-square(C) under unbiased noise."""
-    t, c = d.shape
-    m = d.mean(0)
-    s2 = ((d - m) ** 2).sum() / (t * c - c)
+def _channel(chan_sums: torch.Tensor, dd: torch.Tensor, t: float, rms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(effect, z) of the per-channel means m_c of a (T, C) error (``chan_sums`` = T m_c, ``dd``
+    its sum of squares) against the pooled within-channel variance s^2 = (dd - T sum m_c^2) /
+    (TC - C): chi = T * sum_c m_c^2 / s^2 ~ chi-square(C) under unbiased noise."""
+    c = chan_sums.numel()
+    m = chan_sums / t
     chi_num = t * (m * m).sum()
+    s2 = (dd - chi_num).clamp_min(0.0) / (t * c - c)
     chi = torch.where(s2 > 0, chi_num / s2.clamp_min(1e-300),
                       torch.where(chi_num > 0, torch.full_like(chi_num, float("inf")), 0.0 * chi_num + c))
     return (m * m).mean().sqrt() / rms, (chi - c) / math.sqrt(2 * c)
