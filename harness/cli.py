@@ -68,6 +68,8 @@ def _check_report_args(args) -> None:
         raise UsageError("give exactly one of --prompt TEXT or --tokens 1,2,3")
     if args.steps < 0:
         raise UsageError("--steps must be >= 0")
+    if getattr(args, "ubatch", None) is not None and args.ubatch < 0:
+        raise UsageError("--ubatch must be >= 0 (0: the prompt in one batch)")
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -89,7 +91,7 @@ def cmd_report(args) -> int:
     req = DiffRequest(args.model, prompt=args.prompt, tokens=parse_tokens(args.tokens) if args.tokens else None,
                       steps=args.steps, device=args.device, dtype=args.dtype, sites=args.sites,
                       faults=faults, kv_type=args.kv_type, lazy_weights=args.lazy_weights,
-                      extra_bufts=args.extra_bufts, isolate=not args.in_process)
+                      extra_bufts=args.extra_bufts, isolate=not args.in_process, ubatch=args.ubatch)
     res = diff_on_device(req) if args.device == "cuda" else diff_gguf(req)
     fmt = args.format
     if fmt == "html":
@@ -336,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lazy-weights", action="store_true", default=None,
                    help="keep our weight matrices quantized and expand one at a time when used (for models "
                         "whose float weights do not fit beside llama.cpp's; automatic on CUDA when needed)")
+    r.add_argument("--ubatch", type=int, metavar="N",
+                   help="decode the prompt N tokens at a time and compare each micro-batch before the next "
+                        "(memory bounded by one batch); 0: one batch; default: chosen by the memory budget")
     r.set_defaults(fn=cmd_report)
 
     rec = sub.add_parser("record", help="record llama.cpp's tensors at every site into a reference run")

@@ -65,6 +65,19 @@ def test_json_report_is_complete(tiny_f32, tmp_path, capsys):
     assert "no divergence" in capsys.readouterr().out
 
 
+def test_ubatch_flag_micro_batches_the_prompt(tiny_f32, capsys):
+    """--ubatch 4 on an 8-token prompt: two micro-batches, said in the header; the planted bug is
+    found at the same site as in one batch."""
+    toks = ",".join(map(str, PROMPT))
+    rc = main(["report", tiny_f32, "--tokens", toks, "--steps", "1", "--ubatch", "4", "--inject", "drop_qkv_bias",
+               "--format", "markdown"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "micro-batches of 4 tokens" in out
+    assert "the first op that diverges is blk.0.q at prefill" in out
+    rc = main(["report", tiny_f32, "--tokens", toks, "--steps", "1", "--ubatch", "0"])
+    assert rc == 0 and "micro-batches" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["report", "/nonexistent.gguf", "--tokens", "1"], "no such file"),
     (["report", "{f32}", "--tokens", "1,x"], "--tokens must be comma-separated integers"),
@@ -74,6 +87,7 @@ def test_json_report_is_complete(tiny_f32, tmp_path, capsys):
     (["report", "{f32}", "--tokens", "1", "--sites", "blk.*.nope"], "matches no site"),
     (["report", "{f32}", "--tokens", "1", "--inject", "no_such_fault"], "unknown fault"),
     (["report", "{f32}", "--tokens", "1", "--steps", "-1"], "--steps must be >= 0"),
+    (["report", "{f32}", "--tokens", "1", "--ubatch", "-1"], "--ubatch must be >= 0"),
     (["report", "{f32}", "--tokens", "1", "--format", "pdf"], None),
 ])
 def test_bad_input_exits_2_with_one_line(tiny_f32, capsys, argv, message):

@@ -123,6 +123,9 @@ def header_lines(cmp: Comparison) -> list[str]:
              f"tokens {len(m.get('tokens', []))} (prompt {m.get('n_prompt')}): prefill + "
              f"{max(len(m.get('tokens', [])) - (m.get('n_prompt') or 0), 0)} decode steps, {m.get('compared')} site tensors compared; tolerance regime {pol.get('regime')}"
              f" (calibrated from {pol.get('calibrated_from')})"]
+    if m.get("ubatch"):
+        lines.append(f"prompt decoded in micro-batches of {m['ubatch']} tokens, each compared and freed "
+                     f"before the next (statistics merged per step)")
     lines += regime_lines(pol)
     lines.append(summary_line(ref))
     if ref.get("extra_bufts") or (ref.get("provenance") or {}).get("extra_bufts"):
