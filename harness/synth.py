@@ -5,14 +5,19 @@ deterministic per seed: each tensor's values depend only on (seed, tensor name),
 Generators in fixed blocks (filled on all cores), so a tied and an untied file share every tensor
 they both have. Matrices, norms and biases are random; the q/k biases carry the large
 negative outliers real Qwen2.5 has (in the low-frequency RoPE dims, so attention stays sane).
-Quantized types are made by llama.cpp's own quantizer from an F32 file. Every failure is a
-:class:`SynthError` with a one-line message.
+Quantized types are made by llama.cpp's own quantizer from an F32 file, or, for the big presets,
+from a Q8_0 base quantized tensor by tensor while it is generated (ggml's own ``ggml_quantize_chunk``
+from llama-cpp-python's libggml-base): about a quarter of the F32 temp file. Free disk space is
+checked against an estimate before anything is written. Every failure is a :class:`SynthError`
+with a one-line message.
 """
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import itertools
 import os
+import shutil
 import string
 import uuid
 import zlib
@@ -65,11 +70,12 @@ PRESETS: dict[str, Preset] = {
     "qwen2.5-0.5b": Preset(n_layer=24, d_model=896, d_ff=4864, n_head=14, n_head_kv=2,
                            n_vocab=151936, n_ctx=32768, rope_base=1e6, rms_eps=1e-6, tied=False,
                            n_regular=151643, n_special=22),
-    # Qwen2.5-7B shapes, for benchmarks (about 15 GB of F16 while it is quantized)
+    # Qwen2.5-7B shapes, for benchmarks (its quantized types are made from an 8.1 GB Q8_0 base)
     "qwen2.5-7b": Preset(n_layer=28, d_model=3584, d_ff=18944, n_head=28, n_head_kv=4,
                          n_vocab=152064, n_ctx=32768, rope_base=1e6, rms_eps=1e-6, tied=False,
                          n_regular=151643, n_special=22),
-    # Qwen2.5-32B shapes, for memory benchmarks (issue 16); its F16 base is about 65 GB on disk
+    # Qwen2.5-32B shapes, for memory benchmarks (issue 16): Q4_K_M needs a 34.8 GB Q8_0 base (not a
+    # 65 GB F16 one) next to the 19.9 GB result while it is quantized
     "qwen2.5-32b": Preset(n_layer=64, d_model=5120, d_ff=27648, n_head=40, n_head_kv=8,
                           n_vocab=152064, n_ctx=32768, rope_base=1e6, rms_eps=1e-6, tied=False,
                           n_regular=151643, n_special=22),
@@ -84,7 +90,8 @@ PRESETS: dict[str, Preset] = {
                        n_vocab=151936, n_ctx=40960, rope_base=1e6, rms_eps=1e-6, tied=False,
                        n_regular=151643, n_special=22, arch="qwen3", key_length=128),
 }
-_F16_BASE = {"qwen2.5-7b", "qwen2.5-32b", "qwen3-8b"}   # presets quantized from an F16 (not F32) file, to halve the temp file
+# presets whose quantized types are made from a Q8_0 base written while generated (not from F32)
+_Q8_BASE = {"qwen2.5-7b", "qwen2.5-32b", "qwen3-8b"}
 WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_k_m")
 
 # Qwen2.5's added tokens, in id order. The first three are the ones llama.cpp's chat/eos logic uses.
@@ -110,6 +117,11 @@ _MAT_STD = 0.02      # attention/FFN matrices, output.weight, biases
 _EMBD_STD = 0.02     # token_embd: small like Qwen, so RMSNorm's epsilon matters
 _OUTLIER_RANGE = (-34.0, -14.0)
 _BLOCK = 1 << 21     # elements per independently seeded block of a large tensor
+_QK8_0, _Q8_0_BYTES = 32, 34   # Q8_0: 32 weights in 34 bytes (an f16 scale and 32 int8)
+_GGML_Q8_0 = 8                 # enum ggml_type: GGML_TYPE_Q8_0
+_BYTES_PER_256 = {"F32": 1024, "F16": 512, "Q8_0": 272, "Q6_K": 210, "Q4_K": 144}
+_HEADER_BYTES = 1 << 24        # metadata (a 152k-token vocab and its merges: ~5 MB) and padding, rounded up
+_ggml_lib = None               # libggml-base (ctypes), False when it cannot be loaded
 
 
 def bytes_to_unicode() -> list[tuple[int, str]]:
@@ -199,6 +211,17 @@ def _rng(seed: int, name: str, block: int = 0) -> np.random.Generator:
     return np.random.Generator(np.random.SFC64(np.random.SeedSequence([seed, zlib.crc32(name.encode()), block])))
 
 
+def _blocks(n: int, fill) -> None:
+    """``fill(block)`` for each ``_BLOCK``-element block of an ``n``-element tensor, on all cores
+    (numpy's generators and ctypes calls release the GIL)."""
+    n_blocks = -(-n // _BLOCK)
+    if n_blocks == 1:
+        fill(0)
+    else:
+        with ThreadPoolExecutor(max_workers=min(n_blocks, os.cpu_count() or 1)) as pool:
+            list(pool.map(fill, range(n_blocks)))
+
+
 def _normal(seed: int, name: str, shape: tuple[int, ...], std: float, dtype) -> np.ndarray:
     """N(0, std^2) in ``dtype``, filled in fixed blocks (each its own generator) on all cores."""
     out = np.empty(shape, dtype=dtype)
@@ -213,12 +236,72 @@ def _normal(seed: int, name: str, shape: tuple[int, ...], std: float, dtype) -> 
             import torch
             torch.from_numpy(dst).copy_(torch.from_numpy(part))
 
-    n_blocks = -(-flat.size // _BLOCK)
-    if n_blocks == 1:
-        fill(0)
+    _blocks(flat.size, fill)
+    return out
+
+
+def _normal_q8(seed: int, name: str, shape: tuple[int, ...], std: float) -> np.ndarray:
+    """Q8_0 bytes (shape ``(*shape[:-1], shape[-1] // 32 * 34)``) of exactly the values
+    ``_normal(..., np.float32)`` draws, quantized block by block: no F32 copy of the whole tensor."""
+    n = int(np.prod(shape))
+    out = np.empty(n // _QK8_0 * _Q8_0_BYTES, np.uint8)
+
+    def fill(block: int) -> None:
+        lo, hi = block * _BLOCK, min(n, (block + 1) * _BLOCK)   # _BLOCK and n are multiples of 32
+        part = np.empty(hi - lo, np.float32)
+        _rng(seed, name, block).standard_normal(out=part, dtype=np.float32)
+        part *= std
+        quantize_q8_0(part, out[lo // _QK8_0 * _Q8_0_BYTES:hi // _QK8_0 * _Q8_0_BYTES])
+
+    _blocks(n, fill)
+    return out.reshape(*shape[:-1], shape[-1] // _QK8_0 * _Q8_0_BYTES)
+
+
+def _ggml():
+    """llama-cpp-python's bundled libggml-base (for ``ggml_quantize_chunk``), loaded once without
+    importing llama_cpp; None where it cannot be loaded."""
+    global _ggml_lib
+    if _ggml_lib is None:
+        _ggml_lib = False
+        spec = importlib.util.find_spec("llama_cpp")
+        dirs = list(spec.submodule_search_locations or []) if spec else []
+        for path in (os.path.join(d, "lib", f) for d in dirs for f in ("libggml-base.so", "libggml-base.dylib")):
+            try:
+                lib = ctypes.CDLL(path)
+                fn, row_size = lib.ggml_quantize_chunk, lib.ggml_row_size
+            except (OSError, AttributeError):
+                continue
+            fn.restype, row_size.restype = ctypes.c_size_t, ctypes.c_size_t
+            fn.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                           ctypes.c_int64, ctypes.c_void_p)
+            row_size.argtypes = (ctypes.c_int, ctypes.c_int64)
+            if row_size(_GGML_Q8_0, _QK8_0) == _Q8_0_BYTES:   # the enum value means Q8_0 in this build
+                _ggml_lib = lib
+                break
+    return _ggml_lib or None
+
+
+def quantize_q8_0(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Q8_0 bytes of float32 ``values`` (their size a multiple of 32) as llama.cpp makes them:
+    ggml's ``ggml_quantize_chunk`` where libggml-base loads, else gguf-py's numpy port of it.
+    Written into ``out`` (contiguous uint8 of the right size) when given."""
+    src = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    if src.size % _QK8_0:
+        raise SynthError(f"cannot quantize {src.size} values to Q8_0: not a multiple of {_QK8_0}")
+    nbytes = src.size // _QK8_0 * _Q8_0_BYTES
+    if out is None:
+        out = np.empty(nbytes, np.uint8)
+    if out.dtype != np.uint8 or out.size != nbytes or not out.flags.c_contiguous:
+        raise SynthError(f"Q8_0 of {src.size} values needs {nbytes} contiguous bytes, got {out.dtype} {out.shape}")
+    lib = _ggml()
+    if lib is not None:
+        done = lib.ggml_quantize_chunk(_GGML_Q8_0, src.ctypes.data, out.ctypes.data, 0, 1, src.size, None)
+        if done != nbytes:
+            raise SynthError(f"ggml_quantize_chunk wrote {done} bytes of Q8_0, expected {nbytes}")
     else:
-        with ThreadPoolExecutor(max_workers=min(n_blocks, os.cpu_count() or 1)) as pool:
-            list(pool.map(fill, range(n_blocks)))
+        from gguf.quants import quantize
+        from gguf import GGMLQuantizationType
+        out.reshape(-1)[:] = quantize(src, GGMLQuantizationType.Q8_0).reshape(-1)
     return out
 
 
@@ -234,7 +317,15 @@ def _outlier_bias(rng: np.random.Generator, n_heads: int, head_dim: int) -> np.n
     return bias
 
 
-def _make_tensor(seed: int, name: str, shape: tuple[int, ...], preset: Preset, float_dtype) -> np.ndarray:
+def _tensor_type(shape: tuple[int, ...], base: str) -> str:
+    """The GGML type of a tensor of ``shape`` in a base file of type ``base`` (f32, f16, q8_0):
+    1-D tensors (norms, biases) and rows that are not whole Q8_0 blocks stay F32."""
+    if len(shape) == 1 or (base == "q8_0" and shape[-1] % _QK8_0):
+        return "F32"
+    return base.upper()
+
+
+def _make_tensor(seed: int, name: str, shape: tuple[int, ...], preset: Preset, base: str) -> np.ndarray:
     if name.endswith("norm.weight"):
         a = _rng(seed, name).standard_normal(shape, dtype=np.float32)
         a *= 0.1
@@ -244,17 +335,16 @@ def _make_tensor(seed: int, name: str, shape: tuple[int, ...], preset: Preset, f
         n = preset.n_head if "attn_q" in name else preset.n_head_kv
         return _outlier_bias(_rng(seed, name), n, preset.head_dim)
     std = _EMBD_STD if name == "token_embd.weight" else _MAT_STD
-    return _normal(seed, name, shape, std, np.float32 if len(shape) == 1 else float_dtype)
+    ttype = _tensor_type(shape, base)
+    if ttype == "Q8_0":
+        return _normal_q8(seed, name, shape, std)
+    return _normal(seed, name, shape, std, np.float16 if ttype == "F16" else np.float32)
 
 
-def _write_float(path: str, preset: Preset, name: str, float_dtype, seed: int, tied: bool) -> None:
-    """Stream an F32/F16 GGUF to ``path``: one tensor in memory at a time."""
+def _write_metadata(w, preset: Preset) -> None:
+    """Hyperparameters and the tokenizer, as GGUF key/values."""
     import gguf
     tok = build_tokenizer(preset)
-    w = gguf.GGUFWriter(path, preset.arch)
-    w.add_name(name)
-    w.add_file_type(int(gguf.LlamaFileType.ALL_F32 if float_dtype == np.float32
-                        else gguf.LlamaFileType.MOSTLY_F16))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(preset.n_ctx)
     w.add_embedding_length(preset.d_model)
@@ -277,16 +367,34 @@ def _write_float(path: str, preset: Preset, name: str, float_dtype, seed: int, t
     w.add_pad_token_id(tok["pad"])
     w.add_bos_token_id(tok["bos"])
     w.add_add_bos_token(False)
+
+
+def _write_base(path: str, preset: Preset, name: str, base: str, seed: int, tied: bool) -> None:
+    """Stream a GGUF whose matrices are ``base`` (f32, f16 or q8_0) to ``path``: one tensor in
+    memory at a time (a Q8_0 one never whole in F32)."""
+    import gguf
+    w = gguf.GGUFWriter(path, preset.arch)
+    w.add_name(name)
+    w.add_file_type(int({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[base]))
+    _write_metadata(w, preset)
     plan = _tensor_plan(preset, tied)
     for tname, shape in plan.items():
-        dt = np.dtype(np.float32 if len(shape) == 1 else float_dtype)
-        w.add_tensor_info(tname, shape, dt, int(np.prod(shape)) * dt.itemsize)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for tname, shape in plan.items():
-        w.write_tensor_data(_make_tensor(seed, tname, shape, preset, float_dtype))
-    w.close()
+        ttype = _tensor_type(shape, base)
+        if ttype == "Q8_0":
+            w.add_tensor_info(tname, (*shape[:-1], shape[-1] // _QK8_0 * _Q8_0_BYTES), np.dtype(np.uint8),
+                              _nbytes(shape, ttype), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor_info(tname, shape, np.dtype(np.float16 if ttype == "F16" else np.float32),
+                              _nbytes(shape, ttype))
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for tname, shape in plan.items():
+            w.write_tensor_data(_make_tensor(seed, tname, shape, preset, base))
+    finally:
+        w.close()
 
 
 def _quantize(src: str, dst: str, wtype: str) -> None:
@@ -302,13 +410,66 @@ def _quantize(src: str, dst: str, wtype: str) -> None:
 
 
 def quantize_file(src: str, dst: str, wtype: str) -> int:
-    """``llama_model_quantize(src -> dst)`` in this process; its return code."""
+    """``llama_model_quantize(src -> dst)`` in this process (a Q8_0 ``src`` is requantized); its return code."""
     from harness.llama.lib import llama
     lc = llama()
     p = lc.llama_model_quantize_default_params()
     p.ftype = {"q8_0": lc.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": lc.LLAMA_FTYPE_MOSTLY_Q4_K_M}[wtype]
     p.nthread = min(os.cpu_count() or 1, 8)
+    p.allow_requantize = True
     return lc.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
+
+
+def _nbytes(shape: tuple[int, ...], ttype: str) -> int:
+    return int(np.prod(shape)) * _BYTES_PER_256[ttype] // 256
+
+
+def _q4_k_m_type(name: str, shape: tuple[int, ...], preset: Preset, tied: bool) -> str:
+    """The type llama.cpp's Q4_K_M gives a matrix of a dense qwen2/qwen3 model (its
+    llama_tensor_get_type), for size estimates; rows that k-quants cannot take are bounded by Q8_0."""
+    if shape[-1] % 256:
+        return "Q8_0"
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        return "Q6_K"
+    if name.endswith(("attn_v.weight", "ffn_down.weight")):
+        i, n = int(name.split(".")[1]), preset.n_layer
+        if i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2:   # llama.cpp's use_more_bits
+            return "Q6_K"
+    return "Q4_K"
+
+
+def _base_type(preset: str, wtype: str, q8_base: bool | None) -> str:
+    if wtype in ("f32", "f16"):
+        return wtype
+    return "q8_0" if (preset in _Q8_BASE if q8_base is None else q8_base) else "f32"
+
+
+def disk_estimate(preset: str, wtype: str, tied: bool | None = None, q8_base: bool | None = None) -> tuple[int, int]:
+    """(temporary base, final file) bytes that :func:`write_synthetic` has on disk at once with
+    these arguments, estimated from the tensor shapes; the base is 0 where it becomes the final file."""
+    _check_choice("preset", preset, PRESETS)
+    _check_choice("weight type", wtype, WEIGHT_TYPES)
+    p = PRESETS[preset]
+    tied = p.tied if tied is None else bool(tied)
+    base = _base_type(preset, wtype, q8_base)
+    plan = _tensor_plan(p, tied)
+    base_bytes = _HEADER_BYTES + sum(_nbytes(s, _tensor_type(s, base)) for s in plan.values())
+    if base == wtype:
+        return 0, base_bytes
+    final = _HEADER_BYTES + sum(_nbytes(s, _tensor_type(s, "q8_0") if wtype == "q8_0" or len(s) == 1
+                                         else _q4_k_m_type(n, s, p, tied)) for n, s in plan.items())
+    return base_bytes, final
+
+
+def _check_space(out_path: str, preset: str, wtype: str, tied: bool, q8_base: bool | None) -> None:
+    base, final = disk_estimate(preset, wtype, tied, q8_base)
+    directory = os.path.dirname(out_path)
+    free = shutil.disk_usage(directory).free
+    if base + final > free:
+        gb = lambda n: f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"   # noqa: E731
+        parts = f"a {gb(base)} {_base_type(preset, wtype, q8_base).upper()} base and " if base else ""
+        raise SynthError(f"{out_path}: not enough free disk space: {preset} {wtype} needs about {gb(base + final)} "
+                         f"({parts}the {gb(final)} {wtype.upper()} file), {directory} has {gb(free)} free")
 
 
 def _check_choice(kind: str, value: str, choices) -> None:
@@ -322,10 +483,12 @@ def _temp_path(directory: str, base: str, tag: str) -> str:
 
 
 def write_synthetic(out_path: str | os.PathLike, preset: str = "tiny", wtype: str = "f32",
-                    seed: int = 0, tied: bool | None = None) -> str:
+                    seed: int = 0, tied: bool | None = None, q8_base: bool | None = None) -> str:
     """Write a random-weight GGUF of a preset to ``out_path`` atomically and return its path.
 
-    ``tied=None`` takes the preset's default; ``tied=True`` omits output.weight."""
+    ``tied=None`` takes the preset's default; ``tied=True`` omits output.weight. ``q8_base``: make a
+    q8_0/q4_k_m file from a Q8_0 base (itself the q8_0 file) rather than an F32 one; None takes the
+    preset's default (the big presets do). Fails before writing when the disk cannot hold it."""
     _check_choice("preset", preset, PRESETS)
     _check_choice("weight type", wtype, WEIGHT_TYPES)
     if not isinstance(seed, int) or seed < 0:
@@ -333,23 +496,24 @@ def write_synthetic(out_path: str | os.PathLike, preset: str = "tiny", wtype: st
     p = PRESETS[preset]
     tied = p.tied if tied is None else bool(tied)
     out_path = os.path.abspath(os.fspath(out_path))
-    directory, base = os.path.split(out_path)
+    directory, base_name = os.path.split(out_path)
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise SynthError(f"{out_path}: cannot create directory ({e.strerror})") from None
     name = f"synthetic-{preset}-{wtype}-s{seed}{'-tied' if tied else ''}"
+    base = _base_type(preset, wtype, q8_base)
     temps = []
     try:
-        half = wtype == "f16" or preset in _F16_BASE
-        float_path = _temp_path(directory, base, "f16" if half else "f32")
-        temps.append(float_path)
-        _write_float(float_path, p, name, np.float16 if half else np.float32, seed, tied)
-        final = float_path
-        if wtype in ("q8_0", "q4_k_m"):
-            final = _temp_path(directory, base, wtype)
+        _check_space(out_path, preset, wtype, tied, q8_base)
+        base_path = _temp_path(directory, base_name, base)
+        temps.append(base_path)
+        _write_base(base_path, p, name, base, seed, tied)
+        final = base_path
+        if wtype != base:
+            final = _temp_path(directory, base_name, wtype)
             temps.append(final)
-            _quantize(float_path, final, wtype)
+            _quantize(base_path, final, wtype)
         os.replace(final, out_path)
     except OSError as e:
         raise SynthError(f"{out_path}: cannot write ({e.strerror or e})") from None
