@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.compare.comparator import Comparator, Comparison, step_label, systematic_words
-from harness.compare.tolerance import FLOOR_UNITS, MAX_PER_REL, UNIT_ROUNDOFF, Tol
+from harness.compare.tolerance import FLOOR_UNITS, UNIT_ROUNDOFF, Tol, max_floor
 from harness.runs.store import LAST_ROW_SITES
 from harness.sites import SiteFilter, all_sites, input_sites, parse_site, shape_of
 from harness.trace import Trace
@@ -185,7 +185,7 @@ class SiteStoragePolicy:
         if s is None:
             return tol, label
         floor = FLOOR_UNITS * UNIT_ROUNDOFF[s]
-        return Tol(max(tol.rel, floor), max(tol.max, floor * MAX_PER_REL)), f"{label}+{s} storage"
+        return Tol(max(tol.rel, floor), max(tol.max, max_floor(family, floor))), f"{label}+{s} storage"
 
     def describe(self) -> dict:
         d = self.policy.describe()

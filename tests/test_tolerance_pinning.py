@@ -21,6 +21,7 @@ import zlib
 import pytest
 import torch
 
+from harness.compare.tolerance import UNIT_SCALE_FAMILIES
 from harness.diff import DiffRequest, capture_reference, diff_gguf, model_for, model_policy, site_weight_types
 from harness.ours.inject import Fault
 from harness.sites import parse_site
@@ -91,7 +92,8 @@ def _bump(step: int, e_of) -> callable:
 def _scaled(policy, step: int, site: str, factor: float) -> Fault:
     """Unbiased noise of ``factor`` x the site's tolerance added to its output at ``step``: a
     fixed standard normal draw n (seeded by the site), times c, the larger c that keeps both
-    the relative L2 error (c |n| / |x|) and the worst element (c max|n| / rms x) within
+    the relative L2 error (c |n| / |x|) and the worst element (c max|n| / rms x, or c max|n| for
+    the absolute bound of attention weights) within
     ``factor`` times their bounds, so the binding one is exactly ``factor`` x. Noise, not a
     scale error: like rounding it is uncorrelated with the value, so it tests the element-wise
     tolerance alone (a systematic statistic sees a 1 + e scale well below it)."""
@@ -104,7 +106,8 @@ def _scaled(policy, step: int, site: str, factor: float) -> Fault:
         n = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device)
         xd = x.double()
         rms, peak = xd.pow(2).mean().sqrt().item(), n.abs().max().item()
-        c = factor * min(tol.rel * xd.norm().item() / n.norm().item(), tol.max * rms / peak)
+        unit = 1.0 if parse_site(site)[1].family in UNIT_SCALE_FAMILIES else rms   # the max bound's units
+        c = factor * min(tol.rel * xd.norm().item() / n.norm().item(), tol.max * unit / peak)
         return (xd + c * n).to(x.dtype)
     return Fault(f"{site}@{step} noise x{factor} tol", [(site, fn)], expected=(step, parse_site(site)[0], site))
 

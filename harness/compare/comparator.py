@@ -16,7 +16,7 @@ import harness.compare.systematic as sysmod
 from harness.compare.metrics import PairStats, batch_stats, finish_many, logit_stats, optimistic_stats, pair_stats, stats_vector
 from harness.gguf.arch import ARCHS, ArchSpec
 from harness.sites import DIM_NAMES, SITES, SiteSpec, input_sites, parse_site
-from harness.compare.tolerance import Policy, Tol
+from harness.compare.tolerance import Policy, Tol, max_error
 from harness.trace import Trace
 
 
@@ -142,6 +142,7 @@ class Comparator:
     def _e2e_row(self, step: int, site: str, shape: tuple, v: tuple) -> None:
         max_abs, rel, max_norm, cos, widx, ov, rv, nonfinite = v
         layer, spec = parse_site(site)
+        max_norm = max_error(spec.family, max_abs, max_norm)
         tol, regime = self._tol(site, spec.family, "e2e")
         self.rows.setdefault((step, site), {}).update(
             step=step, layer=layer, site=site, op=spec.key, family=spec.family, shape=shape,
@@ -213,8 +214,9 @@ class Comparator:
         self.rows.setdefault((step, site), {}).update(sysmod.row_values(vec))
 
     def _local_row(self, step: int, site: str, shape: tuple, v: tuple) -> None:
-        _, rel, max_norm, _, widx, ov, rv, _ = v
+        max_abs, rel, max_norm, _, widx, ov, rv, _ = v
         spec = parse_site(site)[1]
+        max_norm = max_error(spec.family, max_abs, max_norm)
         lt, regime = self._tol(site, spec.family, "local")
         self.rows.setdefault((step, site), {}).update(
             local_rel_l2=rel, local_max_norm=max_norm, local_worst=_describe_index(spec, widx),

@@ -27,7 +27,7 @@ import torch
 
 from harness.provenance import from_engine
 from harness.sites import SiteError, SiteFilter, parse_site
-from harness.compare.tolerance import FLOOR_UNITS, MAX_PER_REL, UNIT_ROUNDOFF, Policy, Tol
+from harness.compare.tolerance import FLOOR_UNITS, UNIT_ROUNDOFF, Policy, Tol, max_floor
 from harness.trace import Trace
 from harness.runs.writer import FORMAT, FORMAT_VERSION, ITEMSIZE, TraceWriteError, TraceWriter
 
@@ -365,7 +365,7 @@ class StoragePolicy(Policy):
     tensor carries up to one float16 rounding (2^-11 relative per element) that neither engine
     made, and a local recomputation on float16-rounded inputs carries it through one more op.
     Each tolerance is therefore at least the policy's own floor for that dtype
-    (FLOOR_UNITS unit roundoffs for rel, MAX_PER_REL times that for max)."""
+    (FLOOR_UNITS unit roundoffs for rel, :func:`~harness.compare.tolerance.max_floor` of that for max)."""
 
     def __init__(self, backend: str, weight_type: str, dtype: str = "float32", storage: str = "float32",
                  table: dict | None = None, site_types: dict[str, str] | None = None):
@@ -377,7 +377,7 @@ class StoragePolicy(Policy):
         if self.storage == "float32":
             return t
         floor = FLOOR_UNITS * UNIT_ROUNDOFF[self.storage]
-        return Tol(max(t.rel, floor), max(t.max, floor * MAX_PER_REL))
+        return Tol(max(t.rel, floor), max(t.max, max_floor(family, floor)))
 
     def describe(self) -> dict:
         d = super().describe()
