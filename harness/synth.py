@@ -259,11 +259,10 @@ def _normal_q8(seed: int, name: str, shape: tuple[int, ...], std: float) -> np.n
 
 def _ggml():
     """llama-cpp-python's bundled libggml-base (for ``ggml_quantize_chunk``), loaded once without
-    importing llama_cpp; None where it cannot be loaded."""
+    importing llama_cpp; None where it cannot be loaded. (Threads racing here both load it: harmless.)"""
     global _ggml_lib
     if _ggml_lib is None:
-        _ggml_lib = False
-        spec = importlib.util.find_spec("llama_cpp")
+        found, spec = False, importlib.util.find_spec("llama_cpp")
         dirs = list(spec.submodule_search_locations or []) if spec else []
         for path in (os.path.join(d, "lib", f) for d in dirs for f in ("libggml-base.so", "libggml-base.dylib")):
             try:
@@ -276,8 +275,9 @@ def _ggml():
                            ctypes.c_int64, ctypes.c_void_p)
             row_size.argtypes = (ctypes.c_int, ctypes.c_int64)
             if row_size(_GGML_Q8_0, _QK8_0) == _Q8_0_BYTES:   # the enum value means Q8_0 in this build
-                _ggml_lib = lib
+                found = lib
                 break
+        _ggml_lib = found
     return _ggml_lib or None
 
 

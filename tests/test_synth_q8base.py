@@ -115,6 +115,15 @@ def test_disk_estimate_is_the_tensor_bytes(q8_dir):
     assert disk_estimate("tiny", "q8_0", q8_base=True) == (0, base)   # the base is the file
 
 
+def test_disk_estimate_of_a_tied_q4_k_m(tmp_path, llama_lib):
+    """Tied (tiny-qwen3): llama.cpp gives token_embd the output's Q6_K, and the estimate knows it."""
+    path = write_synthetic(tmp_path / "t.gguf", "tiny-qwen3", "q4_k_m", q8_base=True)
+    tensors = _tensors(path)
+    assert "output.weight" not in tensors and tensors["token_embd.weight"].tensor_type.name == "Q6_K"
+    base, final = disk_estimate("tiny-qwen3", "q4_k_m", q8_base=True)
+    assert final - sum(int(t.n_bytes) for t in tensors.values()) == 1 << 24 and base > final
+
+
 def test_32b_preset_estimate_and_default_path():
     """qwen2.5-32b's Q4_K_M goes through a Q8_0 base: 34/32 bytes per matrix weight (not the 2 of
     F16), 4 per norm/bias weight; both files at once fit a 64 GB disk, an F16 base would not."""
