@@ -57,8 +57,10 @@ class Merger:
 
     def systematic(self):
         """(step, site, the six systematic columns) of every local pair with merged sums."""
-        for (step, site), (sums, chan) in self.sys.items():
-            yield step, site, sysmod.sys_finish(sums, chan).tolist()
+        keys = list(self.sys)
+        cols = sysmod.sys_finish_many([self.sys[k][0] for k in keys], [self.sys[k][1] for k in keys])
+        for (step, site), c in zip(keys, cols):
+            yield step, site, c
 
     def add(self, kind: str, step: int, site: str, vec: list[float], piece: tuple, t0: int, full: tuple) -> None:
         """``vec`` of a batch whose tensor has shape ``piece`` and starts at row ``t0`` of the
@@ -80,6 +82,28 @@ class Merger:
         """(kind, step, site, full shape, merged stats vector) of every pair."""
         for (kind, step, site), (a, full) in self.acc.items():
             yield kind, step, site, full, [a[0], a[1], a[2] ** 0.5, a[3] ** 0.5, a[4] ** 0.5, a[5], a[6], a[7], a[8]]
+
+
+def _to_host(items: list) -> list:
+    """[(sums, channel sums or None) or None] on a device -> the same on the host, in one transfer."""
+    parts = [t for it in items if it is not None for t in it if t is not None]
+    if not parts:
+        return list(items)
+    flat = torch.cat([t.reshape(-1) for t in parts]).cpu()
+    out, at = [], 0
+    for it in items:
+        if it is None:
+            out.append(None)
+            continue
+        pair = []
+        for t in it:
+            if t is None:
+                pair.append(None)
+            else:
+                pair.append(flat[at:at + t.numel()].reshape(t.shape))
+                at += t.numel()
+        out.append(tuple(pair))
+    return out
 
 
 def _global_index(flat: int, piece: tuple, full: tuple, t_axis: int, t0: int) -> int:
@@ -168,13 +192,14 @@ class Lockstep:
         if not self.pending:
             return
         vals = torch.stack([p[6] for p in self.pending]).cpu()
-        for i, (kind, step, name, t0, x, ref, _, sums) in enumerate(self.pending):
+        sys_host = _to_host([p[7] for p in self.pending])
+        for i, (kind, step, name, t0, x, ref, _, _) in enumerate(self.pending):
             v = vals[i]
             if not bool(torch.isfinite(v[2:5]).all()):
                 v = stats_vector(x, ref).cpu()
             self.merger.add(kind, step, name, v.tolist(), tuple(ref.shape), t0, self._full(step, name, ref.shape))
-            if sums is not None:
-                self.merger.add_sys(step, name, *sums)
+            if sys_host[i] is not None:
+                self.merger.add_sys(step, name, *sys_host[i])
         self.pending, self.pending_bytes = [], 0
 
     def _full(self, step: int, name: str, piece) -> tuple:

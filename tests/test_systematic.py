@@ -25,6 +25,20 @@ def test_unbiased_noise_gives_small_z():
     assert abs(r["sys_slope"]) < 1e-6
 
 
+def test_sums_of_row_blocks_give_the_whole_tensors_statistics():
+    """A micro-batched prefill adds each batch's sums: the same six numbers as the whole tensor,
+    also when finished many pairs at once (a decode row has no channel statistic)."""
+    ref, ours = _noise((20, 8, 16))
+    ours = ours + 3e-6 * ref + 2e-6 * torch.linspace(-1, 1, 128, dtype=torch.float64).reshape(8, 16)
+    whole = _row(S.sys_vector(ours, ref, True))
+    parts = [S.sys_sums(ours[a:b], ref[a:b], True) for a, b in ((0, 7), (7, 8), (8, 20))]
+    sums, chan = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    one = S.sys_finish_many([sums, S.sys_sums(ours[:1], ref[:1], True)[0]], [chan, None])
+    for k, v in zip(S.COLUMNS, one[0]):
+        assert v == pytest.approx(whole[k], rel=1e-9), k
+    assert math.isnan(one[1][4]) and one[1][0] == pytest.approx(_row(S.sys_vector(ours[:1], ref[:1], True))["sys_slope"])
+
+
 @pytest.mark.parametrize("kind", ["slope", "offset", "chan"])
 def test_each_statistic_sees_its_bug_far_below_the_noise_rms(kind):
     ref, ours = _noise((16, 256))

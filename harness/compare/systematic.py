@@ -71,9 +71,10 @@ def sys_sums(ours: torch.Tensor, ref: torch.Tensor, token_major: bool) -> tuple[
     return sums, (d.reshape(d.shape[0], -1).sum(0) if rows else None)
 
 
-def sys_finish(sums: torch.Tensor, chan_sums: torch.Tensor | None) -> torch.Tensor:
-    """:func:`sys_vector`'s six numbers from (possibly added-up) :func:`sys_sums`."""
-    n, bb, db, dd, sd, rows = sums.unbind()
+def sys_finish(sums: torch.Tensor, chan_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`sys_vector`'s six numbers from (possibly added-up) :func:`sys_sums`; ``sums`` may
+    also be a stack (N, 6) of pairs, giving (N, 6) with ``chan`` NaN (see :func:`sys_finish_many`)."""
+    n, bb, db, dd, sd, rows = sums.unbind(-1)
     beta = db / bb
     s2_slope = (dd - db * db / bb).clamp_min(0.0) / (n - 1)
     z_slope = _z(db, (bb * s2_slope).sqrt())
@@ -81,11 +82,24 @@ def sys_finish(sums: torch.Tensor, chan_sums: torch.Tensor | None) -> torch.Tens
     s2 = (dd - n * mu * mu).clamp_min(0.0) / (n - 1)
     z_off = _z(mu, (s2 / n).sqrt())
     rms = (bb / n).sqrt()
-    nan = torch.full((), float("nan"), dtype=torch.float64, device=sums.device)
-    chan, z_chan = nan, nan
-    if chan_sums is not None and float(rows) >= 2:
+    chan, z_chan = torch.full_like(beta, float("nan")), torch.full_like(beta, float("nan"))
+    if chan_sums is not None and sums.dim() == 1 and float(rows) >= 2:
         chan, z_chan = _channel(chan_sums, dd, float(rows), rms)
-    return torch.stack([beta, z_slope, mu / rms, z_off, chan, z_chan])
+    return torch.stack([beta, z_slope, mu / rms, z_off, chan, z_chan], -1)
+
+
+def sys_finish_many(sums: list[torch.Tensor], chans: list) -> list[list[float]]:
+    """:func:`sys_finish` of many pairs' (host) sums at once: the slope and offset columns in one
+    vectorized pass, the channel columns per pair that has them; rows of :data:`COLUMNS`."""
+    if not sums:
+        return []
+    stacked = torch.stack(sums)
+    out = sys_finish(stacked)
+    for i, c in enumerate(chans):
+        n, bb, _, dd, _, rows = stacked[i].unbind()
+        if c is not None and float(rows) >= 2:
+            out[i, 4], out[i, 5] = _channel(c, dd, float(rows), (bb / n).sqrt())
+    return out.tolist()
 
 
 def _z(num: torch.Tensor, se: torch.Tensor) -> torch.Tensor:
