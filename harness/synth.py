@@ -120,6 +120,7 @@ _BLOCK = 1 << 21     # elements per independently seeded block of a large tensor
 _QK8_0, _Q8_0_BYTES = 32, 34   # Q8_0: 32 weights in 34 bytes (an f16 scale and 32 int8)
 _GGML_Q8_0 = 8                 # enum ggml_type: GGML_TYPE_Q8_0
 _BYTES_PER_256 = {"F32": 1024, "F16": 512, "Q8_0": 272, "Q6_K": 210, "Q4_K": 144}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "Q8_0": "q8_0"}   # _normal's dtype for a base file's type
 _HEADER_BYTES = 1 << 24        # metadata (a 152k-token vocab and its merges: ~5 MB) and padding, rounded up
 _ggml_lib = None               # libggml-base (ctypes), False when it cannot be loaded
 
@@ -211,50 +212,32 @@ def _rng(seed: int, name: str, block: int = 0) -> np.random.Generator:
     return np.random.Generator(np.random.SFC64(np.random.SeedSequence([seed, zlib.crc32(name.encode()), block])))
 
 
-def _blocks(n: int, fill) -> None:
-    """``fill(block)`` for each ``_BLOCK``-element block of an ``n``-element tensor, on all cores
-    (numpy's generators and ctypes calls release the GIL)."""
-    n_blocks = -(-n // _BLOCK)
+def _normal(seed: int, name: str, shape: tuple[int, ...], std: float, dtype) -> np.ndarray:
+    """N(0, std^2) in ``dtype``, filled in fixed blocks (each its own generator) on all cores. With
+    ``dtype="q8_0"``: the Q8_0 bytes of exactly the float32 values (shape ``(*shape[:-1], shape[-1]
+    // 32 * 34)``), each block quantized as it is drawn, so the tensor never exists whole in F32."""
+    n, q8 = int(np.prod(shape)), dtype == "q8_0"
+    out = np.empty(n // _QK8_0 * _Q8_0_BYTES, np.uint8) if q8 else np.empty(n, dtype)
+
+    def fill(block: int) -> None:
+        lo, hi = block * _BLOCK, min(n, (block + 1) * _BLOCK)   # _BLOCK and n are multiples of 32
+        dst = None if q8 else out[lo:hi]
+        part = dst if dst is not None and dst.dtype == np.float32 else np.empty(hi - lo, np.float32)
+        _rng(seed, name, block).standard_normal(out=part, dtype=np.float32)
+        part *= std
+        if q8:
+            quantize_q8_0(part, out[lo // _QK8_0 * _Q8_0_BYTES:hi // _QK8_0 * _Q8_0_BYTES])
+        elif part is not dst:  # float16: torch's cast is ~10x faster than numpy's
+            import torch
+            torch.from_numpy(dst).copy_(torch.from_numpy(part))
+
+    n_blocks = -(-n // _BLOCK)   # numpy's generators and ctypes calls release the GIL
     if n_blocks == 1:
         fill(0)
     else:
         with ThreadPoolExecutor(max_workers=min(n_blocks, os.cpu_count() or 1)) as pool:
             list(pool.map(fill, range(n_blocks)))
-
-
-def _normal(seed: int, name: str, shape: tuple[int, ...], std: float, dtype) -> np.ndarray:
-    """N(0, std^2) in ``dtype``, filled in fixed blocks (each its own generator) on all cores."""
-    out = np.empty(shape, dtype=dtype)
-    flat = out.reshape(-1)
-
-    def fill(block: int) -> None:
-        dst = flat[block * _BLOCK:(block + 1) * _BLOCK]
-        part = dst if dst.dtype == np.float32 else np.empty(dst.shape, np.float32)
-        _rng(seed, name, block).standard_normal(out=part, dtype=np.float32)
-        part *= std
-        if part is not dst:  # float16: torch's cast is ~10x faster than numpy's
-            import torch
-            torch.from_numpy(dst).copy_(torch.from_numpy(part))
-
-    _blocks(flat.size, fill)
-    return out
-
-
-def _normal_q8(seed: int, name: str, shape: tuple[int, ...], std: float) -> np.ndarray:
-    """Q8_0 bytes (shape ``(*shape[:-1], shape[-1] // 32 * 34)``) of exactly the values
-    ``_normal(..., np.float32)`` draws, quantized block by block: no F32 copy of the whole tensor."""
-    n = int(np.prod(shape))
-    out = np.empty(n // _QK8_0 * _Q8_0_BYTES, np.uint8)
-
-    def fill(block: int) -> None:
-        lo, hi = block * _BLOCK, min(n, (block + 1) * _BLOCK)   # _BLOCK and n are multiples of 32
-        part = np.empty(hi - lo, np.float32)
-        _rng(seed, name, block).standard_normal(out=part, dtype=np.float32)
-        part *= std
-        quantize_q8_0(part, out[lo // _QK8_0 * _Q8_0_BYTES:hi // _QK8_0 * _Q8_0_BYTES])
-
-    _blocks(n, fill)
-    return out.reshape(*shape[:-1], shape[-1] // _QK8_0 * _Q8_0_BYTES)
+    return out.reshape(*shape[:-1], -1)
 
 
 def _ggml():
@@ -289,8 +272,7 @@ def quantize_q8_0(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
     if src.size % _QK8_0:
         raise SynthError(f"cannot quantize {src.size} values to Q8_0: not a multiple of {_QK8_0}")
     nbytes = src.size // _QK8_0 * _Q8_0_BYTES
-    if out is None:
-        out = np.empty(nbytes, np.uint8)
+    out = np.empty(nbytes, np.uint8) if out is None else out
     if out.dtype != np.uint8 or out.size != nbytes or not out.flags.c_contiguous:
         raise SynthError(f"Q8_0 of {src.size} values needs {nbytes} contiguous bytes, got {out.dtype} {out.shape}")
     lib = _ggml()
@@ -335,10 +317,7 @@ def _make_tensor(seed: int, name: str, shape: tuple[int, ...], preset: Preset, b
         n = preset.n_head if "attn_q" in name else preset.n_head_kv
         return _outlier_bias(_rng(seed, name), n, preset.head_dim)
     std = _EMBD_STD if name == "token_embd.weight" else _MAT_STD
-    ttype = _tensor_type(shape, base)
-    if ttype == "Q8_0":
-        return _normal_q8(seed, name, shape, std)
-    return _normal(seed, name, shape, std, np.float16 if ttype == "F16" else np.float32)
+    return _normal(seed, name, shape, std, _DTYPES[_tensor_type(shape, base)])
 
 
 def _write_metadata(w, preset: Preset) -> None:
@@ -381,12 +360,10 @@ def _write_base(path: str, preset: Preset, name: str, base: str, seed: int, tied
     plan = _tensor_plan(preset, tied)
     for tname, shape in plan.items():
         ttype = _tensor_type(shape, base)
-        if ttype == "Q8_0":
-            w.add_tensor_info(tname, (*shape[:-1], shape[-1] // _QK8_0 * _Q8_0_BYTES), np.dtype(np.uint8),
-                              _nbytes(shape, ttype), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            w.add_tensor_info(tname, shape, np.dtype(np.float16 if ttype == "F16" else np.float32),
-                              _nbytes(shape, ttype))
+        q8 = ttype == "Q8_0"   # given as bytes: (..., row) -> (..., row // 32 * 34) uint8
+        w.add_tensor_info(tname, (*shape[:-1], shape[-1] // _QK8_0 * _Q8_0_BYTES) if q8 else shape,
+                          np.dtype(np.uint8 if q8 else _DTYPES[ttype]), _nbytes(shape, ttype),
+                          raw_dtype=gguf.GGMLQuantizationType.Q8_0 if q8 else None)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()

@@ -162,3 +162,17 @@ def test_failed_quantize_removes_the_q8_0_base(tmp_path, monkeypatch):
     with pytest.raises(SynthError, match="simulated"):
         write_synthetic(tmp_path / "x.gguf", "tiny", "q4_k_m", q8_base=True)
     assert sorted(set(seen)) == ["F32", "Q8_0"] and os.listdir(tmp_path) == []
+
+
+def test_multi_block_tensor_q8_0_is_its_f32_values_quantized(tmp_path, monkeypatch):
+    """A tensor over one 2M-element generator block (token_embd/output of a 9216-token tiny: a full
+    block and a partial one, drawn on several threads) in Q8_0 is exactly numpy's Q8_0 of its F32."""
+    import dataclasses
+    monkeypatch.setitem(PRESETS, "tiny-wide", dataclasses.replace(TINY, n_vocab=9216))
+    f32 = _tensors(write_synthetic(tmp_path / "f32.gguf", "tiny-wide", "f32"))
+    q8 = _tensors(write_synthetic(tmp_path / "q8.gguf", "tiny-wide", "q8_0", q8_base=True))
+    for name in ("token_embd.weight", "output.weight"):
+        values = np.asarray(f32[name].data)
+        assert values.size > 1 << 21 and q8[name].tensor_type == gguf.GGMLQuantizationType.Q8_0
+        expected = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0)
+        assert np.array_equal(np.asarray(q8[name].data), expected), name
