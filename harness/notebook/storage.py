@@ -190,7 +190,8 @@ def load_result(path: str | os.PathLike) -> tuple[DiffResult, str | None]:
 
 
 _FLOAT_COLS = ("layer", "max_abs", "rel_l2", "max_norm", "cosine", "ours", "ref", "tol_rel", "tol_max",
-               "local_rel_l2", "local_max_norm", "local_ours", "local_ref", "local_tol_rel", "local_tol_max")
+               "local_rel_l2", "local_max_norm", "local_ours", "local_ref", "local_tol_rel", "local_tol_max",
+               "sys_slope", "sys_z_slope", "sys_offset", "sys_z_offset", "sys_chan", "sys_z_chan", "sys_score")
 
 
 def _table_from_records(records: list[dict]) -> pd.DataFrame:
