@@ -1,7 +1,14 @@
 #!/bin/bash
 # The GPU-side checks, run on the GPU machine from the repository root:
 #   source .device/setup.sh && bash benchmarks/gpu_checks.sh PHASE
-# PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b | qwen3. Logs go to $OUT (or /tmp/out).
+# PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b | qwen3 | recal | gputests | speed |
+#        long32k | long7b | long32b. Logs go to $OUT (or /tmp/out).
+# What issues 16 and 17 still need from a GPU (each line one call of at most 10 minutes, in order):
+#   bash benchmarks/gpu_checks.sh recal gputests      # CUDA tolerances (softmax bound now absolute), every GPU test
+#   bash benchmarks/mde_gpu.sh                         # CUDA null, MDE table, clean runs (issue 17)
+#   bash benchmarks/gpu_checks.sh speed long32k        # 512+8 speed, 0.5B F16 32k+8 (issue 16)
+#   bash benchmarks/gpu_checks.sh long7b               # 7B Q4_K_M 8k+8 (synthesizes the 7B file first)
+#   bash benchmarks/gpu_checks.sh long32b              # 32B-shaped Q4_K_M 2k+8, lazy weights (~55 GB of disk)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -46,4 +53,18 @@ qwen3)
   run python -m harness.cli report "$t" --tokens "$p" --steps 16 --device cuda --format markdown --out "$OUT/qwen2.5-0.5b-tied-q4_k_m.md" ;;
 bench7b)
   LIMIT=560 run python benchmarks/bench.py --out "$OUT" --lengths '' --with-7b ;;
+recal)
+  # the attention weights' worst-element bound became absolute: recalibrate every CUDA regime
+  LIMIT=400 run python -m harness.calibrate --device cuda --fresh --preset tiny,tiny-qwen3,qwen2.5-0.5b,qwen3-0.6b --mixed
+  cp harness/compare/tolerances.json "$OUT/tolerances.json" ;;
+gputests)
+  LIMIT=180 run python -m pytest -m gpu tests/ -q -rs -p no:cacheprovider ;;
+speed)
+  LIMIT=200 run python benchmarks/bench.py --out "$OUT" --lengths 512 --steps 8 --repeats 2 ;;
+long32k)
+  LIMIT=380 run python benchmarks/bench.py --out "$OUT" --long 05b-32k --steps 8 --repeats 1 ;;
+long7b)
+  LIMIT=560 run python benchmarks/bench.py --out "$OUT" --long 7b-8k --steps 8 --repeats 1 ;;
+long32b)
+  df -h . ; LIMIT=560 run python benchmarks/bench.py --out "$OUT" --long 32b-2k --steps 8 --repeats 1 ;;
 esac; done 2>&1 | tee -a "$OUT/log.txt"
