@@ -8,8 +8,9 @@ probabilities that sum to 1) bound the worst element's error in absolute units i
 RMS falls as the attended positions grow (about sqrt(ln P) / P), so an RMS-relative bound
 calibrated on short prompts failed clean long ones (measured: a clean 4096-token prefill of the
 tiny F32 model on the CPU, one float32 rounding step at a weight of 0.94 is 1.3e-4 x the RMS,
-over the tolerance calibrated at up to 330 tokens, 1.1e-4). ``kind`` is ``local`` (the op recomputed on the reference's inputs: this
-decides the verdict) or ``e2e`` (end to end, drift included: reported, not decisive).
+over the tolerance calibrated at up to 330 tokens, 1.1e-4). ``kind`` is ``local`` (the op
+recomputed on the reference's inputs: this decides the verdict) or ``e2e`` (end to end, drift
+included: reported, not decisive).
 
 A regime is ``backend/class/dtype``: llama.cpp's backend (``cpu``/``cuda``), a weight class and
 the PyTorch dtype. Weight classes, finest first: ``f32``, ``f16`` (F16, BF16), ``q8`` (Q8_0),
