@@ -51,7 +51,8 @@ def sys_vector(ours: torch.Tensor, ref: torch.Tensor, token_major: bool) -> torc
     host synchronisation (a GPU caller stacks many and transfers them once). Elements non-finite
     on either side are left out (NaN results when nothing is left); ``chan`` is NaN unless
     ``token_major`` and the tensor has at least 2 rows."""
-    return sys_finish(*sys_sums(ours, ref, token_major))
+    sums, chans = sys_sums(ours, ref, token_major)
+    return sys_finish(sums, chans, rows=float(ours.shape[0]) if chans is not None else 0.0)
 
 
 def sys_sums(ours: torch.Tensor, ref: torch.Tensor, token_major: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -71,10 +72,12 @@ def sys_sums(ours: torch.Tensor, ref: torch.Tensor, token_major: bool) -> tuple[
     return sums, (d.reshape(d.shape[0], -1).sum(0) if rows else None)
 
 
-def sys_finish(sums: torch.Tensor, chan_sums: torch.Tensor | None = None) -> torch.Tensor:
+def sys_finish(sums: torch.Tensor, chan_sums: torch.Tensor | None = None, rows: float | None = None) -> torch.Tensor:
     """:func:`sys_vector`'s six numbers from (possibly added-up) :func:`sys_sums`; ``sums`` may
-    also be a stack (N, 6) of pairs, giving (N, 6) with ``chan`` NaN (see :func:`sys_finish_many`)."""
-    n, bb, db, dd, sd, rows = sums.unbind(-1)
+    also be a stack (N, 6) of pairs, giving (N, 6) with ``chan`` NaN (see :func:`sys_finish_many`).
+    ``rows``: the row count where the caller knows it on the host (else it is read from ``sums``,
+    a host synchronisation per pair when ``sums`` is on a GPU)."""
+    n, bb, db, dd, sd, rows_t = sums.unbind(-1)
     beta = db / bb
     s2_slope = (dd - db * db / bb).clamp_min(0.0) / (n - 1)
     z_slope = _z(db, (bb * s2_slope).sqrt())
@@ -83,8 +86,9 @@ def sys_finish(sums: torch.Tensor, chan_sums: torch.Tensor | None = None) -> tor
     z_off = _z(mu, (s2 / n).sqrt())
     rms = (bb / n).sqrt()
     chan, z_chan = torch.full_like(beta, float("nan")), torch.full_like(beta, float("nan"))
-    if chan_sums is not None and sums.dim() == 1 and float(rows) >= 2:
-        chan, z_chan = _channel(chan_sums, dd, float(rows), rms)
+    t = (float(rows_t) if rows is None else rows) if chan_sums is not None and sums.dim() == 1 else 0.0
+    if t >= 2:
+        chan, z_chan = _channel(chan_sums, dd, t, rms)
     return torch.stack([beta, z_slope, mu / rms, z_off, chan, z_chan], -1)
 
 
