@@ -91,7 +91,7 @@ class Comparator:
         self.null = (_default_null() if systematic is True else systematic) or None
         if getattr(policy, "storage", "float32") != "float32":
             self.null = None      # a reference stored rounded (float16 runs): never calibrated for it
-        self.sys_pending: list = []   # (step, site, sys_vector on the device)
+        self.sys_pending: list = []   # (step, site, sys_pair vector on the device)
         self.rows: dict[tuple[int, str], dict] = {}
         self.logit_rows: list[dict] = []
         self.spikes: list[dict] = []
@@ -193,11 +193,10 @@ class Comparator:
         else:
             self._local_row(step, site, tuple(ref.shape), _values(pair_stats(local, ref)))
         if self.wants_systematic(site, ref.numel()):
-            vec = sysmod.sys_vector(local, ref, spec.layout[0] == "T")
-            if self._defer(local):
-                self.sys_pending.append((step, site, vec))
+            if self._defer(local):       # finished at the flush, all pairs at once
+                self.sys_pending.append((step, site, sysmod.sys_pair(local, ref, spec.layout[0] == "T")))
             else:
-                self.add_systematic(step, site, vec.tolist())
+                self.add_systematic(step, site, sysmod.sys_vector(local, ref, spec.layout[0] == "T").tolist())
 
     def wants_systematic(self, site: str, numel: int) -> bool:
         """Are the systematic statistics of a local pair at ``site`` of ``numel`` elements wanted?
@@ -269,7 +268,7 @@ class Comparator:
         if self.pending:
             self._fill_pending()
         if self.sys_pending:      # after the rows exist: the same column order as the per-pair path
-            vals = torch.stack([p[2] for p in self.sys_pending]).cpu().tolist()
+            vals = sysmod.sys_finish_pairs(torch.stack([p[2] for p in self.sys_pending]).cpu()).tolist()
             for (step, site, _), v in zip(self.sys_pending, vals):
                 self.add_systematic(step, site, v)
             self.sys_pending = []

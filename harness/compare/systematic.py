@@ -48,11 +48,9 @@ COLUMNS = ("sys_slope", "sys_z_slope", "sys_offset", "sys_z_offset", "sys_chan",
 
 def sys_vector(ours: torch.Tensor, ref: torch.Tensor, token_major: bool) -> torch.Tensor:
     """The six numbers of :data:`COLUMNS` as one float64 tensor on ``ours``'s device, with no
-    host synchronisation (a GPU caller stacks many and transfers them once). Elements non-finite
-    on either side are left out (NaN results when nothing is left); ``chan`` is NaN unless
-    ``token_major`` and the tensor has at least 2 rows."""
-    sums, chans = sys_sums(ours, ref, token_major)
-    return sys_finish(sums, chans, rows=float(ours.shape[0]) if chans is not None else 0.0)
+    host synchronisation. Elements non-finite on either side are left out (NaN results when
+    nothing is left); ``chan`` is NaN unless ``token_major`` and the tensor has at least 2 rows."""
+    return sys_finish_pairs(sys_pair(ours, ref, token_major)[None])[0]
 
 
 def sys_sums(ours: torch.Tensor, ref: torch.Tensor, token_major: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -72,12 +70,24 @@ def sys_sums(ours: torch.Tensor, ref: torch.Tensor, token_major: bool) -> tuple[
     return sums, (d.reshape(d.shape[0], -1).sum(0) if rows else None)
 
 
-def sys_finish(sums: torch.Tensor, chan_sums: torch.Tensor | None = None, rows: float | None = None) -> torch.Tensor:
-    """:func:`sys_vector`'s six numbers from (possibly added-up) :func:`sys_sums`; ``sums`` may
-    also be a stack (N, 6) of pairs, giving (N, 6) with ``chan`` NaN (see :func:`sys_finish_many`).
-    ``rows``: the row count where the caller knows it on the host (else it is read from ``sums``,
-    a host synchronisation per pair when ``sums`` is on a GPU)."""
-    n, bb, db, dd, sd, rows_t = sums.unbind(-1)
+def sys_pair(ours: torch.Tensor, ref: torch.Tensor, token_major: bool) -> torch.Tensor:
+    """One pair's statistics reduced to a fixed-size float64 vector on its device (no host
+    synchronisation; a GPU caller stacks many and finishes them at once with
+    :func:`sys_finish_pairs`): :func:`sys_sums`' six, then the channel sums' energy
+    sum_c (sum_t d_tc)^2 and the channel count C (both 0 without channels)."""
+    sums, chan = sys_sums(ours, ref, token_major)
+    return _with_channels(sums, chan)
+
+
+def _with_channels(sums: torch.Tensor, chan: torch.Tensor | None) -> torch.Tensor:
+    if chan is None:
+        return torch.cat([sums, sums.new_zeros(2)])
+    return torch.cat([sums, (chan * chan).sum()[None], sums.new_full((1,), float(chan.numel()))])
+
+
+def sys_finish_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """:data:`COLUMNS` (N, 6) of N :func:`sys_pair` vectors (N, 8), vectorized, on their device."""
+    n, bb, db, dd, sd, rows, energy, c = pairs.unbind(-1)
     beta = db / bb
     s2_slope = (dd - db * db / bb).clamp_min(0.0) / (n - 1)
     z_slope = _z(db, (bb * s2_slope).sqrt())
@@ -85,25 +95,16 @@ def sys_finish(sums: torch.Tensor, chan_sums: torch.Tensor | None = None, rows: 
     s2 = (dd - n * mu * mu).clamp_min(0.0) / (n - 1)
     z_off = _z(mu, (s2 / n).sqrt())
     rms = (bb / n).sqrt()
-    chan, z_chan = torch.full_like(beta, float("nan")), torch.full_like(beta, float("nan"))
-    t = (float(rows_t) if rows is None else rows) if chan_sums is not None and sums.dim() == 1 else 0.0
-    if t >= 2:
-        chan, z_chan = _channel(chan_sums, dd, t, rms)
+    chan, z_chan = _channel(energy, dd, rows, c, rms)
     return torch.stack([beta, z_slope, mu / rms, z_off, chan, z_chan], -1)
 
 
 def sys_finish_many(sums: list[torch.Tensor], chans: list) -> list[list[float]]:
-    """:func:`sys_finish` of many pairs' (host) sums at once: the slope and offset columns in one
-    vectorized pass, the channel columns per pair that has them; rows of :data:`COLUMNS`."""
+    """The :data:`COLUMNS` of many pairs from their (possibly added-up, host) :func:`sys_sums`
+    and channel sums (or None), in one vectorized pass; rows of :data:`COLUMNS`."""
     if not sums:
         return []
-    stacked = torch.stack(sums)
-    out = sys_finish(stacked)
-    for i, c in enumerate(chans):
-        n, bb, _, dd, _, rows = stacked[i].unbind()
-        if c is not None and float(rows) >= 2:
-            out[i, 4], out[i, 5] = _channel(c, dd, float(rows), (bb / n).sqrt())
-    return out.tolist()
+    return sys_finish_pairs(torch.stack([_with_channels(s, c) for s, c in zip(sums, chans)])).tolist()
 
 
 def _z(num: torch.Tensor, se: torch.Tensor) -> torch.Tensor:
@@ -112,17 +113,21 @@ def _z(num: torch.Tensor, se: torch.Tensor) -> torch.Tensor:
     return torch.where(se > 0, num / se.clamp_min(1e-300), torch.where(num != 0, inf * num.sign(), 0.0 * num))
 
 
-def _channel(chan_sums: torch.Tensor, dd: torch.Tensor, t: float, rms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(effect, z) of the per-channel means m_c of a (T, C) error (``chan_sums`` = T m_c, ``dd``
-    its sum of squares) against the pooled within-channel variance s^2 = (dd - T sum m_c^2) /
-    (TC - C): chi = T * sum_c m_c^2 / s^2 ~ chi-square(C) under unbiased noise."""
-    c = chan_sums.numel()
-    m = chan_sums / t
-    chi_num = t * (m * m).sum()
+def _channel(energy: torch.Tensor, dd: torch.Tensor, t: torch.Tensor, c: torch.Tensor,
+             rms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(effect, z) of the per-channel means m_c of (T, C) errors (``energy`` = T^2 sum_c m_c^2,
+    ``dd`` the errors' sum of squares) against the pooled within-channel variance s^2 = (dd - T
+    sum m_c^2) / (TC - C): chi = T sum_c m_c^2 / s^2 ~ chi-square(C) under unbiased noise. NaN
+    where there are no channels or fewer than 2 rows."""
+    valid = (t >= 2) & (c > 0)
+    t, c = torch.where(valid, t, 2.0), torch.where(valid, c, 1.0)
+    chi_num = energy / t
     s2 = (dd - chi_num).clamp_min(0.0) / (t * c - c)
     chi = torch.where(s2 > 0, chi_num / s2.clamp_min(1e-300),
-                      torch.where(chi_num > 0, torch.full_like(chi_num, float("inf")), 0.0 * chi_num + c))
-    return (m * m).mean().sqrt() / rms, (chi - c) / math.sqrt(2 * c)
+                      torch.where(chi_num > 0, torch.full_like(chi_num, float("inf")), c))
+    nan = torch.full_like(chi, float("nan"))
+    effect = (energy / (t * t * c)).sqrt() / rms
+    return torch.where(valid, effect, nan), torch.where(valid, (chi - c) / (2 * c).sqrt(), nan)
 
 
 def row_values(vec) -> dict[str, float]:
