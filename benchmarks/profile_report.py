@@ -23,6 +23,10 @@ null = cmpmod._default_null
 cmpmod._default_null = lambda: None   # the systematic statistics off: their cost on this report
 t=time.time(); diff_on_device(req, model=model, ref=ref); torch.cuda.synchronize(); print('report given ref, no systematic', time.time()-t)
 cmpmod._default_null = null
+cmpmod.Comparator.BATCH_SYS = False   # the systematic sums one pair at a time
+t=time.time(); diff_on_device(req, model=model, ref=ref); torch.cuda.synchronize(); print('report given ref, systematic per pair', time.time()-t)
+cmpmod.Comparator.BATCH_SYS = True
+t=time.time(); diff_on_device(req, model=model, ref=ref); torch.cuda.synchronize(); print('report given ref (again)', time.time()-t)
 t=time.time(); model.run(req.tokens, 8, ref.tokens[T:], keep_logits=False); torch.cuda.synchronize(); print('bare model run', time.time()-t)
 t=time.time(); model.run_with_cache(req.tokens, 8, ref.tokens[T:], sink=lambda *a: None, to_cpu=False); torch.cuda.synchronize(); print('model run, sink drops', time.time()-t)
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

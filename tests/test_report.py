@@ -143,6 +143,7 @@ def test_batched_comparison_matches_per_pair(shared):
     per_pair = compare_traces(ours, ref, policy, local).table
     batched = compare_traces(ours, ref, policy, local, batched=True).table
     pd.testing.assert_frame_equal(batched, per_pair, check_exact=False, rtol=1e-9)
+    assert per_pair["sys_z_chan"].notna().sum() > 20     # the systematic columns, batched per segment too
     assert (batched["worst"] == per_pair["worst"]).all() and (batched["passed"] == per_pair["passed"]).all()
     bad = per_pair.set_index(["step", "site"])
     assert bad.loc[(1, "blk.1.q"), "nonfinite"] == 1 and not bad.loc[(2, "blk.0.kq"), "local_passed"]

@@ -84,6 +84,7 @@ class Comparator:
 
     BATCH_NUMEL = 1 << 22
     LARGE = 1 << 18
+    BATCH_SYS = True          # small pairs' systematic sums reduced per batch (False: one pair at a time)
     LARGE_HOLD = 1 << 27      # elements of large pairs held until their finiteness is checked
 
     def __init__(self, policy: Policy, batched: bool | None = None, systematic: "sysmod.Null | bool" = True):
@@ -91,7 +92,8 @@ class Comparator:
         self.null = (_default_null() if systematic is True else systematic) or None
         if getattr(policy, "storage", "float32") != "float32":
             self.null = None      # a reference stored rounded (float16 runs): never calibrated for it
-        self.sys_pending: list = []   # (step, site, sys_pair vector on the device)
+        self.sys_pending: list = []   # ([(step, site)], (N, 8) sys_pair vectors on the device)
+        self.sys_batch: list = []     # ((step, site), local, ref, token-major) reduced with the batch
         self.rows: dict[tuple[int, str], dict] = {}
         self.logit_rows: list[dict] = []
         self.spikes: list[dict] = []
@@ -193,8 +195,10 @@ class Comparator:
         else:
             self._local_row(step, site, tuple(ref.shape), _values(pair_stats(local, ref)))
         if self.wants_systematic(site, ref.numel()):
-            if self._defer(local):       # finished at the flush, all pairs at once
-                self.sys_pending.append((step, site, sysmod.sys_pair(local, ref, spec.layout[0] == "T")))
+            if self._defer(local) and self.BATCH_SYS and ref.numel() < self.LARGE:   # with the batch
+                self.sys_batch.append(((step, site), local, ref, spec.layout[0] == "T"))
+            elif self._defer(local):       # finished at the flush, all pairs at once
+                self.sys_pending.append(([(step, site)], sysmod.sys_pair(local, ref, spec.layout[0] == "T")[None]))
             else:
                 self.add_systematic(step, site, sysmod.sys_vector(local, ref, spec.layout[0] == "T").tolist())
 
@@ -253,6 +257,11 @@ class Comparator:
         self.large, self.large_numel = [], 0
 
     def _reduce_batch(self) -> None:
+        if self.sys_batch:
+            b = self.sys_batch
+            self.sys_pending.append(([p[0] for p in b], sysmod.sys_pairs([p[1] for p in b], [p[2] for p in b],
+                                                                         [p[3] for p in b])))
+            self.sys_batch = []
         if self.batch:
             stats = batch_stats([p[4] for p in self.batch], [p[5] for p in self.batch])
             self.pending.append(([p[:4] for p in self.batch], stats))
@@ -268,8 +277,8 @@ class Comparator:
         if self.pending:
             self._fill_pending()
         if self.sys_pending:      # after the rows exist: the same column order as the per-pair path
-            vals = sysmod.sys_finish_pairs(torch.stack([p[2] for p in self.sys_pending]).cpu()).tolist()
-            for (step, site, _), v in zip(self.sys_pending, vals):
+            vals = sysmod.sys_finish_pairs(torch.cat([p[1] for p in self.sys_pending]).cpu()).tolist()
+            for (step, site), v in zip([k for p in self.sys_pending for k in p[0]], vals):
                 self.add_systematic(step, site, v)
             self.sys_pending = []
 

@@ -96,7 +96,7 @@ def _masked_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
                         bad.sum().double(), a[flat], b[flat]])
 
 
-def _segments(ours: list[torch.Tensor], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def segment_ids(ours: list[torch.Tensor], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Segment id of every element of the concatenated pairs, and each segment's start, made on
     ``dev`` without a blocking host->device copy (the lengths travel from pinned memory)."""
     sizes = [o.numel() for o in ours]
@@ -119,7 +119,7 @@ def batch_stats(ours: list[torch.Tensor], refs: list[torch.Tensor]) -> torch.Ten
     a = torch.cat([o.detach().reshape(-1) for o in ours]).double()
     b = torch.cat([r.detach().to(dev).reshape(-1) for r in refs]).double()
     n, total = len(ours), a.numel()
-    seg, starts = _segments(ours, dev)
+    seg, starts = segment_ids(ours, dev)
     bad, fa, fb, d, diff = _masked(a, b)
     zeros = torch.zeros(n, dtype=torch.float64, device=dev)
     mx = zeros.scatter_reduce(0, seg, diff, "amax", include_self=False)

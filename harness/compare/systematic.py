@@ -30,6 +30,7 @@ writes it from clean runs (:func:`observe`, :func:`build_null`).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -77,6 +78,35 @@ def sys_pair(ours: torch.Tensor, ref: torch.Tensor, token_major: bool) -> torch.
     sum_c (sum_t d_tc)^2 and the channel count C (both 0 without channels)."""
     sums, chan = sys_sums(ours, ref, token_major)
     return _with_channels(sums, chan)
+
+
+def sys_pairs(ours: list[torch.Tensor], refs: list[torch.Tensor], token_major: list[bool]) -> torch.Tensor:
+    """:func:`sys_pair` of many pairs at once, (N, 8) on their device: the pairs are concatenated
+    and reduced per segment (a dozen kernels for the batch instead of a dozen per pair; float64
+    atomics, so the last digits may vary from run to run). Each element of a token-major pair
+    adds to its channel's sum; the other pairs get no channels."""
+    from harness.compare.metrics import segment_ids
+    dev = ours[0].device
+    a = torch.cat([o.detach().reshape(-1) for o in ours]).double()
+    b = torch.cat([r.detach().to(dev).reshape(-1) for r in refs]).double()
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    a, b = torch.where(ok, a, 0.0), torch.where(ok, b, 0.0)
+    d = a - b
+    seg, starts = segment_ids(ours, dev)
+    n = len(ours)
+    sums = torch.zeros(5, n, dtype=torch.float64, device=dev).index_add_(
+        1, seg, torch.stack([ok.double(), b * b, d * b, d * d, d]))
+    rows = [float(o.shape[0]) if tm and o.dim() >= 2 else 0.0 for o, tm in zip(ours, token_major)]
+    chans = [o.numel() // int(r) if r else 1 for o, r in zip(ours, rows)]   # 1: a dummy channel
+    host = torch.tensor([rows, [float(c) if r else 0.0 for c, r in zip(chans, rows)], chans,
+                         [0] + list(itertools.accumulate(chans))[:-1]], dtype=torch.float64)
+    host = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host
+    pos = torch.arange(a.numel(), device=dev)
+    ch = host[3].long()[seg] + (pos - starts[seg]) % host[2].long()[seg]
+    chan_sums = torch.zeros(int(sum(chans)), dtype=torch.float64, device=dev).index_add_(0, ch, d)
+    owner = torch.repeat_interleave(torch.arange(n, device=dev), host[2].long(), output_size=int(sum(chans)))
+    energy = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, owner, chan_sums * chan_sums)
+    return torch.stack([*sums, host[0], torch.where(host[1] > 0, energy, 0.0), host[1]], dim=1)
 
 
 def _with_channels(sums: torch.Tensor, chan: torch.Tensor | None) -> torch.Tensor:
