@@ -213,7 +213,7 @@ def diff_on_device(req: DiffRequest, model: Model | None = None, runner=None,
             if own:
                 runner.close()
     model = model if model is not None else model_for(req, ref)
-    comp = Comparator(model_policy(model, ref.meta.get("backend", "cuda"), req.dtype))
+    comp = Comparator(model_policy(model, ref.meta.get("backend", "cuda"), req.dtype), n_prompt=ref.n_prompt)
 
     def e2e(step, site, x):
         r = ref.tensors.get((step, site))
@@ -258,8 +258,8 @@ def diff_stream(req: DiffRequest, model: Model | None = None, runner=None) -> Di
     try:
         meta = dict(runner.meta, backend=runner.meta.get("backend"), source="llama.cpp")
         model = model if model is not None else model_for(req, Trace(cfg.n_layer, meta=meta))
-        comp = Comparator(model_policy(model, meta.get("backend", "cpu"), req.dtype))
         n = len(tokens)
+        comp = Comparator(model_policy(model, meta.get("backend", "cpu"), req.dtype), n_prompt=n)
         lock = Lockstep(model, comp, filt, [h for f in req.faults for h in f.hooks], req.local,
                         lambda step: (n, n) if step == 0 else (1, n + step))
         ref = runner.run(tokens, req.steps, sink=lock, filt=filt)

@@ -4,6 +4,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from harness.cli import main
 from harness.compare.tolerance import (FLOOR_UNITS, PER_WEIGHT_FAMILIES, QUANTIZED, SAFETY, TABLE_PATH,
@@ -224,6 +225,42 @@ def test_attention_weights_max_bound_holds_at_long_prompts():
                 if T == 4096:       # within the relative L2 bound: the worst-element bound decides
                     assert row["local_rel_l2"] < row["local_tol_rel"] < row["local_max_norm"]
     assert rms_relative[4096] > 30 * rms_relative[16]       # the same rounding, 30x more "RMS units"
+
+
+def test_calibrated_positions_is_the_calibrations_longest_run():
+    from harness import calibrate
+    from harness.compare.tolerance import CALIBRATED_POSITIONS
+    assert CALIBRATED_POSITIONS == max(len(p) for p in calibrate.PROMPTS) + calibrate.STEPS
+
+
+def test_attention_output_bound_grows_as_sqrt_of_positions():
+    """The attention output (softmax @ V, a float32 sum over the attended positions) gets
+    sqrt(P / calibrated P) x its bounds past the calibrated length; no other family does, nor
+    a step within that length. Through the comparator: an error of 1.5x the calibrated local bound
+    at kqv fails after a 16-token prompt, passes at decode step 8 of a 4x-calibrated prompt (bound
+    x2, shown in the row), and 2.5x fails there too."""
+    from harness.compare.comparator import Comparator
+    from harness.compare.tolerance import CALIBRATED_POSITIONS as C, Tol, at_positions
+    from harness.trace import Trace
+    t = Tol(1e-4, 1e-3)
+    assert at_positions(t, "attn", 4 * C) == Tol(2e-4, 2e-3)
+    assert at_positions(t, "attn", C) == t and at_positions(t, "attn", None) == t
+    assert all(at_positions(t, f, 100 * C) == t for f in ("matmul", "softmax", "scores", "rope", "norm"))
+    pol = Policy("cpu", "F32")
+    base = pol.tolerance("attn", "local")
+    ref = torch.randn(1, 2, 8, generator=torch.Generator().manual_seed(0))
+    for n_prompt, step, k, passes in ((16, 1, 1.5, False), (4 * C - 8, 8, 1.5, True), (4 * C - 8, 8, 2.5, False)):
+        noise = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+        ours = ref + noise * (k * base.rel * ref.norm() / noise.norm())
+        c = Comparator(pol, systematic=False, n_prompt=n_prompt)
+        c.add(step, "blk.0.kqv", ours, ref)
+        c.add_local(step, "blk.0.kqv", ours, ref)
+        tokens = list(range(n_prompt + step))
+        row = c.result({}, Trace(1, tokens=tokens, n_prompt=n_prompt, tensors={(step, "blk.0.kqv"): ref})).table.iloc[0]
+        assert row["local_rel_l2"] == pytest.approx(k * base.rel, rel=1e-2)
+        assert bool(row["local_passed"]) is passes, (n_prompt, k)
+        scale = 2.0 if n_prompt > C else 1.0
+        assert row["local_tol_rel"] == pytest.approx(scale * base.rel)
 
 
 def _scale(site: str, e: float) -> Fault:

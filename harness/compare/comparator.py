@@ -16,7 +16,7 @@ import harness.compare.systematic as sysmod
 from harness.compare.metrics import PairStats, batch_stats, finish_many, logit_stats, optimistic_stats, pair_stats, stats_vector
 from harness.gguf.arch import ARCHS, ArchSpec
 from harness.sites import DIM_NAMES, SITES, SiteSpec, input_sites, parse_site
-from harness.compare.tolerance import Policy, Tol, max_error
+from harness.compare.tolerance import Policy, Tol, at_positions, max_error
 from harness.trace import Trace
 
 
@@ -87,8 +87,10 @@ class Comparator:
     BATCH_SYS = True          # small pairs' systematic sums reduced per batch (False: one pair at a time)
     LARGE_HOLD = 1 << 27      # elements of large pairs held until their finiteness is checked
 
-    def __init__(self, policy: Policy, batched: bool | None = None, systematic: "sysmod.Null | bool" = True):
+    def __init__(self, policy: Policy, batched: bool | None = None, systematic: "sysmod.Null | bool" = True,
+                 n_prompt: int | None = None):
         self.policy, self.batched = policy, batched
+        self.n_prompt = n_prompt      # step s attends n_prompt + s positions (tolerance.at_positions)
         self.null = (_default_null() if systematic is True else systematic) or None
         if getattr(policy, "storage", "float32") != "float32":
             self.null = None      # a reference stored rounded (float16 runs): never calibrated for it
@@ -106,14 +108,17 @@ class Comparator:
         self.logit_pairs: list = []   # (step, ours, ref) logits compared at the flush
         self._tols: dict[tuple[str, str, str], tuple[Tol, str]] = {}
 
-    def _tol(self, site: str, family: str, kind: str) -> tuple[Tol, str]:
+    def _tol(self, site: str, family: str, kind: str, step: int | None = None) -> tuple[Tol, str]:
         """(tolerance, regime name) at ``site``: the policy picks the regime (per-weight classes
-        for weight matmuls, see :meth:`Policy.class_of`), cached per (class, family, kind)."""
+        for weight matmuls, see :meth:`Policy.class_of`), cached per (class, family, kind); at
+        ``step`` scaled for the positions it attends where the prompt length is known."""
         key = (self.policy.class_of(site, family, kind), family, kind)
         hit = self._tols.get(key)
         if hit is None:
             hit = self._tols[key] = self.policy.lookup(site, family, kind)
-        return hit
+        if step is None or self.n_prompt is None:
+            return hit
+        return at_positions(hit[0], family, self.n_prompt + step), hit[1]
 
     def _defer(self, t) -> bool:
         return t.is_cuda if self.batched is None else self.batched
@@ -145,7 +150,7 @@ class Comparator:
         max_abs, rel, max_norm, cos, widx, ov, rv, nonfinite = v
         layer, spec = parse_site(site)
         max_norm = max_error(spec.family, max_abs, max_norm)
-        tol, regime = self._tol(site, spec.family, "e2e")
+        tol, regime = self._tol(site, spec.family, "e2e", step)
         self.rows.setdefault((step, site), {}).update(
             step=step, layer=layer, site=site, op=spec.key, family=spec.family, shape=shape,
             max_abs=max_abs, rel_l2=rel, max_norm=max_norm, cosine=cos, worst=_describe_index(spec, widx),
@@ -220,7 +225,7 @@ class Comparator:
         max_abs, rel, max_norm, _, widx, ov, rv, _ = v
         spec = parse_site(site)[1]
         max_norm = max_error(spec.family, max_abs, max_norm)
-        lt, regime = self._tol(site, spec.family, "local")
+        lt, regime = self._tol(site, spec.family, "local", step)
         self.rows.setdefault((step, site), {}).update(
             local_rel_l2=rel, local_max_norm=max_norm, local_worst=_describe_index(spec, widx),
             local_ours=ov, local_ref=rv, local_tol_rel=lt.rel, local_tol_max=lt.max,
@@ -349,7 +354,7 @@ def compare_traces(ours: Trace, ref: Trace, policy: Policy, local: Trace | None 
             batched: bool | None = None, systematic: "sysmod.Null | bool" = True) -> Comparison:
     """Divergence table of ``ours`` against ``ref`` over the (step, site) pairs both hold
     (``batched``, ``systematic``: see :class:`Comparator`)."""
-    c = Comparator(policy, batched, systematic)
+    c = Comparator(policy, batched, systematic, n_prompt=ref.n_prompt if ref.tokens else None)
     for key, r in ref.items():
         if key in ours:
             c.add(*key, ours[key], r)

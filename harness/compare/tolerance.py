@@ -12,6 +12,9 @@ over the tolerance calibrated at up to 330 tokens, 1.1e-4). ``kind`` is ``local`
 recomputed on the reference's inputs: this decides the verdict) or ``e2e`` (end to end, drift
 included: reported, not decisive).
 
+The attention output's bounds grow with the attended positions beyond the calibrated length
+(:func:`at_positions`; the comparator applies it per step when it knows the prompt length).
+
 A regime is ``backend/class/dtype``: llama.cpp's backend (``cpu``/``cuda``), a weight class and
 the PyTorch dtype. Weight classes, finest first: ``f32``, ``f16`` (F16, BF16), ``q8`` (Q8_0),
 ``q6`` (Q6_K), ``q5`` (Q5_0, Q5_1, Q5_K), ``q4`` (Q4_0, Q4_1, Q4_K and every type of fewer bits).
@@ -41,6 +44,7 @@ nothing at all the floor applies.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -56,6 +60,8 @@ CLASSES = ("f32", "f16", "q8", "q6", "q5", "q4")        # finest first
 PER_WEIGHT_FAMILIES = ("matmul", "logits")              # local error keyed by the site's own weight type
 UNIT_SCALE_FAMILIES = ("softmax",)                      # max bound in absolute units (rows sum to 1)
 FAMILY_FALLBACK = {"logits": "matmul"}                  # within one regime, before another class
+ACCUMULATING_FAMILIES = ("attn",)                       # the op sums over the attended positions
+CALIBRATED_POSITIONS = 336          # the calibration's longest run: 330 prompt tokens + 6 steps
 
 
 def max_error(family: str, max_abs: float, max_norm: float) -> float:
@@ -69,6 +75,19 @@ def max_floor(family: str, floor: float) -> float:
     the floor for RMS-relative bounds; the floor itself for absolute ones (a value of at most 1
     rounds by at most one unit roundoff)."""
     return floor if family in UNIT_SCALE_FAMILIES else floor * MAX_PER_REL
+
+
+def at_positions(tol: "Tol", family: str, positions: int | None) -> "Tol":
+    """``tol`` of ``family`` at a step that attends ``positions`` positions: the families of
+    :data:`ACCUMULATING_FAMILIES` (attention output, softmax(scores) @ V: a float32 sum over the
+    positions) get sqrt(positions / CALIBRATED_POSITIONS) x their bounds beyond the calibrated
+    length, the growth of rounding noise summed over P terms (measured on the CPU, tiny F32
+    model: 8x the positions, 4k -> 32k, gave 2.7x the clean local error; unscaled, a clean run
+    would cross its bound near 60k positions)."""
+    if positions is None or family not in ACCUMULATING_FAMILIES or positions <= CALIBRATED_POSITIONS:
+        return tol
+    k = math.sqrt(positions / CALIBRATED_POSITIONS)
+    return Tol(tol.rel * k, tol.max * k)
 
 
 @dataclass(frozen=True)
