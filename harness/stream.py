@@ -5,8 +5,9 @@ llama.cpp decodes the prompt ``ubatch`` tokens at a time (:attr:`LlamaOptions.ub
 :class:`Lockstep` (a runner sink with ``batch_done``); our model then runs the same tokens at
 the same positions on its own KV cache (end to end), and, for the local errors, on a second
 cache with every site anchored to llama.cpp's value of this batch. Each pair is reduced to a
-:func:`~harness.compare.metrics.stats_vector` as it is produced, and the batch's tensors are
-dropped before the next batch is decoded.
+:func:`~harness.compare.metrics.stats_vector` (on a GPU, pairs under ``Comparator.LARGE``
+elements together, per segment, when the batch is done), and the batch's tensors are dropped
+before the next batch is decoded.
 
 A table row is still one (step, site) over the whole step: :class:`Merger` combines the
 batches' vectors the way the reductions compose (sums of squares for the three norms, sums
@@ -33,7 +34,7 @@ import torch
 
 import harness.compare.systematic as sysmod
 from harness.compare.comparator import Comparator
-from harness.compare.metrics import logit_stats, optimistic_stats, stats_vector
+from harness.compare.metrics import batch_stats, logit_stats, optimistic_stats, stats_vector
 from harness.sites import SiteFilter, parse_site
 from harness.trace import Trace
 
@@ -127,6 +128,8 @@ class Lockstep:
     wait, reduced but not yet checked for non-finite values, until ``HOLD`` bytes of them are
     pending (one host synchronisation per batch of pairs, not one per pair)."""
     HOLD = 1 << 30
+    BATCH: bool | None = None   # pairs under Comparator.LARGE elements reduced per batch: None on a GPU
+                                # only, True everywhere (tests), False never (one pair at a time)
 
     def __init__(self, model, comp: Comparator, filt: SiteFilter | None, hooks, local: bool, step_shape):
         self.model, self.comp, self.filt, self.hooks = model, comp, filt, list(hooks)
@@ -172,12 +175,16 @@ class Lockstep:
                 return
             if name == "logits" and kind == "e2e":
                 self._logit_rows(step, t0, x, ref)
-            sums = None
+            tm = None             # the systematic sums wanted: is the site token-major?
             if kind == "local" and self.comp.wants_systematic(name, math.prod(self._full(step, name, ref.shape))):
-                sums = sysmod.sys_sums(x, ref, parse_site(name)[1].layout[0] == "T")
-            self.pending.append((kind, step, name, t0, x, ref, optimistic_stats(x, ref), sums))
+                tm = parse_site(name)[1].layout[0] == "T"
+            batch = self.BATCH if self.BATCH is not None else x.is_cuda
+            small = batch and x.numel() < Comparator.LARGE
+            stats = None if small else optimistic_stats(x, ref)             # small: with the batch
+            sums = None if small or tm is None else sysmod.sys_sums(x, ref, tm)
+            self.pending.append((kind, step, name, t0, x, ref, stats, sums, tm, False))
             self.pending_bytes += x.numel() * 4
-            if self.pending_bytes >= self.HOLD or not x.is_cuda:
+            if self.pending_bytes >= self.HOLD or not (x.is_cuda or batch):
                 self._reduce()
         return rec
 
@@ -191,16 +198,37 @@ class Lockstep:
         the masked path), merged; then every tensor of the batch can go."""
         if not self.pending:
             return
+        self._reduce_small()
         vals = torch.stack([p[6] for p in self.pending]).cpu()
         sys_host = _to_host([p[7] for p in self.pending])
-        for i, (kind, step, name, t0, x, ref, _, _) in enumerate(self.pending):
+        for i, (kind, step, name, t0, x, ref, _, _, _, exact) in enumerate(self.pending):
             v = vals[i]
-            if not bool(torch.isfinite(v[2:5]).all()):
+            if not exact and not bool(torch.isfinite(v[2:5]).all()):
                 v = stats_vector(x, ref).cpu()
             self.merger.add(kind, step, name, v.tolist(), tuple(ref.shape), t0, self._full(step, name, ref.shape))
             if sys_host[i] is not None:
                 self.merger.add_sys(step, name, *sys_host[i])
         self.pending, self.pending_bytes = [], 0
+
+    def _reduce_small(self) -> None:
+        """The pending small pairs' stats (exact also for non-finite values: the masked path) and
+        systematic sums, reduced per segment in a few kernels; the pending entries get them."""
+        idx = [i for i, p in enumerate(self.pending) if p[6] is None]
+        if not idx:
+            return
+        stats = batch_stats([self.pending[i][4] for i in idx], [self.pending[i][5] for i in idx])
+        want = [i for i in idx if self.pending[i][8] is not None]
+        sums = {}
+        if want:
+            s, chan, counts = sysmod.sys_sums_many([self.pending[i][4] for i in want],
+                                                   [self.pending[i][5] for i in want],
+                                                   [self.pending[i][8] for i in want])
+            at = 0
+            for j, (i, c) in enumerate(zip(want, counts)):
+                sums[i] = (s[j], chan[at:at + c] if c else None)
+                at += c
+        for j, i in enumerate(idx):
+            self.pending[i] = self.pending[i][:6] + (stats[j], sums.get(i), self.pending[i][8], True)
 
     def _full(self, step: int, name: str, piece) -> tuple:
         """The whole step's shape of a batch's tensor of shape ``piece`` at ``name``."""

@@ -24,6 +24,15 @@ def _late_q_rope(x, ctx):
 LATE = Fault("late_q_rope", [("blk.*.q_rope", _late_q_rope)])
 
 
+@pytest.fixture(params=[None, True], ids=["per-pair", "batched"])
+def batching(request, monkeypatch):
+    """The lockstep's small pairs reduced one at a time (the CPU default) or per batch of pairs
+    (the GPU default, forced here on the CPU)."""
+    from harness.stream import Lockstep
+    monkeypatch.setattr(Lockstep, "BATCH", request.param)
+    return request.param
+
+
 def _run(path, faults, ubatch):
     req = DiffRequest(path, tokens=PROMPT, steps=2, faults=faults, ubatch=ubatch, isolate=False)
     return diff_gguf(req).comparison
@@ -32,7 +41,7 @@ def _run(path, faults, ubatch):
 @pytest.mark.parametrize("fault, where", [(None, None), ("drop_qkv_bias", (0, 0, "blk.0.q")),
                                           ("decode_pos_off_by_one", (1, 0, "blk.0.q_rope")),
                                           (LATE, (0, 1, "blk.1.q_rope"))])
-def test_microbatched_matches_single_batch(tiny_f32, llama_lib, fault, where):
+def test_microbatched_matches_single_batch(tiny_f32, llama_lib, fault, where, batching):
     faults = [] if fault is None else [fault if isinstance(fault, Fault) else get_fault(fault)]
     one, many = _run(tiny_f32, faults, 0), _run(tiny_f32, faults, 16)
     assert one.meta.get("ubatch") is None and many.meta["ubatch"] == 16
@@ -91,7 +100,7 @@ def test_microbatched_through_the_worker(tiny_f32, llama_lib):
 
 
 @pytest.mark.parametrize("step", [0, 1])
-def test_microbatched_systematic_statistics(synth_dir, llama_lib, step):
+def test_microbatched_systematic_statistics(synth_dir, llama_lib, step, batching):
     """The systematic statistics merge over the batches: a 1e-4 scale in one Q8_0 matmul, within
     every element's tolerance, is named at its exact site by both paths, and the clean sites'
     statistics and verdicts are the single-batch path's."""

@@ -80,11 +80,12 @@ def sys_pair(ours: torch.Tensor, ref: torch.Tensor, token_major: bool) -> torch.
     return _with_channels(sums, chan)
 
 
-def sys_pairs(ours: list[torch.Tensor], refs: list[torch.Tensor], token_major: list[bool]) -> torch.Tensor:
-    """:func:`sys_pair` of many pairs at once, (N, 8) on their device: the pairs are concatenated
-    and reduced per segment (a dozen kernels for the batch instead of a dozen per pair; float64
-    atomics, so the last digits may vary from run to run). Each element of a token-major pair
-    adds to its channel's sum; the other pairs get no channels."""
+def sys_sums_many(ours: list[torch.Tensor], refs: list[torch.Tensor],
+                  token_major: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """:func:`sys_sums` of many pairs at once, on their device: the pairs are concatenated and
+    reduced per segment (a dozen kernels for the batch instead of a dozen per pair; float64
+    atomics, so the last digits may vary from run to run). Returns the (N, 6) sums, every
+    token-major pair's channel sums concatenated, and each pair's channel count (0: none)."""
     from harness.compare.metrics import segment_ids
     dev = ours[0].device
     a = torch.cat([o.detach().reshape(-1) for o in ours]).double()
@@ -93,20 +94,28 @@ def sys_pairs(ours: list[torch.Tensor], refs: list[torch.Tensor], token_major: l
     a, b = torch.where(ok, a, 0.0), torch.where(ok, b, 0.0)
     d = a - b
     seg, starts = segment_ids(ours, dev)
-    n = len(ours)
-    sums = torch.zeros(5, n, dtype=torch.float64, device=dev).index_add_(
+    sums = torch.zeros(5, len(ours), dtype=torch.float64, device=dev).index_add_(
         1, seg, torch.stack([ok.double(), b * b, d * b, d * d, d]))
-    rows = [float(o.shape[0]) if tm and o.dim() >= 2 else 0.0 for o, tm in zip(ours, token_major)]
-    chans = [o.numel() // int(r) if r else 1 for o, r in zip(ours, rows)]   # 1: a dummy channel
-    host = torch.tensor([rows, [float(c) if r else 0.0 for c, r in zip(chans, rows)], chans,
-                         [0] + list(itertools.accumulate(chans))[:-1]], dtype=torch.float64)
+    rows = [o.shape[0] if tm and o.dim() >= 2 else 0 for o, tm in zip(ours, token_major)]
+    counts = [o.numel() // r if r else 0 for o, r in zip(ours, rows)]
+    total = sum(counts)
+    offs = [total if not c else off for c, off in zip(counts, itertools.accumulate([0] + counts))]
+    host = torch.tensor([rows, [max(c, 1) for c in counts], offs], dtype=torch.int64)
     host = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host
-    pos = torch.arange(a.numel(), device=dev)
-    ch = host[3].long()[seg] + (pos - starts[seg]) % host[2].long()[seg]
-    chan_sums = torch.zeros(int(sum(chans)), dtype=torch.float64, device=dev).index_add_(0, ch, d)
-    owner = torch.repeat_interleave(torch.arange(n, device=dev), host[2].long(), output_size=int(sum(chans)))
-    energy = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, owner, chan_sums * chan_sums)
-    return torch.stack([*sums, host[0], torch.where(host[1] > 0, energy, 0.0), host[1]], dim=1)
+    within = (torch.arange(a.numel(), device=dev) - starts[seg]) % host[1][seg]
+    ch = torch.where(host[0][seg] > 0, host[2][seg] + within, total)      # slot `total`: no channel
+    chan = torch.zeros(total + 1, dtype=torch.float64, device=dev).index_add_(0, ch, d)[:total]
+    return torch.cat([sums.T, host[0].double()[:, None]], 1), chan, counts
+
+
+def sys_pairs(ours: list[torch.Tensor], refs: list[torch.Tensor], token_major: list[bool]) -> torch.Tensor:
+    """:func:`sys_pair` of many pairs at once, (N, 8) on their device (see :func:`sys_sums_many`)."""
+    sums, chan, counts = sys_sums_many(ours, refs, token_major)
+    dev, n = sums.device, len(counts)
+    owner = torch.repeat_interleave(torch.arange(n), torch.tensor(counts, dtype=torch.int64)).to(dev)
+    energy = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, owner, chan * chan)
+    c = torch.tensor(counts, dtype=torch.float64).to(dev)
+    return torch.cat([sums, energy[:, None], c[:, None]], 1)
 
 
 def _with_channels(sums: torch.Tensor, chan: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,40 @@
+"""Time the micro-batched (streaming) report on the GPU, and what its parts cost:
+    python benchmarks/profile_stream.py [TOKENS [UBATCH]]     (default 2048 256; + 8 steps)
+Qwen2.5-0.5B-shaped F16, llama.cpp in-process, the same runner throughout; prints one line per
+variant: as shipped, small pairs reduced one at a time (Lockstep.BATCH = False), and without
+the systematic statistics."""
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, ".")
+import harness.compare.comparator as cmpmod  # noqa: E402
+from harness.diff import DiffRequest, diff_on_device  # noqa: E402
+from harness.stream import Lockstep  # noqa: E402
+from harness.synth import default_fixture  # noqa: E402
+
+T = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
+U = int(sys.argv[2]) if len(sys.argv) > 2 else 256
+p = default_fixture("f16", preset="qwen2.5-0.5b", cache_dir="build/fixtures")
+req = DiffRequest(p, tokens=[300 + (7 * i) % 5000 for i in range(T)], steps=8, device="cuda", ubatch=U, isolate=False)
+
+
+def timed(label):
+    torch.cuda.synchronize()
+    t = time.time()
+    res = diff_on_device(req).comparison
+    torch.cuda.synchronize()
+    print(f"{label}: {time.time() - t:.2f} s, rows {len(res.table)}, first {res.first.site if res.first else None}",
+          flush=True)
+
+
+timed("warm-up (as shipped)")
+timed("as shipped")
+Lockstep.BATCH = False
+timed("small pairs one at a time")
+Lockstep.BATCH = None
+null = cmpmod._default_null
+cmpmod._default_null = lambda: None
+timed("no systematic statistics")
+cmpmod._default_null = null
