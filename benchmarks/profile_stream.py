@@ -10,20 +10,25 @@ import torch
 
 sys.path.insert(0, ".")
 import harness.compare.comparator as cmpmod  # noqa: E402
-from harness.diff import DiffRequest, diff_on_device  # noqa: E402
+from harness.diff import DiffRequest, diff_on_device, llama_options, model_for  # noqa: E402
+from harness.llama.worker import open_runner  # noqa: E402
+from harness.gguf.load import read_config_file  # noqa: E402
 from harness.stream import Lockstep  # noqa: E402
 from harness.synth import default_fixture  # noqa: E402
+from harness.trace import Trace  # noqa: E402
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
 U = int(sys.argv[2]) if len(sys.argv) > 2 else 256
 p = default_fixture("f16", preset="qwen2.5-0.5b", cache_dir="build/fixtures")
 req = DiffRequest(p, tokens=[300 + (7 * i) % 5000 for i in range(T)], steps=8, device="cuda", ubatch=U, isolate=False)
+runner = open_runner(p, llama_options(req, keep_on_device=True, ubatch=U), n_ctx_needed=T + 9)   # loaded once
+model = model_for(req, Trace(read_config_file(p).n_layer, meta=dict(runner.meta)))
 
 
 def timed(label):
     torch.cuda.synchronize()
     t = time.time()
-    res = diff_on_device(req).comparison
+    res = diff_on_device(req, model=model, runner=runner).comparison
     torch.cuda.synchronize()
     print(f"{label}: {time.time() - t:.2f} s, rows {len(res.table)}, first {res.first.site if res.first else None}",
           flush=True)
