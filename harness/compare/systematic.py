@@ -112,10 +112,11 @@ def sys_pairs(ours: list[torch.Tensor], refs: list[torch.Tensor], token_major: l
     """:func:`sys_pair` of many pairs at once, (N, 8) on their device (see :func:`sys_sums_many`)."""
     sums, chan, counts = sys_sums_many(ours, refs, token_major)
     dev, n = sums.device, len(counts)
-    owner = torch.repeat_interleave(torch.arange(n), torch.tensor(counts, dtype=torch.int64)).to(dev)
+    c = torch.tensor(counts, dtype=torch.int64)
+    c = c.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else c     # no host sync
+    owner = torch.repeat_interleave(torch.arange(n, device=dev), c, output_size=sum(counts))
     energy = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, owner, chan * chan)
-    c = torch.tensor(counts, dtype=torch.float64).to(dev)
-    return torch.cat([sums, energy[:, None], c[:, None]], 1)
+    return torch.cat([sums, energy[:, None], c.double()[:, None]], 1)
 
 
 def _with_channels(sums: torch.Tensor, chan: torch.Tensor | None) -> torch.Tensor:
