@@ -1,12 +1,13 @@
 #!/bin/bash
 # The GPU-side checks, run on the GPU machine from the repository root:
 #   source .device/setup.sh && bash benchmarks/gpu_checks.sh PHASE
-# PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b | qwen3 | recal | gputests | speed |
+# PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b | qwen3 | recal | gputests | null05b | profile | speed |
 #        long32k | long7b | long32b. Logs go to $OUT (or /tmp/out).
-# What issues 16 and 17 still need from a GPU (each line one call of at most 10 minutes, in order):
-#   bash benchmarks/gpu_checks.sh recal gputests      # CUDA tolerances (softmax bound now absolute), every GPU test
-#   bash benchmarks/mde_gpu.sh                         # CUDA null, MDE table, clean runs (issue 17)
-#   bash benchmarks/gpu_checks.sh speed long32k        # 512+8 speed, 0.5B F16 32k+8 (issue 16)
+# What issues 16 and 17 still need from a GPU (each line one call of at most 10 minutes, in order;
+# recal and gputests ran in the fifth session, nothing since: no machine could be started in the sixth):
+#   bash benchmarks/gpu_checks.sh null05b              # CUDA null on real-vocabulary files + their clean runs (issue 17)
+#   bash benchmarks/gpu_checks.sh gputests profile speed   # every GPU test; the sixth session's comparison changes, A/B; 512+8 speed
+#   bash benchmarks/gpu_checks.sh long32k              # 0.5B F16 32k+8 (issue 16)
 #   bash benchmarks/gpu_checks.sh long7b               # 7B Q4_K_M 8k+8 (synthesizes the 7B file first)
 #   bash benchmarks/gpu_checks.sh long32b              # 32B-shaped Q4_K_M 2k+8, lazy weights (~55 GB of disk)
 set -u
@@ -59,6 +60,16 @@ recal)
   cp harness/compare/tolerances.json "$OUT/tolerances.json" ;;
 gputests)
   LIMIT=180 run python -m pytest -m gpu tests/ -q -rs -p no:cacheprovider ;;
+null05b)
+  # CUDA logits were left without a systematic threshold (fifth session): calibrate on 151,936-word
+  # rows, then clean runs of those files (none may diverge)
+  LIMIT=300 run python benchmarks/mde.py null --device cuda --presets tiny,tiny-qwen3,qwen2.5-0.5b --big-types f16 --mixed
+  cp harness/compare/systematic.json "$OUT/systematic.json"
+  LIMIT=240 run python benchmarks/false_alarms.py --device cuda --presets qwen2.5-0.5b --types f16 --seeds 1 \
+    --prompts-per-seed 20 --mixed-runs 20 --out "$OUT/false_alarms_cuda_05b.json" ;;
+profile)
+  LIMIT=120 run python benchmarks/profile_report.py 512
+  LIMIT=150 run python benchmarks/profile_stream.py 2048 256 ;;
 speed)
   LIMIT=200 run python benchmarks/bench.py --out "$OUT" --lengths 512 --steps 8 --repeats 2 ;;
 long32k)
