@@ -39,6 +39,35 @@ def test_sums_of_row_blocks_give_the_whole_tensors_statistics():
     assert math.isnan(one[1][4]) and one[1][0] == pytest.approx(_row(S.sys_vector(ours[:1], ref[:1], True))["sys_slope"])
 
 
+def test_many_pairs_at_once_give_each_pairs_statistics():
+    """sys_sums_many / sys_pairs (the batched GPU path) give each pair's sys_sums / sys_pair:
+    token-major pairs with their channel sums, a one-row pair, a 1-D one, a non-token-major one,
+    an empty one, and one with NaN and inf on either side."""
+    shapes = [((12, 4, 8), True), ((1, 32), True), ((40,), True), ((6, 9), False), ((0, 5), True), ((5, 6), True)]
+    ours, refs, tms = [], [], []
+    for i, (shape, tm) in enumerate(shapes):
+        ref, o = _noise(shape, seed=i, scale=1e-3)
+        ours.append((o + 2e-4).float())
+        refs.append(ref.float())
+        tms.append(tm)
+    ours[-1][1, 2], refs[-1][3, 0] = float("nan"), float("inf")
+    sums, chan, counts = S.sys_sums_many(ours, refs, tms)
+    assert counts == [32, 32, 0, 0, 0, 6]
+    at = 0
+    for i, (o, r, tm) in enumerate(zip(ours, refs, tms)):
+        one, ch = S.sys_sums(o, r, tm)
+        assert sums[i].tolist() == pytest.approx(one.tolist(), rel=1e-12, abs=1e-18), i
+        if ch is None:
+            assert counts[i] == 0
+        else:
+            assert chan[at:at + counts[i]].tolist() == pytest.approx(ch.tolist(), rel=1e-12, abs=1e-18), i
+            at += counts[i]
+    many = S.sys_finish_pairs(S.sys_pairs(ours, refs, tms))
+    for i, (o, r, tm) in enumerate(zip(ours, refs, tms)):
+        assert many[i].tolist() == pytest.approx(S.sys_vector(o, r, tm).tolist(), rel=1e-9, nan_ok=True), i
+    assert not math.isnan(many[0, 5]) and math.isnan(many[1, 5]) and math.isnan(many[3, 5])
+
+
 @pytest.mark.parametrize("kind", ["slope", "offset", "chan"])
 def test_each_statistic_sees_its_bug_far_below_the_noise_rms(kind):
     ref, ours = _noise((16, 256))
