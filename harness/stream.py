@@ -29,6 +29,7 @@ attention-score sites, as above).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -121,6 +122,23 @@ def _global_index(flat: int, piece: tuple, full: tuple, t_axis: int, t0: int) ->
     return out
 
 
+@dataclass
+class _Pending:
+    """A compared pair awaiting the batch's transfer: ``tm`` whether its systematic sums are
+    wanted (None: no; else whether the site is token-major); ``small``: reduced with the batch
+    (``stats``/``sums`` filled then, exactly), else reduced at once, finiteness unchecked."""
+    kind: str
+    step: int
+    name: str
+    t0: int
+    x: torch.Tensor
+    ref: torch.Tensor
+    tm: bool | None
+    small: bool
+    stats: torch.Tensor | None
+    sums: tuple | None
+
+
 class Lockstep:
     """Runner sink that drives our model one llama.cpp batch at a time and compares as it goes.
 
@@ -182,7 +200,7 @@ class Lockstep:
             small = batch and x.numel() < Comparator.LARGE
             stats = None if small else optimistic_stats(x, ref)             # small: with the batch
             sums = None if small or tm is None else sysmod.sys_sums(x, ref, tm)
-            self.pending.append((kind, step, name, t0, x, ref, stats, sums, tm, False))
+            self.pending.append(_Pending(kind, step, name, t0, x, ref, tm, small, stats, sums))
             self.pending_bytes += x.numel() * 4
             if self.pending_bytes >= self.HOLD or not (x.is_cuda or batch):
                 self._reduce()
@@ -199,36 +217,33 @@ class Lockstep:
         if not self.pending:
             return
         self._reduce_small()
-        vals = torch.stack([p[6] for p in self.pending]).cpu()
-        sys_host = _to_host([p[7] for p in self.pending])
-        for i, (kind, step, name, t0, x, ref, _, _, _, exact) in enumerate(self.pending):
-            v = vals[i]
-            if not exact and not bool(torch.isfinite(v[2:5]).all()):
-                v = stats_vector(x, ref).cpu()
-            self.merger.add(kind, step, name, v.tolist(), tuple(ref.shape), t0, self._full(step, name, ref.shape))
-            if sys_host[i] is not None:
-                self.merger.add_sys(step, name, *sys_host[i])
+        vals = torch.stack([p.stats for p in self.pending]).cpu()
+        sys_host = _to_host([p.sums for p in self.pending])
+        for p, v, sums in zip(self.pending, vals, sys_host):
+            if not p.small and not bool(torch.isfinite(v[2:5]).all()):     # small: already exact
+                v = stats_vector(p.x, p.ref).cpu()
+            full = self._full(p.step, p.name, p.ref.shape)
+            self.merger.add(p.kind, p.step, p.name, v.tolist(), tuple(p.ref.shape), p.t0, full)
+            if sums is not None:
+                self.merger.add_sys(p.step, p.name, *sums)
         self.pending, self.pending_bytes = [], 0
 
     def _reduce_small(self) -> None:
         """The pending small pairs' stats (exact also for non-finite values: the masked path) and
         systematic sums, reduced per segment in a few kernels; the pending entries get them."""
-        idx = [i for i, p in enumerate(self.pending) if p[6] is None]
-        if not idx:
+        small = [p for p in self.pending if p.small]
+        if not small:
             return
-        stats = batch_stats([self.pending[i][4] for i in idx], [self.pending[i][5] for i in idx])
-        want = [i for i in idx if self.pending[i][8] is not None]
-        sums = {}
+        stats = batch_stats([p.x for p in small], [p.ref for p in small])
+        for p, st in zip(small, stats):
+            p.stats = st
+        want = [p for p in small if p.tm is not None]
         if want:
-            s, chan, counts = sysmod.sys_sums_many([self.pending[i][4] for i in want],
-                                                   [self.pending[i][5] for i in want],
-                                                   [self.pending[i][8] for i in want])
+            sums, chan, counts = sysmod.sys_sums_many([p.x for p in want], [p.ref for p in want], [p.tm for p in want])
             at = 0
-            for j, (i, c) in enumerate(zip(want, counts)):
-                sums[i] = (s[j], chan[at:at + c] if c else None)
+            for p, s, c in zip(want, sums, counts):
+                p.sums = (s, chan[at:at + c] if c else None)
                 at += c
-        for j, i in enumerate(idx):
-            self.pending[i] = self.pending[i][:6] + (stats[j], sums.get(i), self.pending[i][8], True)
 
     def _full(self, step: int, name: str, piece) -> tuple:
         """The whole step's shape of a batch's tensor of shape ``piece`` at ``name``."""

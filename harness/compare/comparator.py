@@ -200,12 +200,13 @@ class Comparator:
         else:
             self._local_row(step, site, tuple(ref.shape), _values(pair_stats(local, ref)))
         if self.wants_systematic(site, ref.numel()):
+            tm = spec.layout[0] == "T"
             if self._defer(local) and self.BATCH_SYS and ref.numel() < self.LARGE:   # with the batch
-                self.sys_batch.append(((step, site), local, ref, spec.layout[0] == "T"))
+                self.sys_batch.append(((step, site), local, ref, tm))
             elif self._defer(local):       # finished at the flush, all pairs at once
-                self.sys_pending.append(([(step, site)], sysmod.sys_pair(local, ref, spec.layout[0] == "T")[None]))
+                self.sys_pending.append(([(step, site)], sysmod.sys_pair(local, ref, tm)[None]))
             else:
-                self.add_systematic(step, site, sysmod.sys_vector(local, ref, spec.layout[0] == "T").tolist())
+                self.add_systematic(step, site, sysmod.sys_vector(local, ref, tm).tolist())
 
     def wants_systematic(self, site: str, numel: int) -> bool:
         """Are the systematic statistics of a local pair at ``site`` of ``numel`` elements wanted?
