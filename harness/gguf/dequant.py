@@ -187,3 +187,48 @@ def dequantize(raw: torch.Tensor, qtype: Q, shape: tuple[int, ...]) -> torch.Ten
     else:
         out = _blocks(raw, qtype)
     return out.reshape(shape)
+
+
+# --- scale * q - offset form (for mirroring kernels that keep the offset term apart) ------------
+
+def _parts_4_0(b):
+    return _nibbles(b[:, 2:], 16).float(), _f16(b, 0), 8.0 * _f16(b, 0)
+
+
+def _parts_5_0(b):
+    return _q5(b, 2).float(), _f16(b, 0), 16.0 * _f16(b, 0)
+
+
+def _parts_k4(b, q):
+    n = b.shape[0]
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    return q.reshape(n, 256), _f16(b, 0) * sc.float(), _f16(b, 2) * mn.float()
+
+
+def _parts_q4_k(b):
+    return _parts_k4(b, _nibbles(b[:, 16:], 32).float())
+
+
+def _parts_q5_k(b):
+    n = b.shape[0]
+    ql = _nibbles(b[:, 48:], 32).view(n, 8, 32)
+    return _parts_k4(b, (ql | (_bits(b[:, 16:48], range(8), 1) << 4)).float())
+
+
+_PARTS = {Q.Q4_0: _parts_4_0, Q.Q5_0: _parts_5_0, Q.Q4_K: _parts_q4_k, Q.Q5_K: _parts_q5_k}
+OFFSET_TYPES = frozenset(_PARTS)
+
+
+def offset_parts(raw: torch.Tensor, qtype: Q, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """A Q4_0/Q5_0/Q4_K/Q5_K matrix as ``scale * q - offset`` per 32-element sub-block: ``q`` (shape,
+    float32 holding the unsigned codes), ``scale`` and ``offset`` (rows, cols // 32, float32).
+    Expanded over the sub-blocks, ``scale * q - offset`` equals :func:`dequantize` bit for bit
+    (every product and difference is exact). llama.cpp's CUDA kernels apply the offset to a sum of
+    the activations rather than element by element (harness.ours.numerics)."""
+    qtype = Q(qtype)
+    if qtype not in _PARTS:
+        raise NotImplementedError(f"no scale/offset form for {qtype.name}")
+    rows, cols = (math.prod(shape[:-1]), shape[-1]) if shape else (1, 1)
+    b = raw.contiguous().view(-1, GGML_QUANT_SIZES[qtype][1])
+    q, scale, offset = _PARTS[qtype](b)
+    return q.reshape(shape), scale.reshape(rows, cols // 32), offset.reshape(rows, cols // 32)

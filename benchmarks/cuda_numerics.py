@@ -1,0 +1,161 @@
+"""Which arithmetic does llama.cpp's CUDA build do at each weight matmul? (issue 17, lever 2a)
+
+    python benchmarks/cuda_numerics.py dump --out DIR          # on the GPU machine: llama.cpp's own tensors
+    python benchmarks/cuda_numerics.py analyze DIR/*.pt         # anywhere: candidate mirrors against them
+
+``dump`` captures llama.cpp CUDA's tensors of one layer (blk.1) on fixtures of each weight type, at a
+64-token prefill (MMQ for quantized weights, cuBLAS for F16), a 12-token prefill (MMQ / MMF) and
+two decode steps (one token: MMVQ / MMVF), and saves them with the fixture's sha256. ``analyze``
+recomputes every weight matmul of that layer from llama.cpp's own input with each candidate
+arithmetic (harness.ours.numerics) and prints its error against llama.cpp's output: relative L2,
+worst element over the output's RMS, and the share of elements equal bit for bit.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+LAYER = 1
+MATMULS = {"q_proj": "attn_norm", "k_proj": "attn_norm", "v_proj": "attn_norm", "attn_out": "kqv",
+           "ffn_gate": "ffn_norm", "ffn_up": "ffn_norm", "ffn_out": "ffn_act"}
+FIXTURES = (("tiny", "q4_k_m", None), ("tiny", "q8_0", None), ("tiny", "f16", None),
+            ("qwen2.5-0.5b", "q4_k_m", True), ("qwen2.5-0.5b", "f16", None))
+RUNS = ((64, 2), (12, 0))         # (prompt tokens, decode steps)
+
+
+def _sha(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dump(out: str, device: str, presets: str | None = None) -> None:
+    from harness.diff import DiffRequest, capture_reference
+    from harness.synth import default_fixture
+    os.makedirs(out, exist_ok=True)
+    for preset, wtype, tied in FIXTURES:
+        if presets and preset not in presets.split(","):
+            continue
+        path = default_fixture(wtype, preset=preset, seed=11, tied=tied)
+        saved = {"fixture": (preset, wtype, 11, tied), "sha256": _sha(path), "runs": []}
+        for n, steps in RUNS:
+            tokens = [(i * 37) % 900 + 5 for i in range(n)]
+            ref = capture_reference(DiffRequest(path, tokens=tokens, steps=steps, device=device,
+                                                sites=f"blk.{LAYER}.*", isolate=False))
+            keep = {f"blk.{LAYER}.{k}" for k in set(MATMULS) | set(MATMULS.values())}
+            saved["runs"].append({k: v.cpu().clone() for k, v in ref.items() if k[1] in keep})
+        name = os.path.join(out, f"{preset}-{wtype}.pt")
+        torch.save(saved, name)
+        print(name, os.path.getsize(name), "bytes", flush=True)
+
+
+def _raw_weights(path: str, names) -> dict:
+    from gguf import GGMLQuantizationType
+    from harness.gguf.header import read_tensor_bytes, scan
+    recs = {t.name: t for t in scan(path).tensors}
+    return {n: (torch.from_numpy(read_tensor_bytes(path, recs[n])), GGMLQuantizationType(recs[n].type).name,
+                recs[n].shape) for n in names}
+
+
+def _errors(y: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]:
+    d = (y.double() - ref.double())
+    rms = ref.double().pow(2).mean().sqrt().item() or 1.0
+    return (d.norm().item() / (ref.double().norm().item() or 1.0), d.abs().max().item() / rms,
+            (y == ref).double().mean().item())
+
+
+def candidates(raw: torch.Tensor, qtype: str, shape) -> dict:
+    """name -> f(x, w): the arithmetic candidates for one weight matmul."""
+    from gguf import GGMLQuantizationType
+    from harness.gguf.dequant import OFFSET_TYPES, offset_parts
+    from harness.ours.numerics import CudaQuantMatMul, act_rounder
+    out = {"f32": lambda x, w: x @ w.T}
+    if qtype in ("F16", "BF16"):
+        dt = torch.float16 if qtype == "F16" else torch.bfloat16
+        out["x16"] = lambda x, w: x.to(dt).float() @ w.T
+        out["x16 out16"] = lambda x, w: (x.to(dt).float() @ w.T).to(dt).float()
+        if x_is_cuda(raw):
+            out["gemm acc32"] = lambda x, w: (x.to(dt) @ w.to(dt).T).float()
+            out["gemm acc16"] = lambda x, w: _acc16(lambda: (x.to(dt) @ w.to(dt).T).float())
+        return out
+    if qtype == "F32":
+        return out
+    old = act_rounder(qtype, "cuda")
+    out["sixth session"] = lambda x, w: (old(x) if old else x) @ w.T
+    parts = (lambda: offset_parts(raw, GGMLQuantizationType[qtype], shape)) if qtype in {t.name for t in OFFSET_TYPES} else None
+    out["mirror"] = CudaQuantMatMul(qtype, parts)
+    return out
+
+
+def x_is_cuda(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+def _acc16(fn):
+    m = torch.backends.cuda.matmul
+    if not hasattr(m, "allow_fp16_accumulation"):
+        return torch.full((1,), float("nan"))
+    saved, m.allow_fp16_accumulation = m.allow_fp16_accumulation, True
+    try:
+        return fn()
+    finally:
+        m.allow_fp16_accumulation = saved
+
+
+def analyze(files, device: str) -> None:
+    from gguf import GGMLQuantizationType
+    from harness.gguf.dequant import dequantize
+    from harness.sites import LAYER_WEIGHTS
+    from harness.synth import default_fixture
+    for f in files:
+        saved = torch.load(f)
+        preset, wtype, seed, tied = saved["fixture"]
+        path = default_fixture(wtype, preset=preset, seed=seed, tied=tied)
+        if _sha(path) != saved["sha256"]:
+            print(f"{f}: the fixture here differs from the dumped one (sha256); skipped")
+            continue
+        names = {k: f"blk.{LAYER}.{LAYER_WEIGHTS[k]}" for k in MATMULS}
+        raw = _raw_weights(path, names.values())
+        print(f"\n## {preset}/{wtype}")
+        print("| site | type | T | candidate | rel_l2 | max/rms | equal |\n|---|---|---|---|---|---|---|")
+        for run in saved["runs"]:
+            steps = sorted({s for s, _ in run})
+            for step in steps[:2]:
+                for site, src in MATMULS.items():
+                    key_in, key_out = (step, f"blk.{LAYER}.{src}"), (step, f"blk.{LAYER}.{site}")
+                    if key_in not in run or key_out not in run:
+                        continue
+                    b, qtype, shape = raw[names[site]]
+                    x = run[key_in].to(device).reshape(run[key_in].shape[0], -1)
+                    ref = run[key_out].to(device).reshape(x.shape[0], -1)
+                    w = dequantize(b.to(device), GGMLQuantizationType[qtype], shape)
+                    for name, fn in candidates(b.to(device), qtype, shape).items():
+                        e = _errors(fn(x, w), ref)
+                        print(f"| {site} | {qtype} | {x.shape[0]} | {name} | {e[0]:.2e} | {e[1]:.2e} | {e[2]:.3f} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("cmd", choices=("dump", "analyze"))
+    p.add_argument("files", nargs="*")
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    p.add_argument("--presets", help="dump only these presets (comma-separated)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    if a.cmd == "dump":
+        dump(a.out, a.device, a.presets)
+    else:
+        analyze(a.files, a.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
