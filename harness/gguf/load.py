@@ -86,6 +86,16 @@ class GGUFModel:
     tied: bool = False                        # no output.weight: logits use token_embd.weight
 
     file_type: str | None = None              # general.file_type as llama.cpp names it ("Q4_K_M")
+    records: dict = field(default_factory=dict, repr=False)  # GGUF tensor name -> header TensorRecord
+
+    def raw(self, name: str) -> torch.Tensor:
+        """Tensor ``name``'s GGUF bytes (uint8) on its weight's device, read again from the file
+        (a lazy weight's are at hand)."""
+        w = self.weights[name]
+        if isinstance(w, LazyWeight):
+            return w.raw
+        rec = self.records.get(name) or {t.name: t for t in open_gguf(self.path).tensors}[name]
+        return torch.from_numpy(_raw(rec, self.path)).to(w.device)
 
     @property
     def weight_type(self) -> str:
@@ -292,7 +302,7 @@ def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
             w = torch.from_numpy(np.ascontiguousarray(_dequantize(t, raw, path), dtype=np.float32))
         weights[name] = w.to(device=device, dtype=dtype)
     return GGUFModel(path=path, config=cfg, weights=weights, types={n: types[n] for n in shapes}, tied=tied,
-                     file_type=file_type_name(hdr))
+                     file_type=file_type_name(hdr), records={n: by_name[n] for n in shapes})
 
 
 def float_bytes(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> int:

@@ -17,7 +17,7 @@ from torch import nn
 
 from harness.gguf.load import GGUFError, GGUFModel, LazyWeight, ModelConfig, load_gguf
 from harness.ours.hooks import Hook, HookManager, HookPoint, site_matcher
-from harness.ours.numerics import act_rounder
+from harness.ours.numerics import act_rounder, cuda_matmul
 from harness.provenance import machine_provenance
 from harness.sites import LAYER_KEYS, SiteFilter, site_name
 from harness.trace import Sink, Trace
@@ -86,8 +86,8 @@ class MatMul:
     """x @ W^T, optionally rounding x first the way llama.cpp's CPU kernels do (harness.ours.numerics).
     ``weight`` is a float tensor, or a :class:`~harness.gguf.load.LazyWeight` expanded on use."""
 
-    def __init__(self, weight: "torch.Tensor | LazyWeight", rounder=None):
-        self.source, self.rounder = weight, rounder
+    def __init__(self, weight: "torch.Tensor | LazyWeight", rounder=None, kernel=None):
+        self.source, self.rounder, self.kernel = weight, rounder, kernel    # kernel(x, W): CUDA mirror
         self.lazy = isinstance(weight, LazyWeight)
         self.weight_t = None if self.lazy else weight.T                        # the view, made once
 
@@ -96,6 +96,8 @@ class MatMul:
         return self.source.expand() if self.lazy else self.source
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x, self.weight)
         wt = self.weight.T if self.lazy else self.weight_t
         return (self.rounder(x) if self.rounder is not None else x) @ wt
 
@@ -222,7 +224,9 @@ class Model(nn.Module):
                             "which our model does not implement yet")
         self.manager = HookManager(self)
         self.kv_dtype, self.mirror = kv_dtype, mirror
-        mm = {n: MatMul(t, act_rounder(gm.types.get(n), mirror) if mirror else None)
+        mm = {n: MatMul(t, act_rounder(gm.types.get(n), mirror) if mirror else None,
+                        cuda_matmul(gm.types.get(n), lambda n=n: gm.raw(n), tuple(t.shape), keep=not
+                                    isinstance(t, LazyWeight)) if mirror == "cuda" else None)
               for n, t in w.items() if t.dim() == 2}
         self.embd, self.norm_w = mm["token_embd.weight"], w["output_norm.weight"]
         self.out = mm["token_embd.weight"] if gm.tied else mm["output.weight"]

@@ -48,7 +48,7 @@ def round_q8_k(x: torch.Tensor) -> torch.Tensor:
         return x
     idx = b.abs().argmax(-1, keepdim=True)
     mx = torch.gather(b, -1, idx)
-    iscale = torch.where(mx != 0, -127.0 / mx, torch.zeros_like(mx))
+    iscale = torch.where(mx != 0, torch.full_like(mx, -127.0) / mx, torch.zeros_like(mx))  # a division, as ggml
     q = torch.clamp(torch.round(iscale * b), max=127)
     d = torch.where(iscale != 0, 1.0 / iscale, torch.zeros_like(iscale))
     return (q * d).reshape(x.shape).to(x.dtype)
@@ -111,7 +111,7 @@ def q8_1_mmq(x: torch.Tensor, ds4: bool) -> tuple[torch.Tensor, torch.Tensor]:
     layout stores (d, sum of x) as half, D4 a float d (and no sum)."""
     b = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
     amax = b.abs().amax(-1, keepdim=True)
-    d_inv = 127.0 / torch.where(amax > 0, amax, torch.ones_like(amax))
+    d_inv = torch.full_like(amax, 127.0) / torch.where(amax > 0, amax, torch.ones_like(amax))  # not 127 * (1/amax)
     q = torch.where(amax > 0, _roundf(b * d_inv), torch.zeros_like(b))
     d = torch.where(amax > 0, 1.0 / d_inv, torch.zeros_like(d_inv))
     return (q * (_half(d) if ds4 else d)).reshape(x.shape), _half(b.sum(-1))
@@ -142,3 +142,35 @@ class CudaQuantMatMul:
                 q, scale, offset = self.parts()
                 return (xq @ (_half(scale).repeat_interleave(32, -1) * q).T - s @ _half(offset).T).to(x.dtype)
         return xq.to(x.dtype) @ w.T
+
+
+class _KeptParts:
+    """offset_parts computed on first use and kept (codes as uint8: a quarter of the float size)."""
+
+    def __init__(self, make: Callable[[], tuple]):
+        self.make, self.kept = make, None
+
+    def __call__(self) -> tuple:
+        if self.kept is None:
+            q, scale, offset = self.make()
+            self.kept = (q.to(torch.uint8), scale, offset)
+        q, scale, offset = self.kept
+        return q.float(), scale, offset
+
+
+def cuda_matmul(weight_type: str | None, raw: Callable[[], torch.Tensor], shape: tuple[int, ...],
+                keep: bool = True) -> CudaQuantMatMul | None:
+    """The CUDA arithmetic of a quantized weight matmul (None for float weights); ``raw()`` gives the
+    weight's GGUF bytes (uint8, on the model's device), read only for the types whose offset
+    term is mirrored. ``keep``: hold their codes after the first use (else decode them per call)."""
+    from gguf import GGMLQuantizationType as Q
+    from harness.gguf.dequant import OFFSET_TYPES, offset_parts
+    t = (weight_type or "F32").upper()
+    if t not in _Q8_0 and t not in _Q8_K:
+        return None
+    parts = None
+    if t in {q.name for q in OFFSET_TYPES}:
+        def parts():
+            return offset_parts(raw(), Q[t], shape)
+        parts = _KeptParts(parts) if keep else parts
+    return CudaQuantMatMul(t, parts)

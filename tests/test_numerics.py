@@ -1,0 +1,145 @@
+"""harness.ours.numerics' CUDA arithmetic against literal per-block transcriptions of ggml-cuda's
+code (quantize.cu quantize_q8_1 / quantize_mmq_q8_1, vecdotq.cuh vec_dot_q5_0_q8_1, mmq's Q4_K
+mma dot), and harness.gguf.dequant.offset_parts against dequantize."""
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+from harness.gguf.dequant import dequantize, offset_parts
+from harness.ours import numerics
+from harness.ours.numerics import CudaQuantMatMul, MMVQ_MAX_TOKENS, q8_1_mmq, q8_1_mmvq
+
+f32, f16 = np.float32, np.float16
+
+
+def random_raw(qtype, shape, seed=0):
+    """Random blocks with finite f16 scales (exponent bits kept below 0x3c00: |d| < 1)."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (int(np.prod(shape)) // block * size,), dtype=torch.uint8, generator=g)
+    b = raw.view(-1, size)
+    b[:, 1] &= 0x3B
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        b[:, 3] &= 0x3B
+    return raw
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_0, Q.Q4_K, Q.Q5_K])
+def test_offset_parts_rebuild_dequantize_bit_for_bit(qtype):
+    raw = random_raw(qtype, (6, 512))
+    q, scale, offset = offset_parts(raw, qtype, (6, 512))
+    rebuilt = scale.repeat_interleave(32, -1) * q - offset.repeat_interleave(32, -1)
+    assert torch.equal(rebuilt, dequantize(raw, qtype, (6, 512)))
+    assert q.min() >= 0 and q.max() <= (15 if qtype in (Q.Q4_0, Q.Q4_K) else 31)
+    assert torch.equal(q, q.round())
+
+
+def roundf(v):
+    return np.float32(np.sign(v) * np.floor(np.abs(np.float64(v)) + 0.5))
+
+
+def literal_mmvq(block):
+    """quantize_q8_1 for one block of 32: d = amax / 127; q = roundf(x / d); ds = half2(d, sum)."""
+    amax = f32(np.max(np.abs(block)))
+    d = f32(amax / f32(127))
+    q = [0.0 if amax == 0 else roundf(f32(x / d)) for x in block]
+    return np.array(q, np.float64), float(f16(d)), float(f16(np.sum(block, dtype=f32)))
+
+
+def literal_mmq(block, ds4):
+    """quantize_mmq_q8_1: d_inv = 127 / amax; q = roundf(x * d_inv); d = 1 / d_inv (half in DS4)."""
+    amax = f32(np.max(np.abs(block)))
+    d_inv = f32(f32(127) / amax)
+    q = [roundf(f32(x * d_inv)) for x in block]
+    d = f32(f32(1) / d_inv)
+    return np.array(q, np.float64), float(f16(d)) if ds4 else float(d), float(f16(np.sum(block, dtype=f32)))
+
+
+def test_activation_rounding_matches_the_literal_kernels_and_rounds_halves_away_from_zero():
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    x[2, :32] = torch.tensor([127.0, 2.5, -2.5, 0.5] + [1.0] * 28)     # d_inv = 1: exact halves
+    xq, s = q8_1_mmvq(x)
+    for ds4 in (True, False):
+        xm, sm = q8_1_mmq(x, ds4)
+        for t in range(3):
+            for b in range(2):
+                blk = x[t, 32 * b:32 * b + 32].numpy()
+                q, d, s_lit = literal_mmq(blk, ds4)
+                assert np.array_equal(xm[t, 32 * b:32 * b + 32].numpy(), (q * d).astype(f32))
+                assert sm[t, b].item() == s_lit
+    for t in range(3):
+        for b in range(2):
+            q, d, s_lit = literal_mmvq(x[t, 32 * b:32 * b + 32].numpy())
+            assert np.array_equal(xq[t, 32 * b:32 * b + 32].numpy(), (q * d).astype(f32))
+            assert s[t, b].item() == s_lit
+    assert xq[2, 1].item() == pytest.approx(3.0) and xq[2, 2].item() == pytest.approx(-3.0)  # not 2 (even)
+    assert torch.equal(q8_1_mmvq(torch.zeros(2, 32))[0], torch.zeros(2, 32))
+    assert torch.equal(q8_1_mmq(torch.zeros(2, 32), True)[0], torch.zeros(2, 32))
+
+
+def literal_q5_0_mmvq(x, raw, rows, cols):
+    """vec_dot_q5_0_q8_1_impl: d5 * (sumi * d8 - 16 * s8) per block, summed over blocks."""
+    q, scale, _ = offset_parts(raw, Q.Q5_0, (rows, cols))
+    y = np.zeros((x.shape[0], rows))
+    for t in range(x.shape[0]):
+        for b in range(cols // 32):
+            qa, d8, s8 = literal_mmvq(x[t, 32 * b:32 * b + 32].numpy())
+            for r in range(rows):
+                sumi = float(np.dot(q[r, 32 * b:32 * b + 32].double().numpy(), qa))
+                y[t, r] += scale[r, b].item() * (sumi * d8 - 16 * s8)
+    return y
+
+
+def literal_q4_k_mmq(x, raw, rows, cols):
+    """Q4_K MMQ (mma): x_dm = half2(d, -dmin) * half2(sc, m) in half; sum += dm.x * ds.x * sumi +
+    dm.y * ds.y, with ds = half2(d8, sum of the unquantized block)."""
+    q, scale, offset = offset_parts(raw, Q.Q4_K, (rows, cols))
+    hs, ho = scale.half().double().numpy(), offset.half().double().numpy()
+    y = np.zeros((x.shape[0], rows))
+    for t in range(x.shape[0]):
+        for b in range(cols // 32):
+            qa, d8, s8 = literal_mmq(x[t, 32 * b:32 * b + 32].numpy(), ds4=True)
+            for r in range(rows):
+                sumi = float(np.dot(q[r, 32 * b:32 * b + 32].double().numpy(), qa))
+                y[t, r] += hs[r, b] * d8 * sumi - ho[r, b] * s8
+    return y
+
+
+@pytest.mark.parametrize("qtype,T,literal", [(Q.Q5_0, 3, literal_q5_0_mmvq), (Q.Q4_K, 12, literal_q4_k_mmq)])
+def test_offset_types_take_the_offset_on_unquantized_sums(qtype, T, literal):
+    rows, cols = 5, 256
+    raw = random_raw(qtype, (rows, cols), seed=2)
+    x = torch.randn(T, cols, generator=torch.Generator().manual_seed(3))
+    w = dequantize(raw, qtype, (rows, cols))
+    mm = numerics.cuda_matmul(qtype.name, lambda: raw, (rows, cols))
+    y = mm(x, w).double().numpy()
+    want = literal(x, raw, rows, cols)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # the sixth session's mirror (Q8_0-style rounding, offset inside the weight) is measurably off
+    old = (numerics.round_q8_0(x) @ w.T).double().numpy()
+    assert np.abs(old - want).max() > 100 * np.abs(y - want).max()
+
+
+def test_token_count_picks_the_kernel():
+    """Up to MMVQ_MAX_TOKENS (ggml's MMVQ_MAX_BATCH_SIZE, 8) tokens MMVQ's rounding, above it MMQ's."""
+    assert MMVQ_MAX_TOKENS == 8
+    raw = random_raw(Q.Q8_0, (4, 64), seed=4)
+    w = dequantize(raw, Q.Q8_0, (4, 64))
+    mm = CudaQuantMatMul("Q8_0")
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(5))
+    eight, nine = mm(x[:8], w), mm(x, w)
+    assert torch.equal(eight, q8_1_mmvq(x[:8])[0] @ w.T)
+    assert torch.equal(nine, q8_1_mmq(x, ds4=False)[0] @ w.T)        # Q8_0: D4, float scale
+
+
+def test_cuda_model_uses_the_kernels_and_gguf_raw_bytes(synth_dir):
+    from harness.gguf.load import load_gguf
+    from harness.ours.model import Model
+    from tests.conftest import _fixture
+    gm = load_gguf(_fixture(synth_dir, "q4_k_m"))
+    m = Model(gm, mirror="cuda")
+    assert isinstance(m.blocks[0].ffn.up.kernel, CudaQuantMatMul)
+    name = "blk.0.ffn_up.weight"
+    assert torch.equal(dequantize(gm.raw(name), Q[gm.types[name]], gm.weights[name].shape), gm.weights[name])
+    assert Model(gm, mirror="cpu").blocks[0].ffn.up.kernel is None
