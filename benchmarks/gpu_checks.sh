@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU-side checks, run on the GPU machine from the repository root:
 #   source .device/setup.sh && bash benchmarks/gpu_checks.sh PHASE
-# PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b | qwen3 | recal | gputests | null05b | profile | speed |
+# PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b | qwen3 | recal | gputests | numerics | null05b | profile | speed |
 #        long32k | long7b | long32b. Logs go to $OUT (or /tmp/out).
 # What issues 16 and 17 still need from a GPU (each line one call of at most 10 minutes, in order;
 # recal and gputests ran in the fifth session, nothing since: no machine could be started in the sixth):
@@ -60,6 +60,10 @@ recal)
   cp harness/compare/tolerances.json "$OUT/tolerances.json" ;;
 gputests)
   LIMIT=180 run python -m pytest -m gpu tests/ -q -rs -p no:cacheprovider ;;
+numerics)
+  # which arithmetic llama.cpp's CUDA kernels do at each weight matmul: its tensors, then candidate mirrors
+  LIMIT=200 run python benchmarks/cuda_numerics.py dump --out "$OUT"
+  LIMIT=60 run python benchmarks/cuda_numerics.py analyze "$OUT"/*.pt ;;
 null05b)
   # CUDA logits were left without a systematic threshold (fifth session): calibrate on 151,936-word
   # rows, then clean runs of those files (none may diverge)
