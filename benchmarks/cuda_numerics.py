@@ -76,17 +76,17 @@ def candidates(raw: torch.Tensor, qtype: str, shape) -> dict:
     """name -> f(x, w): the arithmetic candidates for one weight matmul."""
     from gguf import GGMLQuantizationType
     from harness.gguf.dequant import OFFSET_TYPES, offset_parts
-    from harness.ours.numerics import CudaQuantMatMul, act_rounder
+    from harness.ours.numerics import CudaHalfMatMul, CudaQuantMatMul, act_rounder
     out = {"f32": lambda x, w: x @ w.T}
     if qtype in ("F16", "BF16"):
         dt = torch.float16 if qtype == "F16" else torch.bfloat16
         out["x16"] = lambda x, w: x.to(dt).float() @ w.T
         out["x16 out16"] = lambda x, w: (x.to(dt).float() @ w.T).to(dt).float()
-        out["mmvf half"] = lambda x, w: mmvf_half(x, w, fma=False) if x.shape[0] == 1 else None
-        out["mmvf half fma"] = lambda x, w: mmvf_half(x, w, fma=True) if x.shape[0] == 1 else None
         if x_is_cuda(raw):
             out["gemm acc32"] = lambda x, w: (x.to(dt) @ w.to(dt).T).float()
             out["gemm acc16"] = lambda x, w: _acc16(lambda: (x.to(dt) @ w.to(dt).T).float())
+        if qtype == "F16":
+            out["mirror"] = CudaHalfMatMul()
         return out
     if qtype == "F32":
         return out
@@ -95,51 +95,6 @@ def candidates(raw: torch.Tensor, qtype: str, shape) -> dict:
     parts = (lambda: offset_parts(raw, GGMLQuantizationType[qtype], shape)) if qtype in {t.name for t in OFFSET_TYPES} else None
     out["mirror"] = CudaQuantMatMul(qtype, parts)
     return out
-
-
-def _mmvf_block(ncols: int, warp: int = 32) -> int:
-    """launch_mul_mat_vec_f_cuda's block size: the fewest iterations over ncols / 2 half2 columns."""
-    best, niter_best = warp, (ncols + 2 * warp - 1) // (2 * warp)
-    for bs in range(2 * warp, 257, warp):
-        niter = (ncols + 2 * bs - 1) // (2 * bs)
-        if niter < niter_best:
-            best, niter_best = bs, niter
-    return best
-
-
-def _butterfly(v: torch.Tensor) -> torch.Tensor:
-    """warp_reduce_sum over the last dim (32 lanes, xor 16..1); lane 0's value."""
-    idx = torch.arange(32, device=v.device)
-    for off in (16, 8, 4, 2, 1):
-        v = v + v[..., idx ^ off]
-    return v[..., 0]
-
-
-def mmvf_half(x: torch.Tensor, w: torch.Tensor, fma: bool) -> torch.Tensor:
-    """mul_mat_vec_f<half, half> (one token, GGML_PREC_DEFAULT): each thread accumulates half2
-    products of its columns in half, then float sums: low + high, warp butterfly, warps."""
-    rows, ncols = w.shape
-    bs = _mmvf_block(ncols)
-    out = []
-    for t in range(x.shape[0]):
-        xh = x[t].half().reshape(-1, 2)                            # (ncols/2, 2): make_half2(y)
-        wh = w.half().reshape(rows, -1, 2)                         # (R, ncols/2, 2)
-        acc = torch.zeros(rows, bs, 2, dtype=torch.float16, device=w.device)
-        for start in range(0, ncols // 2, bs):
-            cols = slice(start, min(start + bs, ncols // 2))
-            n = cols.stop - cols.start
-            prod_x, prod_w = xh[cols], wh[:, cols]
-            if fma:
-                acc[:, :n] = (acc[:, :n].float() + prod_w.float() * prod_x.float()).half()  # one rounding (exact in f32? no)
-            else:
-                acc[:, :n] = acc[:, :n] + prod_w * prod_x
-        sumf = acc[..., 0].float() + acc[..., 1].float()           # (R, bs)
-        warps = bs // 32
-        per_warp = _butterfly(sumf.reshape(rows, warps, 32))       # (R, warps)
-        buf = torch.zeros(rows, 32, device=w.device)
-        buf[:, :warps] = per_warp
-        out.append(_butterfly(buf) if bs > 32 else per_warp[:, 0])
-    return torch.stack(out)
 
 
 def x_is_cuda(t: torch.Tensor) -> bool:

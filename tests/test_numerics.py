@@ -9,6 +9,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from harness.gguf.dequant import dequantize, offset_parts
 from harness.ours import numerics
 from harness.ours.numerics import CudaQuantMatMul, MMVQ_MAX_TOKENS, q8_1_mmq, q8_1_mmvq
+from harness.synth import default_fixture
 
 f32, f16 = np.float32, np.float16
 
@@ -143,3 +144,56 @@ def test_cuda_model_uses_the_kernels_and_gguf_raw_bytes(synth_dir):
     name = "blk.0.ffn_up.weight"
     assert torch.equal(dequantize(gm.raw(name), Q[gm.types[name]], gm.weights[name].shape), gm.weights[name])
     assert Model(gm, mirror="cpu").blocks[0].ffn.up.kernel is None
+
+
+# --- against llama.cpp CUDA's own outputs, recorded on an H100 -----------------------------------
+
+RECORDED = __import__("os").path.join(__import__("os").path.dirname(__file__), "data", "cuda_kernels_tiny.pt")
+
+
+def _recorded_cases():
+    return torch.load(RECORDED)["cases"]
+
+
+@pytest.mark.parametrize("case", _recorded_cases(), ids=lambda c: f"{c['fixture'][1]}-T{c['x'].shape[0]}-{c['site']}")
+def test_the_mirror_reproduces_recorded_llama_cpp_cuda_matmuls(case, synth_dir):
+    """llama.cpp's CUDA input and output of one weight matmul (blk.1, a tiny fixture of seed 11),
+    recorded by ``benchmarks/cuda_numerics.py dump``: our CUDA arithmetic on that input gives its
+    output to float32 summation order (MMQ, MMF) or bit for bit (one-token F16: MMVF)."""
+    import hashlib
+    from harness.gguf.load import load_gguf
+    from harness.ours.model import Model
+    from harness.sites import LAYER_WEIGHTS
+    from tests.conftest import _fixture
+    preset, wtype, seed, tied = case["fixture"]
+    if wtype != "f16":
+        _fixture(synth_dir, wtype)                       # skips where llama.cpp's quantizer is missing
+    path = default_fixture(wtype, preset=preset, seed=seed, cache_dir=synth_dir)
+    if hashlib.sha256(open(path, "rb").read()).hexdigest() != case["sha256"]:
+        pytest.skip("this machine's synthesizer wrote a different fixture than the recorded one")
+    gm = load_gguf(path)
+    name = f"blk.1.{LAYER_WEIGHTS[case['site']]}"
+    block = Model(gm, mirror="cuda").blocks[1]
+    mm = block.attn.mq if case["site"] == "q_proj" else block.ffn.down
+    x, want = case["x"], case["y"]
+    got = mm(x)
+    rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    if wtype == "f16" and x.shape[0] == 1:
+        assert torch.equal(got, want)
+    else:
+        assert rel < 2e-6, rel
+    old = numerics.act_rounder(gm.types[name], "cuda")
+    before = (old(x) if old else x) @ gm.weights[name].T
+    before_rel = ((before.double() - want.double()).norm() / want.double().norm()).item()
+    if x.shape[0] > MMVQ_MAX_TOKENS or wtype == "f16":  # where the sixth session's mirror was off
+        assert before_rel > 50 * rel
+
+
+@pytest.mark.parametrize("site", ["q_proj", "ffn_out"])
+def test_one_token_f16_matches_llama_cpp_cuda_on_real_widths(site):
+    """Sixteen rows of the 0.5B-shaped F16 file's blk.1 matrices (896 and 4,864 columns: two and
+    eleven half2 steps per thread, where the fused multiply-add of mul_mat_vec_f's half accumulation
+    shows) at decode step 1, with llama.cpp CUDA's recorded input and outputs."""
+    case = next(c for c in torch.load(RECORDED)["mmvf_rows"]["cases"] if c["site"] == site)
+    got = numerics.CudaHalfMatMul()(case["x"], case["w"].float())
+    assert torch.equal(got, case["y"]), (got - case["y"]).abs().max()

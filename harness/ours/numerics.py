@@ -159,13 +159,15 @@ class _KeptParts:
 
 
 def cuda_matmul(weight_type: str | None, raw: Callable[[], torch.Tensor], shape: tuple[int, ...],
-                keep: bool = True) -> CudaQuantMatMul | None:
-    """The CUDA arithmetic of a quantized weight matmul (None for float weights); ``raw()`` gives the
+                keep: bool = True) -> "CudaQuantMatMul | CudaHalfMatMul | None":
+    """The CUDA arithmetic of a quantized or F16 weight matmul (None for F32/BF16); ``raw()`` gives the
     weight's GGUF bytes (uint8, on the model's device), read only for the types whose offset
     term is mirrored. ``keep``: hold their codes after the first use (else decode them per call)."""
     from gguf import GGMLQuantizationType as Q
     from harness.gguf.dequant import OFFSET_TYPES, offset_parts
     t = (weight_type or "F32").upper()
+    if t == "F16":
+        return CudaHalfMatMul()
     if t not in _Q8_0 and t not in _Q8_K:
         return None
     parts = None
@@ -174,3 +176,90 @@ def cuda_matmul(weight_type: str | None, raw: Callable[[], torch.Tensor], shape:
             return offset_parts(raw(), Q[t], shape)
         parts = _KeptParts(parts) if keep else parts
     return CudaQuantMatMul(t, parts)
+
+
+# --- F16 weights on CUDA (ggml-cuda mmvf.cu, mmf.cu, ggml_cuda_mul_mat_cublas), Hopper --------
+
+MMF_MAX_TOKENS = 16       # mmf.cu ggml_cuda_should_use_mmf: tensor-core mul_mat_f up to 16 tokens
+
+
+def _mmvf_block(ncols: int, warp: int = 32) -> int:
+    """launch_mul_mat_vec_f_cuda's block size: the fewest iterations over the ncols / 2 half2 columns."""
+    best, niter_best = warp, (ncols + 2 * warp - 1) // (2 * warp)
+    for bs in range(2 * warp, 257, warp):
+        niter = (ncols + 2 * bs - 1) // (2 * bs)
+        if niter < niter_best:
+            best, niter_best = bs, niter
+    return best
+
+
+def _butterfly(v: torch.Tensor) -> torch.Tensor:
+    """warp_reduce_sum over the last dim (32 lanes, xor 16, 8, 4, 2, 1): lane 0's value."""
+    idx = torch.arange(32, device=v.device)
+    for off in (16, 8, 4, 2, 1):
+        v = v + v[..., idx ^ off]
+    return v[..., 0]
+
+
+def _to_half_once(v: torch.Tensor) -> torch.Tensor:
+    """float64 -> the nearest float16 value (ties to even), rounded once (``.half()`` on a float64
+    goes through float32: twice), as float64."""
+    _, e = torch.frexp(v)                                                  # |v| in [2^(e-1), 2^e)
+    ulp = torch.pow(2.0, (e - 11).clamp(min=-24).to(v.dtype))             # 11 bits; subnormals 2^-24
+    return torch.round(v / ulp) * ulp
+
+
+def mmvf_half(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """mul_mat_vec_f<half, half> (one token, default precision): thread j accumulates, in half with
+    one rounding per step (fma), the products of the half2 columns j, j + block, ...; then float
+    sums: low + high, a butterfly per warp, a butterfly over the warps. x (T, K) -> (T, R)."""
+    rows, ncols = w.shape
+    bs = _mmvf_block(ncols)
+    wh = w.half().reshape(rows, -1, 2).double()                           # (R, K/2, 2)
+    out = []
+    for xt in x.reshape(-1, ncols):
+        xh = xt.half().reshape(-1, 2).double()                            # make_half2 of the floats
+        acc = torch.zeros(rows, bs, 2, dtype=torch.float64, device=w.device)
+        for start in range(0, ncols // 2, bs):                            # exact in float64, one rounding
+            n = min(bs, ncols // 2 - start)
+            acc[:, :n] = _to_half_once(acc[:, :n] + wh[:, start:start + n] * xh[start:start + n])
+        sumf = (acc[..., 0].float() + acc[..., 1].float())                # (R, bs)
+        per_warp = _butterfly(sumf.reshape(rows, bs // 32, 32))           # (R, warps)
+        if bs == 32:
+            out.append(per_warp[:, 0])
+            continue
+        buf = torch.zeros(rows, 32, device=w.device)
+        buf[:, :bs // 32] = per_warp
+        out.append(_butterfly(buf))
+    return torch.stack(out).reshape(*x.shape[:-1], rows)
+
+
+def cublas_f16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """cublasGemmEx with F16 operands, CUBLAS_COMPUTE_16F and an F16 result (ggml_cuda_mul_mat_cublas
+    for F16 weights): PyTorch's half GEMM with fp16 accumulation calls the same. Where PyTorch
+    cannot (a CPU, or no allow_fp16_accumulation) the result is only rounded to F16 like it."""
+    m = torch.backends.cuda.matmul
+    if x.device.type != "cuda" or not hasattr(m, "allow_fp16_accumulation"):
+        return (x.half().float() @ w.T).half().float()
+    saved, m.allow_fp16_accumulation = m.allow_fp16_accumulation, True
+    try:
+        return (x.half() @ w.half().T).float()
+    finally:
+        m.allow_fp16_accumulation = saved
+
+
+class CudaHalfMatMul:
+    """x @ W^T as llama.cpp's CUDA build computes it for an F16 weight (Hopper, ggml_cuda_mul_mat):
+    one token mul_mat_vec_f (:func:`mmvf_half`); up to 16 tokens, where the shape allows, the
+    tensor-core mul_mat_f (F16 operands, float accumulation); otherwise cuBLAS (:func:`cublas_f16`)."""
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        rows, ncols = w.shape
+        tokens = x.reshape(-1, ncols).shape[0]
+        if tokens == 1 and ncols % 2 == 0:
+            y = mmvf_half(x, w)
+        elif tokens <= MMF_MAX_TOKENS and ncols % 64 == 0 and rows % 32 == 0:
+            y = x.half().float() @ w.T
+        else:
+            y = cublas_f16(x, w)
+        return y.to(x.dtype)
