@@ -1,12 +1,15 @@
 #!/bin/bash
 # The GPU-side checks, run on the GPU machine from the repository root:
 #   source .device/setup.sh && bash benchmarks/gpu_checks.sh PHASE
-# PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b | qwen3 | recal | gputests | numerics | null05b | profile | speed |
-#        long32k | long7b | long32b. Logs go to $OUT (or /tmp/out).
-# What issues 16 and 17 still need from a GPU (each line one call of at most 10 minutes, in order;
-# recal and gputests ran in the fifth session, nothing since: no machine could be started in the sixth):
-#   bash benchmarks/gpu_checks.sh null05b              # CUDA null on real-vocabulary files + their clean runs (issue 17)
-#   bash benchmarks/gpu_checks.sh gputests profile speed   # every GPU test; the sixth session's comparison changes, A/B; 512+8 speed
+# PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b | qwen3 | recal | gputests | numerics | null05b | mdecuda |
+#        profile | speed | long32k | long7b | long32b. Logs go to $OUT (or /tmp/out).
+# What issues 16 and 17 still need from a GPU (each line one call of at most 10 minutes, in order).
+# The seventh session ran numerics, then recal + the null with the quantized-kernel mirror; the F16
+# mirror came after, so F16 needs recalibrating, and nothing has run since on the final code:
+#   bash benchmarks/gpu_checks.sh numerics recal       # the mirror against llama.cpp CUDA; CUDA tolerances with it
+#   bash benchmarks/gpu_checks.sh null05b              # CUDA null incl. real-vocabulary files + their clean runs (issue 17)
+#   bash benchmarks/gpu_checks.sh mdecuda gputests     # tiny clean runs and the CUDA MDE table; every GPU test
+#   bash benchmarks/gpu_checks.sh profile speed        # the sixth session's comparison changes, A/B; 512+8 speed
 #   bash benchmarks/gpu_checks.sh long32k              # 0.5B F16 32k+8 (issue 16)
 #   bash benchmarks/gpu_checks.sh long7b               # 7B Q4_K_M 8k+8 (synthesizes the 7B file first)
 #   bash benchmarks/gpu_checks.sh long32b              # 32B-shaped Q4_K_M 2k+8, lazy weights (~55 GB of disk)
@@ -54,8 +57,11 @@ qwen3)
   run python -m harness.cli report "$t" --tokens "$p" --steps 16 --device cuda --format markdown --out "$OUT/qwen2.5-0.5b-tied-q4_k_m.md" ;;
 bench7b)
   LIMIT=560 run python benchmarks/bench.py --out "$OUT" --lengths '' --with-7b ;;
+mdecuda)
+  LIMIT=150 run python benchmarks/false_alarms.py --device cuda --out "$OUT/false_alarms_cuda_tiny.json"
+  LIMIT=150 run python benchmarks/mde.py mde --device cuda --seeds 11 --regimes tiny/f32,tiny/f16,tiny/q8_0,tiny/q4_k_m,mixed --out "$OUT/mde-cuda" ;;
 recal)
-  # the attention weights' worst-element bound became absolute: recalibrate every CUDA regime
+  # every CUDA regime, with the current mirror (tolerances are the worst clean error x the safety factor)
   LIMIT=400 run python -m harness.calibrate --device cuda --fresh --preset tiny,tiny-qwen3,qwen2.5-0.5b,qwen3-0.6b --mixed
   cp harness/compare/tolerances.json "$OUT/tolerances.json" ;;
 gputests)
