@@ -13,7 +13,6 @@ worst element over the output's RMS, and the share of elements equal bit for bit
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 
@@ -21,20 +20,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from harness.runs.store import sha256_file  # noqa: E402
+
 LAYER = 1
 MATMULS = {"q_proj": "attn_norm", "k_proj": "attn_norm", "v_proj": "attn_norm", "attn_out": "kqv",
            "ffn_gate": "ffn_norm", "ffn_up": "ffn_norm", "ffn_out": "ffn_act"}
 FIXTURES = (("tiny", "q4_k_m", None), ("tiny", "q8_0", None), ("tiny", "f16", None),
             ("qwen2.5-0.5b", "q4_k_m", True), ("qwen2.5-0.5b", "f16", None))
 RUNS = ((64, 2), (12, 0))         # (prompt tokens, decode steps)
-
-
-def _sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def dump(out: str, device: str, presets: str | None = None) -> None:
@@ -45,7 +38,7 @@ def dump(out: str, device: str, presets: str | None = None) -> None:
         if presets and preset not in presets.split(","):
             continue
         path = default_fixture(wtype, preset=preset, seed=11, tied=tied)
-        saved = {"fixture": (preset, wtype, 11, tied), "sha256": _sha(path), "runs": []}
+        saved = {"fixture": (preset, wtype, 11, tied), "sha256": sha256_file(path), "runs": []}
         for n, steps in RUNS:
             tokens = [(i * 37) % 900 + 5 for i in range(n)]
             ref = capture_reference(DiffRequest(path, tokens=tokens, steps=steps, device=device,
@@ -76,7 +69,7 @@ def candidates(raw: torch.Tensor, qtype: str, shape) -> dict:
     """name -> f(x, w): the arithmetic candidates for one weight matmul."""
     from gguf import GGMLQuantizationType
     from harness.gguf.dequant import OFFSET_TYPES, offset_parts
-    from harness.ours.numerics import CudaHalfMatMul, CudaQuantMatMul, act_rounder
+    from harness.ours.numerics import CudaHalfMatMul, CudaQuantMatMul, round_q8_0
     out = {"f32": lambda x, w: x @ w.T}
     if qtype in ("F16", "BF16"):
         dt = torch.float16 if qtype == "F16" else torch.bfloat16
@@ -90,8 +83,7 @@ def candidates(raw: torch.Tensor, qtype: str, shape) -> dict:
         return out
     if qtype == "F32":
         return out
-    old = act_rounder(qtype, "cuda")
-    out["sixth session"] = lambda x, w: (old(x) if old else x) @ w.T
+    out["sixth session"] = lambda x, w: round_q8_0(x) @ w.T          # its CUDA mirror: Q8_0 rounding
     parts = (lambda: offset_parts(raw, GGMLQuantizationType[qtype], shape)) if qtype in {t.name for t in OFFSET_TYPES} else None
     out["mirror"] = CudaQuantMatMul(qtype, parts)
     return out
@@ -121,7 +113,7 @@ def analyze(files, device: str) -> None:
         saved = torch.load(f)
         preset, wtype, seed, tied = saved["fixture"]
         path = default_fixture(wtype, preset=preset, seed=seed, tied=tied)
-        if _sha(path) != saved["sha256"]:
+        if sha256_file(path) != saved["sha256"]:
             print(f"{f}: the fixture here differs from the dumped one (sha256); skipped")
             continue
         names = {k: f"blk.{LAYER}.{LAYER_WEIGHTS[k]}" for k in MATMULS}

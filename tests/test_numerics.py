@@ -160,8 +160,8 @@ def test_the_mirror_reproduces_recorded_llama_cpp_cuda_matmuls(case, synth_dir):
     """llama.cpp's CUDA input and output of one weight matmul (blk.1, a tiny fixture of seed 11),
     recorded by ``benchmarks/cuda_numerics.py dump``: our CUDA arithmetic on that input gives its
     output to float32 summation order (MMQ, MMF) or bit for bit (one-token F16: MMVF)."""
-    import hashlib
     from harness.gguf.load import load_gguf
+    from harness.runs.store import sha256_file
     from harness.ours.model import Model
     from harness.sites import LAYER_WEIGHTS
     from tests.conftest import _fixture
@@ -169,7 +169,7 @@ def test_the_mirror_reproduces_recorded_llama_cpp_cuda_matmuls(case, synth_dir):
     if wtype != "f16":
         _fixture(synth_dir, wtype)                       # skips where llama.cpp's quantizer is missing
     path = default_fixture(wtype, preset=preset, seed=seed, cache_dir=synth_dir)
-    if hashlib.sha256(open(path, "rb").read()).hexdigest() != case["sha256"]:
+    if sha256_file(path) != case["sha256"]:
         pytest.skip("this machine's synthesizer wrote a different fixture than the recorded one")
     gm = load_gguf(path)
     name = f"blk.1.{LAYER_WEIGHTS[case['site']]}"
@@ -182,8 +182,7 @@ def test_the_mirror_reproduces_recorded_llama_cpp_cuda_matmuls(case, synth_dir):
         assert torch.equal(got, want)
     else:
         assert rel < 2e-6, rel
-    old = numerics.act_rounder(gm.types[name], "cuda")
-    before = (old(x) if old else x) @ gm.weights[name].T
+    before = (x if wtype == "f16" else numerics.round_q8_0(x)) @ gm.weights[name].T   # the sixth session's
     before_rel = ((before.double() - want.double()).norm() / want.double().norm()).item()
     if x.shape[0] > MMVQ_MAX_TOKENS or wtype == "f16":  # where the sixth session's mirror was off
         assert before_rel > 50 * rel
@@ -197,3 +196,13 @@ def test_one_token_f16_matches_llama_cpp_cuda_on_real_widths(site):
     case = next(c for c in torch.load(RECORDED)["mmvf_rows"]["cases"] if c["site"] == site)
     got = numerics.CudaHalfMatMul()(case["x"], case["w"].float())
     assert torch.equal(got, case["y"]), (got - case["y"]).abs().max()
+
+
+def test_cuda_activation_rounder_follows_the_token_count():
+    """act_rounder(..., "cuda") (the probes' look-alike checks): the rounding alone of the kernel."""
+    x = torch.randn(12, 64, generator=torch.Generator().manual_seed(6))
+    q4k, q8 = numerics.act_rounder("Q4_K", "cuda"), numerics.act_rounder("Q8_0", "cuda")
+    assert torch.equal(q4k(x), q8_1_mmq(x, ds4=True)[0]) and torch.equal(q8(x), q8_1_mmq(x, ds4=False)[0])
+    assert torch.equal(q4k(x[:8]), q8_1_mmvq(x[:8])[0])
+    assert torch.equal(numerics.act_rounder("F16", "cuda")(x), x.half().float())
+    assert numerics.act_rounder("F32", "cuda") is None

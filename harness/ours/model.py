@@ -224,16 +224,22 @@ class Model(nn.Module):
                             "which our model does not implement yet")
         self.manager = HookManager(self)
         self.kv_dtype, self.mirror = kv_dtype, mirror
-        mm = {n: MatMul(t, act_rounder(gm.types.get(n), mirror) if mirror else None,
-                        cuda_matmul(gm.types.get(n), lambda n=n: gm.raw(n), tuple(t.shape), keep=not
-                                    isinstance(t, LazyWeight)) if mirror == "cuda" else None)
-              for n, t in w.items() if t.dim() == 2}
+        mm = {n: self._matmul(n, t, mirror) for n, t in w.items() if t.dim() == 2}
         self.embd, self.norm_w = mm["token_embd.weight"], w["output_norm.weight"]
         self.out = mm["token_embd.weight"] if gm.tied else mm["output.weight"]
         self.blocks = nn.ModuleList(Block(cfg, w, mm, i, self.manager, mirror) for i in range(cfg.n_layer))
         self.hp = nn.ModuleDict({k: HookPoint(k, None, self.manager) for k in ("embd", "output_norm", "logits")})
         # ggml's float32 theta_scale on our device once, not a host->device copy per RoPE
         self.rope_scale = rope_scale(cfg.head_dim // 2, cfg.rope_base).to(self.device) if mirror else None
+
+    def _matmul(self, name: str, t, mirror: str | None) -> MatMul:
+        """x @ W^T for weight ``name``, with the arithmetic of ``mirror``'s kernels where known:
+        the CPU's activation rounding, or the CUDA kernel itself (harness.ours.numerics)."""
+        wt = self.gguf.types.get(name)
+        if mirror == "cuda":
+            return MatMul(t, kernel=cuda_matmul(wt, lambda: self.gguf.raw(name), tuple(t.shape),
+                                                keep=not isinstance(t, LazyWeight)))
+        return MatMul(t, act_rounder(wt) if mirror == "cpu" else None)
 
     @property
     def device(self) -> torch.device:

@@ -55,13 +55,12 @@ def round_q8_k(x: torch.Tensor) -> torch.Tensor:
 
 
 def act_rounder(weight_type: str | None, backend: str = "cpu") -> Rounder | None:
-    """The activation rounding llama.cpp applies before a matmul with this weight type.
-    On CUDA only the quantized path is mirrored: MMQ/MMVQ quantize activations to Q8_1 (blocks
-    of 32, d = amax/127 stored as F16: the values of Q8_0); F16/F32 weights go through cuBLAS,
-    whose internal precision is not mirrored (the calibrated tolerance absorbs it)."""
+    """The activation rounding llama.cpp applies before a matmul with this weight type. On CUDA this
+    is the rounding alone, of the kernel the token count picks (Q8_1 as MMVQ or MMQ do it; F16
+    operands for F16 weights); our model mirrors the whole CUDA kernel instead (:func:`cuda_matmul`)."""
     t = (weight_type or "F32").upper()
     if backend == "cuda":
-        return round_q8_0 if t in _Q8_0 or t in _Q8_K else None
+        return _cuda_rounder(t)
     if t == "F16":
         return lambda x: x.half().to(x.dtype)
     if t == "BF16":
@@ -142,6 +141,20 @@ class CudaQuantMatMul:
                 q, scale, offset = self.parts()
                 return (xq @ (_half(scale).repeat_interleave(32, -1) * q).T - s @ _half(offset).T).to(x.dtype)
         return xq.to(x.dtype) @ w.T
+
+
+def _cuda_rounder(t: str) -> Rounder | None:
+    if t == "F16":
+        return lambda x: x.half().to(x.dtype)
+    if t not in _Q8_0 and t not in _Q8_K:
+        return None
+
+    def rounder(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 32:
+            return x
+        small = x.reshape(-1, x.shape[-1]).shape[0] <= MMVQ_MAX_TOKENS
+        return (q8_1_mmvq(x) if small else q8_1_mmq(x, t in _MMQ_DS4))[0].to(x.dtype)
+    return rounder
 
 
 class _KeptParts:
