@@ -134,11 +134,10 @@ def test_token_count_picks_the_kernel():
     assert torch.equal(nine, q8_1_mmq(x, ds4=False)[0] @ w.T)        # Q8_0: D4, float scale
 
 
-def test_cuda_model_uses_the_kernels_and_gguf_raw_bytes(synth_dir):
+def test_cuda_model_uses_the_kernels_and_gguf_raw_bytes(synth_dir, llama_lib):
     from harness.gguf.load import load_gguf
     from harness.ours.model import Model
-    from tests.conftest import _fixture
-    gm = load_gguf(_fixture(synth_dir, "q4_k_m"))
+    gm = load_gguf(default_fixture("q4_k_m", preset="tiny", seed=0, cache_dir=synth_dir))   # llama.cpp quantizes
     m = Model(gm, mirror="cuda")
     assert isinstance(m.blocks[0].ffn.up.kernel, CudaQuantMatMul)
     name = "blk.0.ffn_up.weight"
@@ -156,7 +155,7 @@ def _recorded_cases():
 
 
 @pytest.mark.parametrize("case", _recorded_cases(), ids=lambda c: f"{c['fixture'][1]}-T{c['x'].shape[0]}-{c['site']}")
-def test_the_mirror_reproduces_recorded_llama_cpp_cuda_matmuls(case, synth_dir):
+def test_the_mirror_reproduces_recorded_llama_cpp_cuda_matmuls(case, synth_dir, request):
     """llama.cpp's CUDA input and output of one weight matmul (blk.1, a tiny fixture of seed 11),
     recorded by ``benchmarks/cuda_numerics.py dump``: our CUDA arithmetic on that input gives its
     output to float32 summation order (MMQ, MMF) or bit for bit (one-token F16: MMVF)."""
@@ -164,10 +163,9 @@ def test_the_mirror_reproduces_recorded_llama_cpp_cuda_matmuls(case, synth_dir):
     from harness.runs.store import sha256_file
     from harness.ours.model import Model
     from harness.sites import LAYER_WEIGHTS
-    from tests.conftest import _fixture
     preset, wtype, seed, tied = case["fixture"]
     if wtype != "f16":
-        _fixture(synth_dir, wtype)                       # skips where llama.cpp's quantizer is missing
+        request.getfixturevalue("llama_lib")            # skips where llama.cpp's quantizer is missing
     path = default_fixture(wtype, preset=preset, seed=seed, cache_dir=synth_dir)
     if sha256_file(path) != case["sha256"]:
         pytest.skip("this machine's synthesizer wrote a different fixture than the recorded one")
