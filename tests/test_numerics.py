@@ -115,6 +115,8 @@ def test_offset_types_take_the_offset_on_unquantized_sums(qtype, T, literal):
     w = dequantize(raw, qtype, (rows, cols))
     mm = numerics.cuda_matmul(qtype.name, lambda: raw, (rows, cols))
     y = mm(x, w).double().numpy()
+    lazy = numerics.cuda_matmul(qtype.name, lambda: raw, (rows, cols), keep=False)   # decoded per call
+    assert np.array_equal(lazy(x, w).double().numpy(), y) and np.array_equal(mm(x, w).double().numpy(), y)
     want = literal(x, raw, rows, cols)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     # the sixth session's mirror (Q8_0-style rounding, offset inside the weight) is measurably off
