@@ -129,18 +129,19 @@ class CudaQuantMatMul:
     def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % 32:
             return x @ w.T
-        small = x.reshape(-1, x.shape[-1]).shape[0] <= MMVQ_MAX_TOKENS
-        if small:
-            xq, s = q8_1_mmvq(x)
-            if self.qtype in _MMVQ_SUM and self.parts is not None:
-                q, scale, offset = self.parts()
-                return (xq @ (scale.repeat_interleave(32, -1) * q).T - s @ offset.T).to(x.dtype)
-        else:
-            xq, s = q8_1_mmq(x, self.qtype in _MMQ_DS4)
-            if self.qtype in _MMQ_SUM and self.parts is not None:
-                q, scale, offset = self.parts()
-                return (xq @ (_half(scale).repeat_interleave(32, -1) * q).T - s @ _half(offset).T).to(x.dtype)
+        small, xq, s = q8_1_cuda(x, self.qtype)
+        if self.parts is not None and self.qtype in (_MMVQ_SUM if small else _MMQ_SUM):
+            q, scale, offset = self.parts()
+            if not small:                                  # MMQ keeps d * sc and dmin * m as half
+                scale, offset = _half(scale), _half(offset)
+            return (xq @ (scale.repeat_interleave(32, -1) * q).T - s @ offset.T).to(x.dtype)
         return xq.to(x.dtype) @ w.T
+
+
+def q8_1_cuda(x: torch.Tensor, qtype: str) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """The Q8_1 rounding of the kernel the token count picks for ``qtype``: (MMVQ?, q * d, sums)."""
+    small = x.reshape(-1, x.shape[-1]).shape[0] <= MMVQ_MAX_TOKENS
+    return (small, *(q8_1_mmvq(x) if small else q8_1_mmq(x, qtype in _MMQ_DS4)))
 
 
 def _cuda_rounder(t: str) -> Rounder | None:
@@ -150,10 +151,7 @@ def _cuda_rounder(t: str) -> Rounder | None:
         return None
 
     def rounder(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] % 32:
-            return x
-        small = x.reshape(-1, x.shape[-1]).shape[0] <= MMVQ_MAX_TOKENS
-        return (q8_1_mmvq(x) if small else q8_1_mmq(x, t in _MMQ_DS4))[0].to(x.dtype)
+        return x if x.shape[-1] % 32 else q8_1_cuda(x, t)[1].to(x.dtype)
     return rounder
 
 
