@@ -75,10 +75,16 @@ def child_capture(gguf: str, T: int, steps: int, repeats: int) -> dict:
     runner, prompt, toks, _ = _setup(gguf, T, steps)
     plain = _median(lambda: runner.logits_plain(prompt, steps, toks), repeats)
     drop = lambda step, site, t: None  # noqa: E731
+    # where a capture's time goes: the callback asked at every node, wanting none; then saying
+    # yes to every site's node (llama.cpp synchronises after each) without copying; then copies
+    ask = _median(lambda: runner.run(prompt, steps, toks, sink=drop, capture=False), repeats)
+    runner.dry_capture = True
+    sync = _median(lambda: runner.run(prompt, steps, toks, sink=drop), repeats)
+    runner.dry_capture = False
     dev = _median(lambda: runner.run(prompt, steps, toks, sink=drop), repeats)
     runner.on_device = False      # the naive path: every tensor copied to host
     host = _median(lambda: runner.run(prompt, steps, toks, sink=drop), repeats)
-    return dict(plain_s=plain, cap_dev_s=dev, cap_host_s=host)
+    return dict(plain_s=plain, cb_ask_s=ask, cb_sync_s=sync, cap_dev_s=dev, cap_host_s=host)
 
 
 def child_report(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False, isolate: bool = False) -> dict:
@@ -307,6 +313,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def capture_table(rows: list[dict]) -> str:
+    """Where a capture's time goes (issue 16's 3x target): the callback alone, llama.cpp's
+    synchronisation after each node we say yes to, then our copies."""
+    lines = ["| model | tokens | plain decode | callback, no node wanted | every site's node wanted, no copy | "
+             "capture on GPU | per wanted node: sync / copy |", "|" + "---|" * 7]
+    for r in rows:
+        if "cb_sync_s" not in r:
+            continue
+        n = max(r.get("sites_compared", 0), 1)
+        lines.append(f"| {r['model']} | {r['T']}+{r['steps']} | {r['plain_s']*1e3:.1f} ms | {r['cb_ask_s']*1e3:.1f} ms | "
+                     f"{r['cb_sync_s']*1e3:.1f} ms | {r['cap_dev_s']*1e3:.1f} ms | "
+                     f"{(r['cb_sync_s'] - r['cb_ask_s']) / n * 1e6:.1f} us / "
+                     f"{(r['cap_dev_s'] - r['cb_sync_s']) / n * 1e6:.1f} us (over {n} site tensors) |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, gguf, T, steps, repeats, lazy = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:8])
@@ -343,7 +365,8 @@ def main() -> int:
         print(f"[{label}] fixture ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         row = dict(model=label, T=T, steps=args.steps)
         if lazy and rows and rows[-1]["T"] == T and "plain_s" in rows[-1]:      # same llama.cpp work as the row above
-            row.update({k: rows[-1][k] for k in ("plain_s", "cap_dev_s", "cap_host_s") if k in rows[-1]})
+            row.update({k: rows[-1][k] for k in ("plain_s", "cb_ask_s", "cb_sync_s", "cap_dev_s", "cap_host_s")
+                        if k in rows[-1]})
         else:
             row.update(run_child("capture", gguf, T, args.steps, args.repeats))
         row.update(run_child("report", gguf, T, args.steps, args.repeats, lazy))
@@ -352,7 +375,7 @@ def main() -> int:
             row.update({"iso_error": iso["error"]} if "error" in iso else iso)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    text = table(rows)
+    text = table(rows) + "\n\n" + capture_table(rows)
     print(text)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -147,6 +147,18 @@ def test_capture_off_and_plain_logits(runner_f32, trace_f32):
     assert torch.equal(torch.from_numpy(plain[0]), trace_f32[0, "logits"][-1])
 
 
+def test_dry_capture_observes_but_copies_nothing(runner_f32, trace_f32):
+    got = []
+    runner_f32.dry_capture = True
+    try:
+        tr = runner_f32.run(PROMPT, STEPS, sink=lambda step, site, t: got.append((step, site)))
+    finally:
+        runner_f32.dry_capture = False
+    assert got == [] and tr.tokens == trace_f32.tokens          # same greedy tokens: same computation
+    again = runner_f32.run(PROMPT, STEPS)                      # and the runner captures again after it
+    assert set(again.tensors) == set(trace_f32.tensors)
+
+
 def test_observer_check_identical(tiny):
     res = observer_check(tiny, PROMPT, steps=STEPS, options=LlamaOptions(kv_type="f16"))
     assert len(res["max_abs_diff"]) == STEPS + 1

@@ -110,6 +110,7 @@ class Capture:
         self._weights = {f"blk.{i}.{LAYER_WEIGHTS['attn_out']}".encode(): site_name("attn_out", i)
                          for i in range(cfg.n_layer)}
         self._copy = None
+        self.dry = False          # observe the wanted nodes (llama.cpp synchronises at each), copy nothing
         self._gpu, self._cpu = _Arena("cuda"), _Arena("cpu")
         self.start(NOTHING, lambda *a: None)
 
@@ -172,6 +173,8 @@ class Capture:
         return node_site(t.name.decode(errors="replace"), op, self._nodes)
 
     def _observe(self, addr) -> bool:
+        if self.dry:
+            return True
         t = GGMLTensor.from_address(addr)
         el = _ITEMSIZE.get(t.type)
         if el is None:

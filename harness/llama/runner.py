@@ -178,6 +178,17 @@ class LlamaRunner:
     def on_device(self, value: bool) -> None:
         self._capture.on_device = bool(value)
 
+    @property
+    def dry_capture(self) -> bool:
+        """Benchmarks: say yes to the same nodes but copy none (the sink gets nothing). llama.cpp's
+        scheduler synchronises the backend after every node we say yes to (ggml-backend.cpp,
+        ``compute_splits``), so this times that floor of any capture."""
+        return self._capture.dry
+
+    @dry_capture.setter
+    def dry_capture(self, value: bool) -> None:
+        self._capture.dry = bool(value)
+
     def close(self) -> None:
         lc = getattr(self, "lc", None)
         if lc is None:
