@@ -4,15 +4,16 @@
 # PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b | qwen3 | recal | gputests | numerics | null05b | mdecuda |
 #        profile | speed | long32k | long7b | long32b. Logs go to $OUT (or /tmp/out).
 # What issues 16 and 17 still need from a GPU (each line one call of at most 10 minutes, in order).
-# The seventh session ran numerics, then recal + the null with the quantized-kernel mirror; the F16
-# mirror came after, so F16 needs recalibrating, and nothing has run since on the final code:
-#   bash benchmarks/gpu_checks.sh numerics recal       # the mirror against llama.cpp CUDA; CUDA tolerances with it
-#   bash benchmarks/gpu_checks.sh null05b              # CUDA null incl. real-vocabulary files + their clean runs (issue 17)
-#   bash benchmarks/gpu_checks.sh mdecuda gputests     # tiny clean runs and the CUDA MDE table; every GPU test
-#   bash benchmarks/gpu_checks.sh profile speed        # the sixth session's comparison changes, A/B; 512+8 speed
-#   bash benchmarks/gpu_checks.sh long32k              # 0.5B F16 32k+8 (issue 16)
-#   bash benchmarks/gpu_checks.sh long7b               # 7B Q4_K_M 8k+8 (synthesizes the 7B file first)
-#   bash benchmarks/gpu_checks.sh long32b              # 32B-shaped Q4_K_M 2k+8, lazy weights (~55 GB of disk)
+# The eighth session ran, with the final code: the clean runs of the tiny regimes (120 of 160) and of the
+# 0.5B F16 file, the CUDA MDE of the four tiny regimes, every GPU test, and the 512+8 speed row. Left:
+#   bash benchmarks/gpu_checks.sh recal              # CUDA tolerances with the F16 mirror (F16 still 2.6%)
+#   LIMIT=... mixed regime of the CUDA MDE, and the mixed file's 20 clean runs:
+#     python benchmarks/mde.py mde --device cuda --seeds 11 --regimes mixed --out $OUT/mde-cuda-mixed
+#     python benchmarks/false_alarms.py --device cuda --presets tiny-qwen3 --types q8_0,q4_k_m --mixed-runs 20
+#   bash benchmarks/gpu_checks.sh profile            # where the 4.9 s of a 512+8 report go
+#   bash benchmarks/gpu_checks.sh long32k            # 0.5B F16 32k+8 (issue 16)
+#   bash benchmarks/gpu_checks.sh long7b             # 7B Q4_K_M 8k+8 (synthesizes the 7B file first)
+#   bash benchmarks/gpu_checks.sh long32b            # 32B-shaped Q4_K_M 2k+8, lazy weights (~55 GB of disk)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
