@@ -33,7 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _median(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> float:
     fn()                                   # warm-up
     times = []
     for _ in range(repeats):
@@ -73,17 +73,17 @@ def _setup(gguf: str, T: int, steps: int, isolate: bool = False):
 
 def child_capture(gguf: str, T: int, steps: int, repeats: int) -> dict:
     runner, prompt, toks, _ = _setup(gguf, T, steps)
-    plain = _median(lambda: runner.logits_plain(prompt, steps, toks), repeats)
+    plain = median_time(lambda: runner.logits_plain(prompt, steps, toks), repeats)
     drop = lambda step, site, t: None  # noqa: E731
     # where a capture's time goes: the callback asked at every node, wanting none; then saying
     # yes to every site's node (llama.cpp synchronises after each) without copying; then copies
-    ask = _median(lambda: runner.run(prompt, steps, toks, sink=drop, capture=False), repeats)
+    ask = median_time(lambda: runner.run(prompt, steps, toks, sink=drop, capture=False), repeats)
     runner.dry_capture = True
-    sync = _median(lambda: runner.run(prompt, steps, toks, sink=drop), repeats)
+    sync = median_time(lambda: runner.run(prompt, steps, toks, sink=drop), repeats)
     runner.dry_capture = False
-    dev = _median(lambda: runner.run(prompt, steps, toks, sink=drop), repeats)
+    dev = median_time(lambda: runner.run(prompt, steps, toks, sink=drop), repeats)
     runner.on_device = False      # the naive path: every tensor copied to host
-    host = _median(lambda: runner.run(prompt, steps, toks, sink=drop), repeats)
+    host = median_time(lambda: runner.run(prompt, steps, toks, sink=drop), repeats)
     return dict(plain_s=plain, cb_ask_s=ask, cb_sync_s=sync, cap_dev_s=dev, cap_host_s=host)
 
 
@@ -108,7 +108,7 @@ def child_report(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False
         torch.cuda.synchronize()
         gpu.sample()
 
-    report = _median(once, repeats)
+    report = median_time(once, repeats)
     cmp = holder["res"].comparison
     if isolate:
         return dict(report_iso_s=report, iso_diverged=cmp.diverged, iso_sites=len(cmp.table))
@@ -178,13 +178,13 @@ def child_stream(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False
     ubatch = ubatch or T
     with open_runner(gguf, LlamaOptions(device="cuda", isolate=False, ubatch=512), n_ctx_needed=T + steps + 1) as r:
         toks = [int(lg.argmax()) for lg in r.logits_plain(prompt, steps)[:-1]]
-        plain512 = _median(lambda: r.logits_plain(prompt, steps, toks), repeats)   # llama.cpp's default n_ubatch
+        plain512 = median_time(lambda: r.logits_plain(prompt, steps, toks), repeats)   # llama.cpp's default n_ubatch
     t0 = time.perf_counter()
     runner = open_runner(gguf, LlamaOptions(device="cuda", keep_on_device=True, isolate=False, ubatch=ubatch),
                          n_ctx_needed=T + steps + 1)
     llama_load = time.perf_counter() - t0
     toks = [int(lg.argmax()) for lg in runner.logits_plain(prompt, steps)[:-1]]
-    plain = _median(lambda: runner.logits_plain(prompt, steps, toks), repeats)
+    plain = median_time(lambda: runner.logits_plain(prompt, steps, toks), repeats)
     req = replace(req, tokens=prompt, ubatch=ubatch)
     t0 = time.perf_counter()
     model = model_for(req, Trace(cfg.n_layer, meta=dict(runner.meta)))

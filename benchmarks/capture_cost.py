@@ -1,13 +1,11 @@
 """Where a capture's time goes, on either build: python benchmarks/capture_cost.py [--device cpu|cuda]
-[--preset tiny] [--type f16] [--tokens 64] [--steps 8]. Medians of 7 runs of: plain decode; the eval
+[--preset tiny] [--type f16] [--tokens 64] [--steps 8]. Medians of 7 warm runs (bench.median_time) of: plain decode; the eval
 callback installed but wanting no node; every site's node wanted but nothing copied
 (``LlamaRunner.dry_capture``); the real capture. (bench.py does the same for its GPU rows.)"""
 import argparse
-import statistics
 import sys
-import time
 
-sys.path.insert(0, ".")
+from bench import median_time      # benchmarks/ is on the path when run as a script
 
 
 def main() -> int:
@@ -28,22 +26,14 @@ def main() -> int:
         toks = r.run(prompt, S, capture=False).tokens[T:]
         drop = lambda *_: None  # noqa: E731
         count = []
-
-        def med(f, n=7):
-            ts = []
-            for _ in range(n):
-                t = time.perf_counter()
-                f()
-                ts.append(time.perf_counter() - t)
-            return statistics.median(ts)
-
-        plain = med(lambda: r.logits_plain(prompt, S, toks))
-        ask = med(lambda: r.run(prompt, S, toks, sink=drop, capture=False))
+        r.run(prompt, S, toks, sink=lambda *_: count.append(1))        # the tensors of one run
+        plain = median_time(lambda: r.logits_plain(prompt, S, toks), 7)
+        ask = median_time(lambda: r.run(prompt, S, toks, sink=drop, capture=False), 7)
         r.dry_capture = True
-        dry = med(lambda: r.run(prompt, S, toks, sink=drop))
+        dry = median_time(lambda: r.run(prompt, S, toks, sink=drop), 7)
         r.dry_capture = False
-        cap = med(lambda: r.run(prompt, S, toks, sink=lambda *_: count.append(1)))
-    n = len(count) // 7
+        cap = median_time(lambda: r.run(prompt, S, toks, sink=drop), 7)
+    n = len(count)
     print(f"{a.preset} {a.type} {a.device}, {T}+{S}: plain {plain * 1e3:.1f} ms, callback wanting nothing "
           f"{ask * 1e3:.1f} ms, every site wanted without copies {dry * 1e3:.1f} ms, capture {cap * 1e3:.1f} ms; "
           f"{n} tensors per run: {(dry - ask) / n * 1e6:.1f} us sync + {(cap - dry) / n * 1e6:.1f} us copy each")
