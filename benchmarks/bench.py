@@ -159,8 +159,9 @@ def _loud_errors() -> None:
     lc.llama_log_set(cb, ctypes.c_void_p(0))
 
 
-def child_stream(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False) -> dict:
-    """Issue 16: a micro-batched report of a T-token prompt (batch size from the memory budget)."""
+def child_stream(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False, ubatch: int = 0) -> dict:
+    """Issue 16: a micro-batched report of a T-token prompt (batch size from the memory budget,
+    or ``ubatch`` tokens when given)."""
     _loud_errors()
     from dataclasses import replace
     import numpy as np
@@ -174,8 +175,9 @@ def child_stream(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False
     prompt = np.random.default_rng(0).integers(300, min(cfg.n_vocab, 100000), T).tolist()
     req = DiffRequest(gguf, tokens=prompt, steps=steps, device="cuda", lazy_weights=True if lazy else None,
                       isolate=False)
-    _, ubatch = plan_request(req)
-    ubatch = ubatch or T
+    if not ubatch:
+        _, ubatch = plan_request(req)
+        ubatch = ubatch or T
     with open_runner(gguf, LlamaOptions(device="cuda", isolate=False, ubatch=512), n_ctx_needed=T + steps + 1) as r:
         toks = [int(lg.argmax()) for lg in r.logits_plain(prompt, steps)[:-1]]
         plain512 = median_time(lambda: r.logits_plain(prompt, steps, toks), repeats)   # llama.cpp's default n_ubatch
@@ -206,6 +208,8 @@ def child_stream(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False
                 held_gb=held / 2**30, peak_gpu_gb=peak / 2**30, above_held_gb=(peak - held) / 2**30,
                 peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                 sites_compared=len(cmp.table), diverged=cmp.diverged, first=cmp.first.site if cmp.first else None,
+                first_step=cmp.first.step if cmp.first else None,
+                first_explanation=cmp.first.explanation[:400] if cmp.first else None,
                 lazy=bool(getattr(model.blocks[0].attn.mq, "lazy", False)))
 
 
@@ -267,7 +271,7 @@ def run_long(args) -> int:
             continue
         print(f"[{label}] fixture ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         row = dict(model=label, T=T, steps=args.steps)
-        row.update(run_child("stream", gguf, T, args.steps, args.repeats, lazy))
+        row.update(run_child("stream", gguf, T, args.steps, args.repeats, lazy, args.ubatch))
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     text = long_table(rows)
@@ -277,10 +281,12 @@ def run_long(args) -> int:
     return 0
 
 
-def run_child(kind: str, gguf: str, T: int, steps: int, repeats: int, lazy: bool = False) -> dict:
-    """``kind``: capture, report (in-process llama.cpp) or isolated (llama.cpp in its worker)."""
+def run_child(kind: str, gguf: str, T: int, steps: int, repeats: int, lazy: bool = False,
+              ubatch: int = 0) -> dict:
+    """``kind``: capture, report (in-process llama.cpp), isolated (llama.cpp in its worker) or stream
+    (micro-batches of ``ubatch`` tokens; 0: the memory budget's choice)."""
     out = subprocess.run([sys.executable, __file__, "--child", kind, gguf, str(T), str(steps), str(repeats),
-                          str(int(lazy))],
+                          str(int(lazy)), str(ubatch)],
                          capture_output=True, text=True)
     if out.returncode != 0:
         log = os.path.join(os.environ.get("OUT", "/tmp"), f"child-{kind}-{T}.err")
@@ -331,9 +337,9 @@ def capture_table(rows: list[dict]) -> str:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        kind, gguf, T, steps, repeats, lazy = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:8])
+        kind, gguf, T, steps, repeats, lazy, ubatch = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:9])
         res = child_capture(gguf, T, steps, repeats) if kind == "capture" else \
-            child_stream(gguf, T, steps, repeats, bool(lazy)) if kind == "stream" else \
+            child_stream(gguf, T, steps, repeats, bool(lazy), ubatch) if kind == "stream" else \
             child_report(gguf, T, steps, repeats, bool(lazy), isolate=kind == "isolated")
         print(json.dumps(res))
         return 0
@@ -345,6 +351,7 @@ def main() -> int:
     ap.add_argument("--with-7b", action="store_true")
     ap.add_argument("--fixtures", default="build/fixtures")
     ap.add_argument("--long", help="issue 16 rows, comma-separated: " + ", ".join(LONG))
+    ap.add_argument("--ubatch", type=int, default=0, help="--long: micro-batch size (default: the memory budget's)")
     ap.add_argument("--check-microbatch", action="store_true", help="GPU: micro-batched vs one batch, same verdicts?")
     args = ap.parse_args()
     if args.check_microbatch:

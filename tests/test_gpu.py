@@ -97,3 +97,25 @@ def test_isolated_cuda_capture_comes_over_by_ipc_and_equals_in_process(tiny_f32,
         iso = r.run(PROMPT, 3)
     assert iso.meta["isolated"] is True and iso.keys() == cuda_ref.keys()
     assert all(iso[k].is_cuda and torch.equal(iso[k], cuda_ref[k]) for k in cuda_ref.keys())
+
+
+def test_rope_mirrors_cuda_fast_math_at_long_positions(tiny_f32, monkeypatch):
+    """ggml-cuda's RoPE uses -use_fast_math intrinsics (__powf, __sinf, __cosf): their angles
+    drift from float32 ones as the position grows. The mirror compiles the same intrinsics, so
+    q_rope/k_rope agree to float32 rounding at 1,900 positions; the accurate-float32 fallback
+    does not (this test fails if the mirror silently falls back)."""
+    import harness.ours.model as model_mod
+    tokens = [3 + (7 * i) % 1000 for i in range(1900)]
+    req = DiffRequest(tiny_f32, tokens=tokens, steps=1, device="cuda", ubatch=0)
+
+    def worst_rope() -> float:
+        t = diff_on_device(req).comparison.table
+        rows = t[t.site.str.endswith("q_rope") | t.site.str.endswith("k_rope")]
+        assert len(rows) == 2 * 3 * 2         # q and k, 3 layers, prefill and one decode step
+        return float(rows.local_rel_l2.astype(float).max())
+
+    fast = worst_rope()
+    monkeypatch.setattr(model_mod, "fast_rope_cos_sin", lambda *a: None)
+    accurate = worst_rope()
+    assert fast < 1e-6, fast
+    assert accurate > 10 * fast, (accurate, fast)

@@ -121,3 +121,20 @@ def test_microbatched_systematic_statistics(synth_dir, llama_lib, step, batching
     same = (a.layer == 0) & a.site.str.match(r"^blk\.0\.(attn_norm|q_proj|q|k|v|ffn_up|ffn_gate)$")
     for col in ("sys_slope", "sys_z_slope", "sys_z_offset", "sys_z_chan"):
         assert list(b[same][col]) == pytest.approx(list(a[same][col]), rel=1e-6, abs=1e-9, nan_ok=True), col
+
+
+@pytest.mark.parametrize("ubatch", [256, 512])
+def test_last_token_logits_with_micro_batches_of_256(tiny_f32, llama_lib, ubatch):
+    """Micro-batches output every row's logits; the batch's int8 ``logits`` flag once got the
+    micro-batch size itself, 0 for 256 or 512 (llama.cpp then returned no logits at all)."""
+    import numpy as np
+    from harness.llama.runner import LlamaOptions, LlamaRunner
+    prompt = [(i * 37) % 900 + 5 for i in range(600)]
+    got = {}
+    for u in (ubatch, None):
+        with LlamaRunner(tiny_f32, LlamaOptions(device="cpu", ubatch=u, all_outputs=False, isolate=False),
+                         len(prompt) + 2) as r:
+            got[u] = r.logits_plain(prompt, 1)
+    assert len(got[ubatch]) == 2
+    for a, b in zip(got[ubatch], got[None]):
+        assert np.allclose(a, b, rtol=1e-4, atol=1e-4)

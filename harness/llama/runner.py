@@ -248,7 +248,7 @@ class LlamaRunner:
         b = self._batch
         b.n_tokens = len(feed)
         for i, tok in enumerate(feed):
-            out = self.options.all_outputs or self.options.ubatch or i == len(feed) - 1
+            out = bool(self.options.all_outputs or self.options.ubatch) or i == len(feed) - 1
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos0 + i, 1, int(out)
             b.seq_id[i][0] = 0
         self.on_stage(f"decode step {step}")

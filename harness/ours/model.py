@@ -17,7 +17,7 @@ from torch import nn
 
 from harness.gguf.load import GGUFError, GGUFModel, LazyWeight, ModelConfig, load_gguf
 from harness.ours.hooks import Hook, HookManager, HookPoint, site_matcher
-from harness.ours.numerics import act_rounder, cuda_matmul
+from harness.ours.numerics import act_rounder, cuda_matmul, fast_rope_cos_sin
 from harness.provenance import machine_provenance
 from harness.sites import LAYER_KEYS, SiteFilter, site_name
 from harness.trace import Sink, Trace
@@ -60,9 +60,14 @@ def rope_angles(pos: torch.Tensor, half: int, base: float, mirror: str | None = 
 def rope_tables(pos: torch.Tensor, half: int, base: float, mirror: str | None = None,
                 dtype: torch.dtype = torch.float32, scale: torch.Tensor | None = None):
     """What :func:`rope_neox` multiplies by, each (T, 1, Dh) in ``dtype``: [cos, cos] and
-    [-sin, sin] of :func:`rope_angles`."""
-    ang = rope_angles(pos, half, base, mirror, scale)                      # (T, Dh/2)
-    cos, sin = ang.cos().to(dtype)[:, None, :], ang.sin().to(dtype)[:, None, :]
+    [-sin, sin] of :func:`rope_angles`; with ``mirror`` "cuda" on a CUDA device, of ggml-cuda's
+    fast-math cos/sin of them (:func:`~harness.ours.numerics.fast_rope_cos_sin`)."""
+    fast = fast_rope_cos_sin(pos, rope_scale(half, base) if scale is None else scale, half) \
+        if mirror == "cuda" else None                                      # llama.cpp's fast math
+    if fast is None:
+        ang = rope_angles(pos, half, base, mirror, scale)                  # (T, Dh/2)
+        fast = ang.cos(), ang.sin()
+    cos, sin = fast[0].to(dtype)[:, None, :], fast[1].to(dtype)[:, None, :]
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 

@@ -274,3 +274,35 @@ class CudaHalfMatMul:
         else:
             y = cublas_f16(x, w)
         return y.to(x.dtype)
+
+
+# ggml-cuda is built with -use_fast_math (ggml/src/ggml-cuda/CMakeLists.txt), so rope.cu's
+# ``pos*powf(theta_scale, i/2.0f)`` and ``cosf``/``sinf`` are the approximate __powf (MUFU ex2/lg2)
+# and __cosf/__sinf (an x/2pi multiply rounded toward zero, then MUFU): at position 32k their
+# angles differ from exact float32 by ~1e-3 rad. The same intrinsics, compiled at run time (NVRTC,
+# torch's jiterator) on the same GPU, give llama.cpp's cos/sin bit for bit.
+_FAST_ROPE = {}
+_FAST_ROPE_CODE = {
+    "cos": "template <typename T> T rope_cos(T p, T s, T j) { return __cosf(p * __powf(s, j)); }",
+    "sin": "template <typename T> T rope_sin(T p, T s, T j) { return __sinf(p * __powf(s, j)); }",
+}
+
+
+def fast_rope_cos_sin(pos: torch.Tensor, scale: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """cos and sin (T, half), float32, of ggml-cuda's RoPE angles pos * theta_scale^j with its
+    fast-math intrinsics, on ``pos``'s CUDA device; None where that cannot be compiled (no CUDA,
+    no NVRTC): the caller then uses accurate float32."""
+    if not pos.is_cuda or _FAST_ROPE.get("broken"):
+        return None
+    try:
+        if not _FAST_ROPE:
+            from torch.cuda.jiterator import _create_jit_fn
+            _FAST_ROPE.update({k: _create_jit_fn(code) for k, code in _FAST_ROPE_CODE.items()})
+        p = pos.to(torch.float32)[:, None]                                        # (T, 1)
+        j = torch.arange(half, dtype=torch.float32, device=pos.device)[None, :]   # (1, half)
+        s = scale.to(device=pos.device, dtype=torch.float32).reshape(1, 1)
+        return _FAST_ROPE["cos"](p, s, j), _FAST_ROPE["sin"](p, s, j)
+    except Exception:  # noqa: BLE001 - any compile/launch failure: fall back, never fail the run
+        _FAST_ROPE.clear()
+        _FAST_ROPE["broken"] = True
+        return None
