@@ -96,3 +96,20 @@ def test_other_errors_are_not_taken_for_out_of_memory(monkeypatch):
     monkeypatch.setattr(cli, "cmd_faults", boom)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["faults"])
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "expandable_segments:True"),
+                                              ("max_split_size_mb:64", "max_split_size_mb:64")])
+def test_importing_harness_sets_expandable_segments_unless_the_user_chose(preset, expected):
+    """PyTorch's CUDA allocator reads PYTORCH_CUDA_ALLOC_CONF at its first GPU allocation: the
+    package sets expandable segments (the 32k-token row of RESULTS.md) and keeps a user's value."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    if preset:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = preset
+    out = subprocess.run([sys.executable, "-c", "import os, harness; print(os.environ['PYTORCH_CUDA_ALLOC_CONF'])"],
+                         env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == expected
