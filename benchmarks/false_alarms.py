@@ -111,6 +111,9 @@ def run_regime(reg: Regime, args, cache_dir: str) -> dict:
         for tokens in prompts:
             run, model = clean_run(path, args.device, tokens, reg.steps, model)
             runs.append(dict(seed=seed, **run))
+            print(f"  {reg.label(args.device)} run {len(runs)}: seed {seed}, {run['prompt_len']} tokens, "   # a killed
+                  f"{'DIVERGED' if run['diverged'] else 'clean'} ({time.time() - t0:.0f} s)",   # job keeps its count
+                  file=sys.stderr, flush=True)
         del model
         if not args.keep_fixtures:
             os.remove(path)

@@ -2,17 +2,17 @@
 # The GPU-side checks, run on the GPU machine from the repository root:
 #   source .device/setup.sh && bash benchmarks/gpu_checks.sh PHASE
 # PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b | qwen3 | recal | gputests | numerics | null05b | mdecuda |
-#        profile | speed | long32k | long7b | long32b. Logs go to $OUT (or /tmp/out).
+#        mixedclean | profile | speed | long32k | long7b | long32b. Logs go to $OUT (or /tmp/out).
 # What issues 16 and 17 still need from a GPU (each line one call of at most 10 minutes, in order).
-# The eighth session ran, with the final code: the clean runs of the tiny regimes (120 of 160) and of the
-# 0.5B F16 file, the CUDA MDE of the four tiny regimes, every GPU test, and the 512+8 speed row. Left:
+# The ninth session ran the mixed regime's CUDA MDE, the tiny-qwen3 q8_0/q4_k_m clean runs, the profile,
+# and the 32k row (clean; 9.4 GB above held with expandable segments). It found and mended two CUDA
+# faults (llama.cpp's CUDA graphs abort micro-batched prompts: now off; RoPE fast-math: now mirrored).
+# Left, with the final code:
+#   bash benchmarks/gpu_checks.sh gputests speed     # every GPU test (new RoPE test), 512+8 (graphs off, faster mmvf_half)
+#   bash benchmarks/gpu_checks.sh mixedclean         # the mixed file's 20 clean CUDA runs (alone: >300 s beside the MDE)
+#   bash benchmarks/gpu_checks.sh long7b             # 7B Q4_K_M 8k+8 (flagged q_rope before the mirror; ~220 s)
+#   bash benchmarks/gpu_checks.sh long32k            # 32k+8 from the final commit (~215 s)
 #   bash benchmarks/gpu_checks.sh recal              # CUDA tolerances with the F16 mirror (F16 still 2.6%)
-#   LIMIT=... mixed regime of the CUDA MDE, and the mixed file's 20 clean runs:
-#     python benchmarks/mde.py mde --device cuda --seeds 11 --regimes mixed --out $OUT/mde-cuda-mixed
-#     python benchmarks/false_alarms.py --device cuda --presets tiny-qwen3 --types q8_0,q4_k_m --mixed-runs 20
-#   bash benchmarks/gpu_checks.sh profile            # where the 4.9 s of a 512+8 report go
-#   bash benchmarks/gpu_checks.sh long32k            # 0.5B F16 32k+8 (issue 16)
-#   bash benchmarks/gpu_checks.sh long7b             # 7B Q4_K_M 8k+8 (synthesizes the 7B file first)
 #   bash benchmarks/gpu_checks.sh long32b            # 32B-shaped Q4_K_M 2k+8, lazy weights (~55 GB of disk)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -61,6 +61,9 @@ bench7b)
 mdecuda)
   LIMIT=150 run python benchmarks/false_alarms.py --device cuda --out "$OUT/false_alarms_cuda_tiny.json"
   LIMIT=150 run python benchmarks/mde.py mde --device cuda --seeds 11 --regimes tiny/f32,tiny/f16,tiny/q8_0,tiny/q4_k_m,mixed --out "$OUT/mde-cuda" ;;
+mixedclean)
+  LIMIT=560 run python benchmarks/false_alarms.py --device cuda --presets tiny --types f32 --seeds 1 \
+    --prompts-per-seed 1 --long 0 --mixed-runs 20 --mixed-seeds 2 --out "$OUT/false_alarms_cuda_mixed.json" ;;
 recal)
   # every CUDA regime, with the current mirror (tolerances are the worst clean error x the safety factor)
   LIMIT=400 run python -m harness.calibrate --device cuda --fresh --preset tiny,tiny-qwen3,qwen2.5-0.5b,qwen3-0.6b --mixed

@@ -206,3 +206,18 @@ def test_cuda_activation_rounder_follows_the_token_count():
     assert torch.equal(q4k(x[:8]), q8_1_mmvq(x[:8])[0])
     assert torch.equal(numerics.act_rounder("F16", "cuda")(x), x.half().float())
     assert numerics.act_rounder("F32", "cuda") is None
+
+
+def test_one_rounding_to_half_equals_numpys_double_to_half():
+    """The F16 emulation's single float64 -> float16 rounding (ties to even, subnormals) against
+    numpy's own float64 -> float16 conversion, on random values, exact ties and subnormal ties."""
+    import numpy as np
+    g = np.random.default_rng(0)
+    v = np.concatenate([g.standard_normal(20000) * s for s in (1e-6, 1e-4, 1.0, 100.0, 1e4)])
+    h = g.standard_normal(20000).astype(np.float16).astype(np.float64)
+    ties = h + np.sign(h) * 2.0 ** (np.floor(np.log2(np.maximum(abs(h), 2.0 ** -24))) - 11)
+    sub = (g.integers(-2000, 2000, 2000) + 0.5) * 2.0 ** -24
+    v = np.concatenate([v, ties, sub, [0.0, -0.0, 65504.0]])
+    v = v[abs(v) < 65504.5]
+    want = torch.from_numpy(v.astype(np.float16).astype(np.float64))
+    assert torch.equal(numerics.to_half_once(torch.from_numpy(v)), want)

@@ -205,19 +205,26 @@ def _mmvf_block(ncols: int, warp: int = 32) -> int:
 
 
 def _butterfly(v: torch.Tensor) -> torch.Tensor:
-    """warp_reduce_sum over the last dim (32 lanes, xor 16, 8, 4, 2, 1): lane 0's value."""
-    idx = torch.arange(32, device=v.device)
+    """warp_reduce_sum over the last dim (32 lanes, xor 16, 8, 4, 2, 1): lane 0's value. Lane 0
+    after xor 1 needs lanes 0-1 after xor 2, ..., lanes 0-15 after xor 16, and lane i < off adds
+    lane i + off: the same sums without the other lanes (5 additions, no gather)."""
     for off in (16, 8, 4, 2, 1):
-        v = v + v[..., idx ^ off]
+        v = v[..., :off] + v[..., off:2 * off]
     return v[..., 0]
 
 
-def _to_half_once(v: torch.Tensor) -> torch.Tensor:
+_EXP_BITS = 0x7FF0000000000000
+
+
+def to_half_once(v: torch.Tensor) -> torch.Tensor:
     """float64 -> the nearest float16 value (ties to even), rounded once (``.half()`` on a float64
-    goes through float32: twice), as float64."""
-    _, e = torch.frexp(v)                                                  # |v| in [2^(e-1), 2^e)
-    ulp = torch.pow(2.0, (e - 11).clamp(min=-24).to(v.dtype))             # 11 bits; subnormals 2^-24
-    return torch.round(v / ulp) * ulp
+    goes through float32: twice), as float64. With ulp the float16 spacing at |v| (2^-10 of v's
+    power of two; 2^-24 for subnormals), adding and subtracting c = 1.5 x 2^52 x ulp rounds v to a
+    multiple of ulp in float64's own round-to-nearest-even (c + v stays in c's binade, whose
+    spacing is ulp; c is an even multiple of it)."""
+    top = (v.view(torch.int64) & _EXP_BITS).view(torch.float64)           # 2^floor(log2|v|); 0 at 0
+    c = (top * (1.5 * 2.0 ** 42)).clamp_min(1.5 * 2.0 ** 28)              # 1.5 x 2^52 x ulp
+    return (v + c) - c
 
 
 def mmvf_half(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -233,7 +240,7 @@ def mmvf_half(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         acc = torch.zeros(rows, bs, 2, dtype=torch.float64, device=w.device)
         for start in range(0, ncols // 2, bs):                            # exact in float64, one rounding
             n = min(bs, ncols // 2 - start)
-            acc[:, :n] = _to_half_once(acc[:, :n] + wh[:, start:start + n] * xh[start:start + n])
+            acc[:, :n] = to_half_once(acc[:, :n] + wh[:, start:start + n] * xh[start:start + n])
         sumf = (acc[..., 0].float() + acc[..., 1].float())                # (R, bs)
         per_warp = _butterfly(sumf.reshape(rows, bs // 32, 32))           # (R, warps)
         if bs == 32:
