@@ -1,4 +1,4 @@
-"""Which arithmetic does llama.cpp's CUDA build do at each weight matmul? (issue 17, lever 2a)
+"""Which arithmetic does llama.cpp's CUDA build do at each weight matmul and attention product? (issue 17, lever 2a)
 
     python benchmarks/cuda_numerics.py dump --out DIR          # on the GPU machine: llama.cpp's own tensors
     python benchmarks/cuda_numerics.py analyze DIR/*.pt         # anywhere: candidate mirrors against them
@@ -8,7 +8,11 @@
 two decode steps (one token: MMVQ / MMVF), and saves them with the fixture's sha256. ``analyze``
 recomputes every weight matmul of that layer from llama.cpp's own input with each candidate
 arithmetic (harness.ours.numerics) and prints its error against llama.cpp's output: relative L2,
-worst element over the output's RMS, and the share of elements equal bit for bit.
+worst element over the output's RMS, and the share of elements equal bit for bit. The attention
+products too: kq from llama.cpp's q_rope and cached k_rope (q rounded to F16 or kept float32: its
+mul_mat_vec_f at GGML_PREC_F32 keeps it at one token), kqv from its attention weights and cached v
+(float or half accumulation: mul_mat_vec_f at default precision accumulates in half, over the KV
+cells padded to 256).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ MATMULS = {"q_proj": "attn_norm", "k_proj": "attn_norm", "v_proj": "attn_norm", 
 FIXTURES = (("tiny", "q4_k_m", None), ("tiny", "q8_0", None), ("tiny", "f16", None),
             ("qwen2.5-0.5b", "q4_k_m", True), ("qwen2.5-0.5b", "f16", None))
 RUNS = ((64, 2), (12, 0))         # (prompt tokens, decode steps)
+ATTN = ("q_rope", "k_rope", "v", "kq", "attn_weights", "kqv")
 
 
 def dump(out: str, device: str, presets: str | None = None) -> None:
@@ -43,7 +48,7 @@ def dump(out: str, device: str, presets: str | None = None) -> None:
             tokens = [(i * 37) % 900 + 5 for i in range(n)]
             ref = capture_reference(DiffRequest(path, tokens=tokens, steps=steps, device=device,
                                                 sites=f"blk.{LAYER}.*", isolate=False))
-            keep = {f"blk.{LAYER}.{k}" for k in set(MATMULS) | set(MATMULS.values())}
+            keep = {f"blk.{LAYER}.{k}" for k in set(MATMULS) | set(MATMULS.values()) | set(ATTN)}
             saved["runs"].append({k: v.cpu().clone() for k, v in ref.items() if k[1] in keep})
         name = os.path.join(out, f"{preset}-{wtype}.pt")
         torch.save(saved, name)
@@ -104,6 +109,59 @@ def _acc16(fn):
         m.allow_fp16_accumulation = saved
 
 
+def _half_cells(x: torch.Tensor, pad: int = 256) -> torch.Tensor:
+    """x (..., P) zero-padded to llama.cpp's n_kv (a multiple of 256 cells; unused cells hold 0)."""
+    n_kv = -(-x.shape[-1] // pad) * pad
+    return torch.nn.functional.pad(x, (0, n_kv - x.shape[-1]))
+
+
+def attention_candidates() -> dict:
+    """site -> {name: f(q, K, V, weights, group) -> tensor}: kq (H, T, P) and kqv (T, H, Dh)."""
+    from harness.ours.numerics import mmvf_half
+
+    def kq(round_q: bool):
+        def f(q, K, V, w, g):
+            q = q.half().float() if round_q else q
+            return torch.einsum("thd,phd->htp", q, K.half().float().repeat_interleave(g, dim=1))
+        return f
+
+    def kqv_float(q, K, V, w, g):
+        return torch.einsum("htp,phd->thd", w.half().float(), V.half().float().repeat_interleave(g, dim=1))
+
+    def kqv_half_acc(q, K, V, w, g):          # one token only: per head, mmvf_half over the n_kv cells
+        if w.shape[1] != 1:
+            return None
+        Vh = V.half().float().repeat_interleave(g, dim=1)                    # (P, H, Dh)
+        rows = [mmvf_half(_half_cells(w[h]), _half_cells(Vh[:, h, :].T)) for h in range(w.shape[0])]
+        return torch.stack(rows, dim=1)                                      # (1, H, Dh)
+    def kqv_cublas16(q, K, V, w, g):         # cuBLAS with F16 compute and an F16 result (default precision)
+        if w.device.type != "cuda":
+            return None
+        Vh = V.half().repeat_interleave(g, dim=1).permute(1, 0, 2)           # (H, P, Dh)
+        return _acc16(lambda: torch.bmm(w.half(), Vh).float()).permute(1, 0, 2)
+    return {"kq": {"q f16": kq(True), "q f32": kq(False)},
+            "kqv": {"w f16, float acc": kqv_float, "w f16, float acc, f16 result": lambda *a: kqv_float(*a).half().float(),
+                    "w f16, half acc (mmvf)": kqv_half_acc, "cuBLAS f16 compute": kqv_cublas16}}
+
+
+def analyze_attention(run: dict, step: int, device: str) -> None:
+    L = f"blk.{LAYER}."
+    if any((step, L + k) not in run for k in ATTN):
+        return
+    steps = sorted(s for s, k in run if k == L + "k_rope" and s <= step)
+    K = torch.cat([run[(s, L + "k_rope")] for s in steps]).to(device)
+    V = torch.cat([run[(s, L + "v")] for s in steps]).to(device)
+    q, w = run[(step, L + "q_rope")].to(device), run[(step, L + "attn_weights")].to(device)
+    g = q.shape[1] // K.shape[1]
+    for site, cands in attention_candidates().items():
+        ref = run[(step, L + site)].to(device)
+        for name, fn in cands.items():
+            y = fn(q, K, V, w, g)
+            if y is not None:
+                e = _errors(y.reshape(ref.shape), ref)
+                print(f"| {site} | F16 cache | {q.shape[0]} | {name} | {e[0]:.2e} | {e[1]:.2e} | {e[2]:.3f} |")
+
+
 def analyze(files, device: str) -> None:
     from gguf import GGMLQuantizationType
     from harness.gguf.dequant import dequantize
@@ -137,6 +195,7 @@ def analyze(files, device: str) -> None:
                             continue
                         e = _errors(y, ref)
                         print(f"| {site} | {qtype} | {x.shape[0]} | {name} | {e[0]:.2e} | {e[1]:.2e} | {e[2]:.3f} |")
+                analyze_attention(run, step, device)
 
 
 def main(argv=None) -> int:

@@ -221,3 +221,27 @@ def test_one_rounding_to_half_equals_numpys_double_to_half():
     v = v[abs(v) < 65504.5]
     want = torch.from_numpy(v.astype(np.float16).astype(np.float64))
     assert torch.equal(numerics.to_half_once(torch.from_numpy(v)), want)
+
+
+def test_cuda_mirror_keeps_q_in_float32_for_one_token_scores(tiny_f32):
+    """kq at llama.cpp's GGML_PREC_F32: at one token CUDA's mul_mat_vec_f multiplies the F16 K by
+    the float32 q (no conversion); above one token (mul_mat_f, cuBLAS) and on the CPU
+    (vec_dot_f16) q is rounded to F16 first. The mirrors' kq against those formulas on their own
+    q_rope and cached k_rope, at the prefill (8 tokens) and one decode step."""
+    from harness.ours.model import load_model
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79]
+
+    def scores(q, k, group, round_q):
+        q = q.half().float() if round_q else q
+        return torch.einsum("thd,phd->htp", q, k.half().float().repeat_interleave(group, dim=1))
+
+    for mirror in ("cuda", "cpu"):
+        m = load_model(tiny_f32, kv_dtype=torch.float16, mirror=mirror)
+        tr = m.run_with_cache(prompt, steps=1)
+        g = m.config.n_head // m.config.n_head_kv
+        k_all = torch.cat([tr[0, "blk.1.k_rope"], tr[1, "blk.1.k_rope"]])
+        for step, k in ((0, tr[0, "blk.1.k_rope"]), (1, k_all)):
+            q = tr[step, "blk.1.q_rope"]
+            rounded = not (mirror == "cuda" and step == 1)
+            assert torch.equal(tr[step, "blk.1.kq"], scores(q, k, g, rounded)), (mirror, step)
+            assert not torch.equal(tr[step, "blk.1.kq"], scores(q, k, g, not rounded)), (mirror, step)

@@ -170,7 +170,10 @@ class Attention(nn.Module):
         q = hp["q_rope"](self.rope(q, pos, base, m, rope), x=q, pos=pos, base=base, mirror=m)
         k = hp["k_rope"](self.rope(k, pos, base, m, rope), x=k, pos=pos, base=base, mirror=m)
         K, V = cache.update(self.i, k, v)                                      # (P, Hkv, Dh)
-        rq, rk, rv = cache.rounded(q), cache.reround(K), cache.reround(V)  # F16 cache: llama.cpp's dot operands
+        rk, rv = cache.reround(K), cache.reround(V)                      # F16 cache: llama.cpp's dot operands
+        # q meets an F16 K as F16 too (CPU vec_dot_f16; CUDA mul_mat_f / cuBLAS convert it), except
+        # CUDA's one-token mul_mat_vec_f at llama.cpp's GGML_PREC_F32 for kq: float q, float sums
+        rq = q if m == "cuda" and T == 1 else cache.rounded(q)
         g = H // Hkv
         kq = torch.einsum("thd,phd->htp", rq, rk.repeat_interleave(g, dim=1))  # (H, T, P)
         kq = hp["kq"](kq, q=q, k=K, group=g)
