@@ -12,7 +12,8 @@
 #   bash benchmarks/gpu_checks.sh mixedclean         # the mixed file's 20 clean CUDA runs (alone: >300 s beside the MDE)
 #   bash benchmarks/gpu_checks.sh long7b             # 7B Q4_K_M 8k+8 (flagged q_rope before the mirror; ~220 s)
 #   bash benchmarks/gpu_checks.sh long32k            # 32k+8 from the final commit (~215 s)
-#   bash benchmarks/gpu_checks.sh recal              # CUDA tolerances with the F16 mirror (F16 still 2.6%)
+#   bash benchmarks/gpu_checks.sh numerics           # kq/kqv candidates vs llama.cpp (one-token kq now keeps q float)
+#   bash benchmarks/gpu_checks.sh recal              # CUDA tolerances with the F16 and kq mirrors (F16 still 2.6%)
 #   bash benchmarks/gpu_checks.sh long32b            # 32B-shaped Q4_K_M 2k+8, lazy weights (~55 GB of disk)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
