@@ -87,6 +87,14 @@ def child_capture(gguf: str, T: int, steps: int, repeats: int) -> dict:
     return dict(plain_s=plain, cb_ask_s=ask, cb_sync_s=sync, cap_dev_s=dev, cap_host_s=host)
 
 
+def child_plain(gguf: str, T: int, steps: int, repeats: int) -> dict:
+    """Plain decode alone, run by main() with LLAMADIFF_CUDA_GRAPHS=1: llama.cpp's own default
+    (CUDA graphs on), the speed its users see; the other children run without them, as llamadiff does."""
+    runner, prompt, toks, _ = _setup(gguf, T, steps)
+    return dict(plain_graphs_s=median_time(lambda: runner.logits_plain(prompt, steps, toks), repeats),
+                graphs_env=os.environ.get("GGML_CUDA_DISABLE_GRAPHS"))
+
+
 def child_report(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False, isolate: bool = False) -> dict:
     import torch
     from harness.diff import DiffRequest, diff_on_device, model_for
@@ -282,12 +290,12 @@ def run_long(args) -> int:
 
 
 def run_child(kind: str, gguf: str, T: int, steps: int, repeats: int, lazy: bool = False,
-              ubatch: int = 0) -> dict:
+              ubatch: int = 0, env: dict | None = None) -> dict:
     """``kind``: capture, report (in-process llama.cpp), isolated (llama.cpp in its worker) or stream
     (micro-batches of ``ubatch`` tokens; 0: the memory budget's choice)."""
     out = subprocess.run([sys.executable, __file__, "--child", kind, gguf, str(T), str(steps), str(repeats),
                           str(int(lazy)), str(ubatch)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=dict(os.environ, **(env or {})))
     if out.returncode != 0:
         log = os.path.join(os.environ.get("OUT", "/tmp"), f"child-{kind}-{T}.err")
         with open(log, "w") as f:
@@ -322,13 +330,19 @@ def table(rows: list[dict]) -> str:
 def capture_table(rows: list[dict]) -> str:
     """Where a capture's time goes (issue 16's 3x target): the callback alone, llama.cpp's
     synchronisation after each node we say yes to, then our copies."""
-    lines = ["| model | tokens | plain decode | callback, no node wanted | every site's node wanted, no copy | "
-             "capture on GPU | per wanted node: sync / copy |", "|" + "---|" * 7]
+    lines = ["| model | tokens | plain decode | plain decode, CUDA graphs on | full report / that | "
+             "callback, no node wanted | every site's node wanted, no copy | "
+             "capture on GPU | per wanted node: sync / copy |", "|" + "---|" * 9]
     for r in rows:
         if "cb_sync_s" not in r:
             continue
         n = max(r.get("sites_compared", 0), 1)
-        lines.append(f"| {r['model']} | {r['T']}+{r['steps']} | {r['plain_s']*1e3:.1f} ms | {r['cb_ask_s']*1e3:.1f} ms | "
+        g = r.get("plain_graphs_s")
+        if g is None:
+            graphs = f"{r.get('plain_graphs_error', 'not measured')[:80]} | -"
+        else:
+            graphs = f"{g*1e3:.1f} ms | " + (f"{r['report_s'] / g:.1f}x" if "report_s" in r else "-")
+        lines.append(f"| {r['model']} | {r['T']}+{r['steps']} | {r['plain_s']*1e3:.1f} ms | {graphs} | {r['cb_ask_s']*1e3:.1f} ms | "
                      f"{r['cb_sync_s']*1e3:.1f} ms | {r['cap_dev_s']*1e3:.1f} ms | "
                      f"{(r['cb_sync_s'] - r['cb_ask_s']) / n * 1e6:.1f} us / "
                      f"{(r['cap_dev_s'] - r['cb_sync_s']) / n * 1e6:.1f} us (over {n} site tensors) |")
@@ -339,6 +353,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, gguf, T, steps, repeats, lazy, ubatch = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:9])
         res = child_capture(gguf, T, steps, repeats) if kind == "capture" else \
+            child_plain(gguf, T, steps, repeats) if kind == "plain" else \
             child_stream(gguf, T, steps, repeats, bool(lazy), ubatch) if kind == "stream" else \
             child_report(gguf, T, steps, repeats, bool(lazy), isolate=kind == "isolated")
         print(json.dumps(res))
@@ -372,10 +387,12 @@ def main() -> int:
         print(f"[{label}] fixture ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         row = dict(model=label, T=T, steps=args.steps)
         if lazy and rows and rows[-1]["T"] == T and "plain_s" in rows[-1]:      # same llama.cpp work as the row above
-            row.update({k: rows[-1][k] for k in ("plain_s", "cb_ask_s", "cb_sync_s", "cap_dev_s", "cap_host_s")
+            row.update({k: rows[-1][k] for k in ("plain_s", "plain_graphs_s", "cb_ask_s", "cb_sync_s", "cap_dev_s", "cap_host_s")
                         if k in rows[-1]})
         else:
             row.update(run_child("capture", gguf, T, args.steps, args.repeats))
+            pg = run_child("plain", gguf, T, args.steps, args.repeats, env={"LLAMADIFF_CUDA_GRAPHS": "1"})
+            row.update({"plain_graphs_error": pg["error"]} if "error" in pg else pg)
         row.update(run_child("report", gguf, T, args.steps, args.repeats, lazy))
         if not lazy:
             iso = run_child("isolated", gguf, T, args.steps, args.repeats)

@@ -106,11 +106,12 @@ class LlamaRunner:
         o = self.options
         self.g = GGMLFuncs(self.lc.llama_cpp._lib)
         self.gpu = self._use_gpu()
-        if self.gpu:
+        if self.gpu and os.environ.get("LLAMADIFF_CUDA_GRAPHS") != "1":
             # llama.cpp's CUDA graphs off, before its first CUDA graph compute reads this (once per
             # process): with them, micro-batched prompts (97 or 128 tokens a batch) aborted inside
             # llama_decode with "an illegal instruction" on an H100 (0.3.36), plain decoding
             # without our callback too; without them the same runs complete. Same kernels, same numbers.
+            # LLAMADIFF_CUDA_GRAPHS=1 keeps them (benchmarks: llama.cpp's own default speed).
             os.environ.setdefault("GGML_CUDA_DISABLE_GRAPHS", "1")
         self._capture = Capture(self.g, self.config, self.lc, on_device=o.keep_on_device and self.gpu)
         self.model = self._load_model()
