@@ -109,7 +109,7 @@ def _acc16(fn):
         m.allow_fp16_accumulation = saved
 
 
-def _half_cells(x: torch.Tensor, pad: int = 256) -> torch.Tensor:
+def _pad_to_kv_cells(x: torch.Tensor, pad: int = 256) -> torch.Tensor:
     """x (..., P) zero-padded to llama.cpp's n_kv (a multiple of 256 cells; unused cells hold 0)."""
     n_kv = -(-x.shape[-1] // pad) * pad
     return torch.nn.functional.pad(x, (0, n_kv - x.shape[-1]))
@@ -132,8 +132,9 @@ def attention_candidates() -> dict:
         if w.shape[1] != 1:
             return None
         Vh = V.half().float().repeat_interleave(g, dim=1)                    # (P, H, Dh)
-        rows = [mmvf_half(_half_cells(w[h]), _half_cells(Vh[:, h, :].T)) for h in range(w.shape[0])]
+        rows = [mmvf_half(_pad_to_kv_cells(w[h]), _pad_to_kv_cells(Vh[:, h, :].T)) for h in range(w.shape[0])]
         return torch.stack(rows, dim=1)                                      # (1, H, Dh)
+
     def kqv_cublas16(q, K, V, w, g):         # cuBLAS with F16 compute and an F16 result (default precision)
         if w.device.type != "cuda":
             return None
