@@ -39,6 +39,8 @@ def test_cuda_runs_turn_llama_cpps_cuda_graphs_off(cuda_ref):
     """Set before llama.cpp's first graph compute (it reads it once per process): micro-batched
     prompts aborted with an illegal instruction with CUDA graphs on (RESULTS.md, ninth session)."""
     import os
+    if os.environ.get("LLAMADIFF_CUDA_GRAPHS") == "1":
+        pytest.skip("LLAMADIFF_CUDA_GRAPHS=1 keeps llama.cpp's CUDA graphs on")
     assert os.environ.get("GGML_CUDA_DISABLE_GRAPHS") is not None
 
 
