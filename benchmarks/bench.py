@@ -204,6 +204,8 @@ def child_stream(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
     held = total - free          # llama.cpp (weights, both contexts' caches and buffers) + our weights
+    torch_held = (torch.cuda.memory_allocated(), torch.cuda.memory_reserved())   # of it, PyTorch's
+    torch.cuda.reset_peak_memory_stats()
     sampler = _Sampler()
     sampler.start()
     t0 = time.perf_counter()
@@ -214,6 +216,8 @@ def child_stream(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False
     cmp = res.comparison
     return dict(ubatch=ubatch, plain_s=plain, plain512_s=plain512, report_s=report, llama_load_s=llama_load, torch_load_s=torch_load,
                 held_gb=held / 2**30, peak_gpu_gb=peak / 2**30, above_held_gb=(peak - held) / 2**30,
+                torch_held_gib=[b / 2**30 for b in torch_held],      # allocated, reserved (cached) before
+                torch_peak_gib=[torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30],
                 peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                 sites_compared=len(cmp.table), diverged=cmp.diverged, first=cmp.first.site if cmp.first else None,
                 first_step=cmp.first.step if cmp.first else None,
@@ -237,8 +241,8 @@ def long_table(rows: list[dict]) -> str:
             continue
         lines.append(f"| {r['model']} | {r['T']}+{r['steps']} | {r['ubatch']} | {r['plain_s']:.2f} s | "
                      f"{r['plain512_s']:.2f} s | {r['report_s']:.2f} s | {r['report_s'] / r['plain_s']:.1f}x; "
-                     f"{r['report_s'] / r['plain512_s']:.1f}x | {r['held_gb']:.1f} GB | "
-                     f"{r['peak_gpu_gb']:.1f} GB | {r['above_held_gb']:.1f} GB | {r['peak_rss_gb']:.2f} GB | "
+                     f"{r['report_s'] / r['plain512_s']:.1f}x | {r['held_gb']:.1f} GiB | "
+                     f"{r['peak_gpu_gb']:.1f} GiB | {r['above_held_gb']:.1f} GiB | {r['peak_rss_gb']:.2f} GiB | "
                      f"{r['sites_compared']} | {r['first'] or 'none'} |")
     return "\n".join(lines)
 
@@ -322,7 +326,7 @@ def table(rows: list[dict]) -> str:
             f"| {r['model']} | {r['T']}+{r['steps']} | {p*1e3:.1f} ms | {r['cap_host_s']*1e3:.0f} ms | "
             f"{r['cap_dev_s']*1e3:.0f} ms | {r['report_s']*1e3:.0f} ms | {iso_txt} | {r['report_s']/p:.1f}x | "
             f"{r['cap_host_s']/p:.1f}x | {r['cap_dev_s']/p:.1f}x | {r['llama_load_s']:.2f} s | "
-            f"{r['torch_load_s']:.2f} s | {r['peak_rss_gb']:.2f} GB | {r['peak_gpu_gb']:.1f} GB | "
+            f"{r['torch_load_s']:.2f} s | {r['peak_rss_gb']:.2f} GiB | {r['peak_gpu_gb']:.1f} GiB | "
             f"{r['sites_compared']} |")
     return "\n".join(lines)
 

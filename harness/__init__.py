@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 
 # CUDA: PyTorch's allocator with expandable segments (read when torch first allocates on the GPU).
 # A micro-batched long prompt allocates tensors that grow with every batch; with the default fixed
-# segments a 32k-token report of Qwen2.5-0.5B F16 peaked 62.1 GB above what the weights and caches
-# held on an H100, with expandable ones 9.4 GB (benchmarks/RESULTS.md, ninth session). A value the
+# segments a 32k-token report of Qwen2.5-0.5B F16 peaked 62.1 GiB above what the weights and caches
+# held on an H100, with expandable ones 9.4 GiB (benchmarks/RESULTS.md, ninth session). A value the
 # user set is kept.
 _os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
