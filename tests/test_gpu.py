@@ -124,6 +124,8 @@ def test_rope_mirrors_cuda_fast_math_at_long_positions(tiny_f32, monkeypatch):
         return float(rows.local_rel_l2.astype(float).max())
 
     fast = worst_rope()
+    from harness.ours.numerics import fast_rope_status
+    assert fast_rope_status() == "compiled"
     monkeypatch.setattr(model_mod, "fast_rope_cos_sin", lambda *a: None)
     accurate = worst_rope()
     assert fast < 1e-6, fast

@@ -17,7 +17,7 @@ from torch import nn
 
 from harness.gguf.load import GGUFError, GGUFModel, LazyWeight, ModelConfig, load_gguf
 from harness.ours.hooks import Hook, HookManager, HookPoint, site_matcher
-from harness.ours.numerics import act_rounder, cuda_matmul, fast_rope_cos_sin
+from harness.ours.numerics import act_rounder, cuda_matmul, fast_rope_cos_sin, fast_rope_status
 from harness.provenance import machine_provenance
 from harness.sites import LAYER_KEYS, SiteFilter, site_name
 from harness.trace import Sink, Trace
@@ -353,6 +353,7 @@ class Model(nn.Module):
         return {"source": "torch", "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "kv_dtype": str(self.kv_dtype).replace("torch.", "") if self.kv_dtype else None,
                 "mirror": self.mirror,
+                **({"rope_fast_math": fast_rope_status()} if self.mirror == "cuda" else {}),
                 "weight_type": self.gguf.weight_type, "gguf": os.path.basename(self.gguf.path),
                 "architecture": self.config.architecture, "file_type": self.gguf.file_type,
                 "type_mix": self.gguf.type_mix(),

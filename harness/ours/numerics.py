@@ -296,6 +296,12 @@ _FAST_ROPE_CODE = {
 }
 
 
+def fast_rope_status() -> str:
+    """For a run's description: "compiled" (the fast-math RoPE tables are in use), "unavailable"
+    (compiling them failed: accurate float32 instead) or "not used" (no CUDA mirror ran yet)."""
+    return "unavailable" if _FAST_ROPE.get("broken") else "compiled" if _FAST_ROPE else "not used"
+
+
 def fast_rope_cos_sin(pos: torch.Tensor, scale: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """cos and sin (T, half), float32, of ggml-cuda's RoPE angles pos * theta_scale^j with its
     fast-math intrinsics, on ``pos``'s CUDA device; None where that cannot be compiled (no CUDA,
