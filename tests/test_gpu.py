@@ -130,3 +130,35 @@ def test_rope_mirrors_cuda_fast_math_at_long_positions(tiny_f32, monkeypatch):
     accurate = worst_rope()
     assert fast < 1e-6, fast
     assert accurate > 10 * fast, (accurate, fast)
+
+
+def test_compiled_mmvf_gives_the_emulations_bits():
+    """The one-token F16 matmul as one compiled kernel (numerics.mmvf_half) against the float64
+    emulation it replaces, on block sizes 32 to 256, one to 37 half2 steps per thread, odd row
+    counts and a batch (the kqv mirror's heads)."""
+    from harness.ours import numerics
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for B, R, K in ((0, 5, 64), (0, 33, 130), (0, 896, 896), (0, 7, 4864), (0, 3, 18944), (14, 64, 768)):
+        shape_w, shape_x = ((B, R, K), (B, 1, K)) if B else ((R, K), (1, K))
+        w = torch.randn(*shape_w, generator=g, device="cuda")
+        x = torch.randn(*shape_x, generator=g, device="cuda") * 8
+        got = numerics.mmvf_half(x, w)
+        want = torch.stack([numerics.mmvf_half_emulated(a, b) for a, b in zip(x, w)]) if B else \
+            numerics.mmvf_half_emulated(x, w)
+        assert torch.equal(got, want), (B, R, K)
+    assert numerics.mmvf_kernel_status() == "compiled"
+
+
+def test_attention_mirrors_cudas_kq_and_kqv_kernels(synth_dir):
+    """kq at one token keeps q in float32 (mul_mat_vec_f at GGML_PREC_F32); kqv takes
+    mul_mat_vec_f's half sums at one token and cuBLAS's F16 compute above 16 tokens. Before these
+    mirrors the tiny F16 file's local errors were 2e-4 to 3e-4 (kq, decode; kqv, 40-token prefill)
+    and 4e-5 (kqv, decode) (benchmarks/cuda_numerics.py on the H100)."""
+    from harness.synth import default_fixture
+    path = default_fixture("f16", preset="tiny", seed=0, cache_dir=synth_dir)
+    tokens = [3 + (11 * i) % 500 for i in range(40)]
+    t = diff_on_device(DiffRequest(path, tokens=tokens, steps=2, device="cuda")).comparison.table
+    rows = t[t.site.str.endswith(".kq") | t.site.str.endswith(".kqv")]
+    assert len(rows) == 2 * 3 * 3 and set(rows.step) == {0, 1, 2}
+    worst = rows.groupby([rows.site.str.rsplit(".", n=1).str[-1], rows.step > 0]).local_rel_l2.max()
+    assert (worst.astype(float) < 1e-5).all(), worst

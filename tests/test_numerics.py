@@ -245,3 +245,43 @@ def test_cuda_mirror_keeps_q_in_float32_for_one_token_scores(tiny_f32):
             rounded = not (mirror == "cuda" and step == 1)
             assert torch.equal(tr[step, "blk.1.kq"], scores(q, k, g, rounded)), (mirror, step)
             assert not torch.equal(tr[step, "blk.1.kq"], scores(q, k, g, not rounded)), (mirror, step)
+
+
+def test_batched_mmvf_half_is_the_emulation_per_batch():
+    """mmvf_half with leading dims (the kqv mirror: one mul_mat_vec_f per head) equals the
+    emulation applied to each (x, w) pair; on the CPU both run the emulation."""
+    g = torch.Generator().manual_seed(8)
+    x, w = torch.randn(3, 1, 320, generator=g), torch.randn(3, 24, 320, generator=g)
+    got = numerics.mmvf_half(x, w)
+    assert got.shape == (3, 1, 24)
+    for b in range(3):
+        assert torch.equal(got[b], numerics.mmvf_half_emulated(x[b], w[b]))
+    assert torch.equal(numerics.mmvf_half(x[0], w[0]), got[0])
+
+
+@pytest.mark.parametrize("T", [1, 12, 40])
+def test_cuda_kqv_takes_ggml_cudas_kernel_for_the_token_count(T):
+    """kqv over an F16 cache (benchmarks/cuda_numerics.py on the H100, bit for bit at 1 and 64 tokens):
+    one token, mul_mat_vec_f per head over the n_kv cells (P padded to 256: its block size follows
+    n_kv, so 600 cells reduce as 768); up to 16 tokens F16 operands with float sums; more, cuBLAS's
+    F16 compute (on a CPU only its F16 result is mirrored)."""
+    g = torch.Generator().manual_seed(9)
+    H, Hkv, Dh, P = 4, 2, 32, 600
+    w = torch.softmax(torch.randn(H, T, P, generator=g) * 3, dim=-1)
+    v = torch.randn(P, Hkv, Dh, generator=g).half().float()
+    vt = v.repeat_interleave(2, dim=1).permute(1, 2, 0)                      # (H, Dh, P)
+    got = numerics.cuda_kqv(w, v, 2)
+    assert got.shape == (T, H, Dh)
+    floats = (w.half().float() @ vt.transpose(1, 2)).permute(1, 0, 2)
+    if T == 1:
+        pad = torch.nn.functional.pad
+        want = torch.stack([numerics.mmvf_half_emulated(pad(w[h], (0, 168)), pad(vt[h], (0, 168)))
+                            for h in range(H)], dim=1)
+        unpadded = torch.stack([numerics.mmvf_half_emulated(w[h], vt[h]) for h in range(H)], dim=1)
+        assert not torch.equal(want, unpadded)                  # the 256-cell padding matters
+        assert torch.equal(got, want)
+        assert not torch.equal(got, floats)
+    elif T <= numerics.MMF_MAX_TOKENS:
+        assert torch.equal(got, floats)
+    else:
+        assert torch.equal(got, floats.half().float())

@@ -17,7 +17,8 @@ from torch import nn
 
 from harness.gguf.load import GGUFError, GGUFModel, LazyWeight, ModelConfig, load_gguf
 from harness.ours.hooks import Hook, HookManager, HookPoint, site_matcher
-from harness.ours.numerics import act_rounder, cuda_matmul, fast_rope_cos_sin, fast_rope_status
+from harness.ours.numerics import (act_rounder, cuda_kqv, cuda_matmul, fast_rope_cos_sin, fast_rope_status,
+                                   mmvf_kernel_status)
 from harness.provenance import machine_provenance
 from harness.sites import LAYER_KEYS, SiteFilter, site_name
 from harness.trace import Sink, Trace
@@ -179,7 +180,10 @@ class Attention(nn.Module):
         kq = hp["kq"](kq, q=q, k=K, group=g)
         scale = cfg.head_dim ** -0.5
         w = hp["attn_weights"](torch.softmax(kq * scale + mask, dim=-1), kq=kq, mask=mask, scale=scale)
-        kqv = torch.einsum("htp,phd->thd", cache.rounded(w), rv.repeat_interleave(g, dim=1))
+        if m == "cuda" and cache.store_dtype == torch.float16:                # ggml-cuda's kernels by T
+            kqv = cuda_kqv(w, rv, g)
+        else:
+            kqv = torch.einsum("htp,phd->thd", cache.rounded(w), rv.repeat_interleave(g, dim=1))
         kqv = hp["kqv"](kqv, weights=w, v=V, group=g)                          # (T, H, Dh)
         flat = kqv.reshape(T, H * cfg.head_dim)
         return hp["attn_out"](self.mo(flat), x=flat, weight=self.mo.weight)  # (T, D)
@@ -353,7 +357,8 @@ class Model(nn.Module):
         return {"source": "torch", "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "kv_dtype": str(self.kv_dtype).replace("torch.", "") if self.kv_dtype else None,
                 "mirror": self.mirror,
-                **({"rope_fast_math": fast_rope_status()} if self.mirror == "cuda" else {}),
+                **({"rope_fast_math": fast_rope_status(), "mmvf_kernel": mmvf_kernel_status()}
+                   if self.mirror == "cuda" else {}),
                 "weight_type": self.gguf.weight_type, "gguf": os.path.basename(self.gguf.path),
                 "architecture": self.config.architecture, "file_type": self.gguf.file_type,
                 "type_mix": self.gguf.type_mix(),

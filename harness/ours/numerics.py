@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 Rounder = Callable[[torch.Tensor], torch.Tensor]
 _Q8_0 = {"Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "IQ4_NL"}
@@ -227,10 +228,11 @@ def to_half_once(v: torch.Tensor) -> torch.Tensor:
     return (v + c) - c
 
 
-def mmvf_half(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def mmvf_half_emulated(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """mul_mat_vec_f<half, half> (one token, default precision): thread j accumulates, in half with
     one rounding per step (fma), the products of the half2 columns j, j + block, ...; then float
-    sums: low + high, a butterfly per warp, a butterfly over the warps. x (T, K) -> (T, R)."""
+    sums: low + high, a butterfly per warp, a butterfly over the warps. x (T, K) -> (T, R).
+    Any device (tens of small kernels per call); :func:`mmvf_half` runs it as one CUDA kernel."""
     rows, ncols = w.shape
     bs = _mmvf_block(ncols)
     wh = w.half().reshape(rows, -1, 2).double()                           # (R, K/2, 2)
@@ -252,16 +254,107 @@ def mmvf_half(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.stack(out).reshape(*x.shape[:-1], rows)
 
 
+# The same arithmetic as one kernel (NVRTC through torch.cuda._compile_kernel), in PTX so that no
+# header is needed: per (token, row) block, thread j fma's half2 products in half2 (fma.rn.f16x2),
+# then float low + high and the two butterflies (lane i adds lane i ^ off: lane 0 gets the same
+# sums as _butterfly). Used only after it gave the emulation's bits on a self-check (_MMVF).
+_MMVF_SRC = r"""
+extern "C" __global__ void mmvf_half(const unsigned int* __restrict__ w, const float* __restrict__ x,
+                                     float* __restrict__ y, int ncols2, int rows, int tokens) {
+    const int row = blockIdx.x, tok = blockIdx.y, b = blockIdx.z, tid = threadIdx.x, bs = blockDim.x;
+    const unsigned int* wr = w + ((size_t)b * rows + row) * ncols2;
+    const float* xr = x + ((size_t)b * tokens + tok) * 2 * ncols2;
+    unsigned int acc = 0u;
+    for (int c = tid; c < ncols2; c += bs) {
+        unsigned short lo, hi;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(lo) : "f"(xr[2 * c]));
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hi) : "f"(xr[2 * c + 1]));
+        const unsigned int xh = (unsigned int)lo | ((unsigned int)hi << 16);
+        asm("fma.rn.f16x2 %0, %1, %2, %0;" : "+r"(acc) : "r"(wr[c]), "r"(xh));
+    }
+    float a, h;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(a) : "h"((unsigned short)(acc & 0xffffu)));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(h) : "h"((unsigned short)(acc >> 16)));
+    float s = a + h;
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    float* out = y + ((size_t)b * tokens + tok) * rows + row;
+    if (bs == 32) { if (tid == 0) *out = s; return; }
+    __shared__ float buf[32];
+    const int lane = tid & 31, warp = tid >> 5;
+    if (warp == 0) buf[lane] = 0.0f;
+    __syncthreads();
+    if (lane == 0) buf[warp] = s;
+    __syncthreads();
+    if (warp > 0) return;
+    s = buf[lane];
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) *out = s;
+}
+"""
+_MMVF = {}
+
+
+def mmvf_kernel_status() -> str:
+    """For a run's description: "compiled" (one kernel per one-token F16 matmul, checked against the
+    emulation's bits), "unavailable" (no compiler, or the check failed: the emulation runs) or "not used"."""
+    return "unavailable" if _MMVF.get("broken") else "compiled" if _MMVF else "not used"
+
+
+def _mmvf_launch(kernel, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (B, T, K) float32, w (B, R, K) -> (B, T, R) with the compiled kernel."""
+    B, T, K = x.shape
+    R = w.shape[1]
+    wh = w.to(torch.float16).contiguous().view(torch.int32)                # (B, R, K/2) half2 words
+    y = torch.empty(B, T, R, dtype=torch.float32, device=x.device)
+    kernel(grid=(R, T, B), block=(_mmvf_block(K), 1, 1), args=[wh, x.contiguous(), y, K // 2, R, T])
+    return y
+
+
+def _mmvf_compiled(device: torch.device):
+    """The compiled kernel, compiled and self-checked on first use; None where it cannot be."""
+    if _MMVF.get("broken"):
+        return None
+    if not _MMVF:
+        try:
+            kernel = torch.cuda._compile_kernel(_MMVF_SRC, "mmvf_half")
+            g = torch.Generator(device=device).manual_seed(0)
+            for R, K in ((96, 64), (200, 896), (64, 4864), (8, 18944)):     # 32 to 256 threads, 1 to 37 steps
+                x = torch.randn(1, 2, K, generator=g, device=device) * 4
+                w = torch.randn(1, R, K, generator=g, device=device)
+                if not torch.equal(_mmvf_launch(kernel, x, w)[0], mmvf_half_emulated(x[0], w[0])):
+                    raise ArithmeticError("compiled mmvf differs from the emulation")
+            _MMVF["kernel"] = kernel
+        except Exception:  # noqa: BLE001 - no NVRTC, a driver refusal, a mismatch: emulate instead
+            _MMVF.clear()
+            _MMVF["broken"] = True
+            return None
+    return _MMVF["kernel"]
+
+
+def mmvf_half(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """:func:`mmvf_half_emulated`'s result, x (..., T, K) @ w (..., R, K)^T -> (..., T, R) (leading
+    dims batched), by one compiled kernel on CUDA with a float32 x, else by the emulation."""
+    kernel = _mmvf_compiled(x.device) if x.is_cuda and x.dtype == torch.float32 else None
+    if kernel is None:
+        if w.dim() == 2:
+            return mmvf_half_emulated(x, w)
+        return torch.stack([mmvf_half_emulated(xb, wb) for xb, wb in zip(x, w)])
+    lead = w.shape[:-2]
+    y = _mmvf_launch(kernel, x.reshape(-1, *x.shape[-2:]) if lead else x.reshape(1, -1, x.shape[-1]),
+                     w.reshape(-1, *w.shape[-2:]))
+    return y.reshape(*lead, *x.shape[-2:-1], w.shape[-2]) if lead else y.reshape(*x.shape[:-1], w.shape[0])
+
+
 def cublas_f16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """cublasGemmEx with F16 operands, CUBLAS_COMPUTE_16F and an F16 result (ggml_cuda_mul_mat_cublas
     for F16 weights): PyTorch's half GEMM with fp16 accumulation calls the same. Where PyTorch
     cannot (a CPU, or no allow_fp16_accumulation) the result is only rounded to F16 like it."""
-    m = torch.backends.cuda.matmul
+    m, wt = torch.backends.cuda.matmul, w.transpose(-1, -2)                # leading dims batched
     if x.device.type != "cuda" or not hasattr(m, "allow_fp16_accumulation"):
-        return (x.half().float() @ w.T).half().float()
+        return (x.half().float() @ wt.float()).half().float()
     saved, m.allow_fp16_accumulation = m.allow_fp16_accumulation, True
     try:
-        return (x.half() @ w.half().T).float()
+        return (x.half() @ wt.half()).float()
     finally:
         m.allow_fp16_accumulation = saved
 
@@ -281,6 +374,27 @@ class CudaHalfMatMul:
         else:
             y = cublas_f16(x, w)
         return y.to(x.dtype)
+
+
+KV_CELL_PAD = 256            # llama.cpp's n_kv: the used cells rounded up to 256 (unused ones hold 0)
+
+
+def cuda_kqv(w: torch.Tensor, v: torch.Tensor, group: int) -> torch.Tensor:
+    """kqv = attention weights w (H, T, P) @ the cached V (P, Hkv, Dh), F16 values -> (T, H, Dh), as
+    ggml-cuda's mul_mat(v, kq) computes it over the F16 cache's n_kv cells (measured on the H100 with
+    benchmarks/cuda_numerics.py, bit for bit at 1 and 64 tokens): one token, mul_mat_vec_f per head
+    (:func:`mmvf_half`, whose block size follows n_kv); up to 16 tokens, F16 operands with float sums
+    (mul_mat_f); more, cuBLAS with F16 compute (:func:`cublas_f16`)."""
+    H, T, P = w.shape
+    vt = v.repeat_interleave(group, dim=1).permute(1, 2, 0)              # (H, Dh, P)
+    if T == 1:
+        pad = -(-P // KV_CELL_PAD) * KV_CELL_PAD - P
+        y = mmvf_half(F.pad(w, (0, pad)), F.pad(vt, (0, pad)))          # (H, 1, Dh)
+    elif T <= MMF_MAX_TOKENS:
+        y = w.half().to(w.dtype) @ vt.half().to(w.dtype).transpose(1, 2)  # (H, T, Dh)
+    else:
+        y = cublas_f16(w, vt).to(w.dtype)
+    return y.permute(1, 0, 2)                                            # (T, H, Dh)
 
 
 # ggml-cuda is built with -use_fast_math (ggml/src/ggml-cuda/CMakeLists.txt), so rope.cu's
