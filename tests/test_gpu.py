@@ -162,3 +162,16 @@ def test_attention_mirrors_cudas_kq_and_kqv_kernels(synth_dir):
     assert len(rows) == 2 * 3 * 3 and set(rows.step) == {0, 1, 2}
     worst = rows.groupby([rows.site.str.rsplit(".", n=1).str[-1], rows.step > 0]).local_rel_l2.max()
     assert (worst.astype(float) < 1e-5).all(), worst
+
+
+def test_one_token_scores_round_q_past_512_kv_cells_on_cuda(synth_dir):
+    """Past 512 cells of n_kv with several KV heads, ggml-cuda's one-token kq leaves mul_mat_vec_f
+    (ggml_cuda_should_use_mmvf) for a kernel that rounds q to F16; the mirror follows (the 32k and
+    7B 8k rows flagged kq at decode step 1 while it kept q float; RESULTS.md, tenth session)."""
+    from harness.synth import default_fixture
+    path = default_fixture("f16", preset="tiny", seed=0, cache_dir=synth_dir)
+    tokens = [3 + (11 * i) % 500 for i in range(600)]
+    t = diff_on_device(DiffRequest(path, tokens=tokens, steps=2, device="cuda")).comparison.table
+    rows = t[t.site.str.endswith(".kq") & (t.step > 0)]
+    assert len(rows) == 2 * 3
+    assert (rows.local_rel_l2.astype(float) < 1e-5).all(), rows.local_rel_l2.tolist()

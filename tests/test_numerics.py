@@ -226,8 +226,10 @@ def test_one_rounding_to_half_equals_numpys_double_to_half():
 def test_cuda_mirror_keeps_q_in_float32_for_one_token_scores(tiny_f32):
     """kq at llama.cpp's GGML_PREC_F32: at one token CUDA's mul_mat_vec_f multiplies the F16 K by
     the float32 q (no conversion); above one token (mul_mat_f, cuBLAS) and on the CPU
-    (vec_dot_f16) q is rounded to F16 first. The mirrors' kq against those formulas on their own
-    q_rope and cached k_rope, at the prefill (8 tokens) and one decode step."""
+    (vec_dot_f16) q is rounded to F16 first, and so is it at one token where n_kv exceeds 512 cells
+    with several KV heads (ggml_cuda_should_use_mmvf: 32k-token CUDA runs flagged kq without that).
+    The mirrors' kq against those formulas on their own q_rope and cached k_rope, at the prefill
+    (8 and 600 tokens) and one decode step."""
     from harness.ours.model import load_model
     prompt = [3, 14, 15, 92, 65, 35, 89, 79]
 
@@ -235,14 +237,15 @@ def test_cuda_mirror_keeps_q_in_float32_for_one_token_scores(tiny_f32):
         q = q.half().float() if round_q else q
         return torch.einsum("thd,phd->htp", q, k.half().float().repeat_interleave(group, dim=1))
 
-    for mirror in ("cuda", "cpu"):
+    long_prompt = [3 + (7 * i) % 1000 for i in range(600)]          # n_kv 768 > 512, 2 KV heads
+    for mirror, prompt in (("cuda", prompt), ("cpu", prompt), ("cuda", long_prompt)):
         m = load_model(tiny_f32, kv_dtype=torch.float16, mirror=mirror)
         tr = m.run_with_cache(prompt, steps=1)
         g = m.config.n_head // m.config.n_head_kv
         k_all = torch.cat([tr[0, "blk.1.k_rope"], tr[1, "blk.1.k_rope"]])
         for step, k in ((0, tr[0, "blk.1.k_rope"]), (1, k_all)):
             q = tr[step, "blk.1.q_rope"]
-            rounded = not (mirror == "cuda" and step == 1)
+            rounded = not (mirror == "cuda" and step == 1 and len(prompt) < 512)
             assert torch.equal(tr[step, "blk.1.kq"], scores(q, k, g, rounded)), (mirror, step)
             assert not torch.equal(tr[step, "blk.1.kq"], scores(q, k, g, not rounded)), (mirror, step)
 
@@ -285,3 +288,16 @@ def test_cuda_kqv_takes_ggml_cudas_kernel_for_the_token_count(T):
         assert torch.equal(got, floats)
     else:
         assert torch.equal(got, floats.half().float())
+
+
+def test_one_token_vec_kernel_choice_follows_ggml_cuda():
+    """ggml_cuda_should_use_mmvf for F16 on Ampere and later: one token, src0 of at most 512 rows
+    or a single channel; n_kv is the used cells rounded up to 256."""
+    assert [numerics.kv_cells(p) for p in (1, 256, 257, 600)] == [256, 256, 512, 768]
+    assert numerics.cuda_one_token_vec(512, 2) and not numerics.cuda_one_token_vec(768, 2)
+    assert numerics.cuda_one_token_vec(33024, 1)
+    g = torch.Generator().manual_seed(10)
+    w = torch.softmax(torch.randn(2, 1, 40, generator=g), dim=-1)
+    v = torch.randn(40, 2, 640, generator=g).half().float()                   # head_dim 640 > 512 rows
+    want = (w.half().float() @ v.permute(1, 2, 0).transpose(1, 2)).permute(1, 0, 2)
+    assert torch.equal(numerics.cuda_kqv(w, v, 1), want)

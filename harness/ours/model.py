@@ -17,8 +17,8 @@ from torch import nn
 
 from harness.gguf.load import GGUFError, GGUFModel, LazyWeight, ModelConfig, load_gguf
 from harness.ours.hooks import Hook, HookManager, HookPoint, site_matcher
-from harness.ours.numerics import (act_rounder, cuda_kqv, cuda_matmul, fast_rope_cos_sin, fast_rope_status,
-                                   mmvf_kernel_status)
+from harness.ours.numerics import (act_rounder, cuda_kqv, cuda_matmul, cuda_one_token_vec, fast_rope_cos_sin,
+                                   fast_rope_status, kv_cells, mmvf_kernel_status)
 from harness.provenance import machine_provenance
 from harness.sites import LAYER_KEYS, SiteFilter, site_name
 from harness.trace import Sink, Trace
@@ -174,7 +174,9 @@ class Attention(nn.Module):
         rk, rv = cache.reround(K), cache.reround(V)                      # F16 cache: llama.cpp's dot operands
         # q meets an F16 K as F16 too (CPU vec_dot_f16; CUDA mul_mat_f / cuBLAS convert it), except
         # CUDA's one-token mul_mat_vec_f at llama.cpp's GGML_PREC_F32 for kq: float q, float sums
-        rq = q if m == "cuda" and T == 1 else cache.rounded(q)
+        # (taken up to 512 cells of n_kv, or with one KV head: 32k-token runs flagged kq without that)
+        vec = m == "cuda" and T == 1 and cuda_one_token_vec(kv_cells(K.shape[0]), Hkv)
+        rq = q if vec else cache.rounded(q)
         g = H // Hkv
         kq = torch.einsum("thd,phd->htp", rq, rk.repeat_interleave(g, dim=1))  # (H, T, P)
         kq = hp["kq"](kq, q=q, k=K, group=g)

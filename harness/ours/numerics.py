@@ -377,18 +377,32 @@ class CudaHalfMatMul:
 
 
 KV_CELL_PAD = 256            # llama.cpp's n_kv: the used cells rounded up to 256 (unused ones hold 0)
+MMVF_F16_MAX_ROWS = 512      # mmvf.cu ggml_cuda_should_use_mmvf, F16 on Ampere and later: one token,
+                             # and src0 has at most 512 rows or a single channel
+
+
+def kv_cells(P: int) -> int:
+    """llama.cpp's n_kv for ``P`` used cells: rounded up to KV_CELL_PAD."""
+    return -(-P // KV_CELL_PAD) * KV_CELL_PAD
+
+
+def cuda_one_token_vec(rows: int, channels: int) -> bool:
+    """Whether ggml-cuda takes mul_mat_vec_f for a one-token product with an F16 src0 of ``rows``
+    rows in ``channels`` channels (kq: n_kv rows per KV head; kqv: head_dim rows per KV head).
+    Otherwise the F16 tensor-core or cuBLAS path runs, which rounds the float operand to F16."""
+    return rows <= MMVF_F16_MAX_ROWS or channels == 1
 
 
 def cuda_kqv(w: torch.Tensor, v: torch.Tensor, group: int) -> torch.Tensor:
     """kqv = attention weights w (H, T, P) @ the cached V (P, Hkv, Dh), F16 values -> (T, H, Dh), as
     ggml-cuda's mul_mat(v, kq) computes it over the F16 cache's n_kv cells (measured on the H100 with
     benchmarks/cuda_numerics.py, bit for bit at 1 and 64 tokens): one token, mul_mat_vec_f per head
-    (:func:`mmvf_half`, whose block size follows n_kv); up to 16 tokens, F16 operands with float sums
-    (mul_mat_f); more, cuBLAS with F16 compute (:func:`cublas_f16`)."""
+    (:func:`mmvf_half`, whose block size follows n_kv; where :func:`cuda_one_token_vec` allows); up
+    to 16 tokens, F16 operands with float sums (mul_mat_f); more, cuBLAS with F16 compute (:func:`cublas_f16`)."""
     H, T, P = w.shape
     vt = v.repeat_interleave(group, dim=1).permute(1, 2, 0)              # (H, Dh, P)
-    if T == 1:
-        pad = -(-P // KV_CELL_PAD) * KV_CELL_PAD - P
+    if T == 1 and cuda_one_token_vec(v.shape[-1], v.shape[1]):
+        pad = kv_cells(P) - P
         y = mmvf_half(F.pad(w, (0, pad)), F.pad(vt, (0, pad)))          # (H, 1, Dh)
     elif T <= MMF_MAX_TOKENS:
         y = w.half().to(w.dtype) @ vt.half().to(w.dtype).transpose(1, 2)  # (H, T, Dh)
