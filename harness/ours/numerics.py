@@ -291,13 +291,13 @@ extern "C" __global__ void mmvf_half(const unsigned int* __restrict__ w, const f
     if (lane == 0) *out = s;
 }
 """
-_MMVF = {}
+_MMVF: dict[int, object] = {}     # CUDA device index -> the compiled kernel (None: emulate there)
 
 
 def mmvf_kernel_status() -> str:
     """For a run's description: "compiled" (one kernel per one-token F16 matmul, checked against the
     emulation's bits), "unavailable" (no compiler, or the check failed: the emulation runs) or "not used"."""
-    return "unavailable" if _MMVF.get("broken") else "compiled" if _MMVF else "not used"
+    return "unavailable" if None in _MMVF.values() else "compiled" if _MMVF else "not used"
 
 
 def _mmvf_launch(kernel, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -311,10 +311,11 @@ def _mmvf_launch(kernel, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _mmvf_compiled(device: torch.device):
-    """The compiled kernel, compiled and self-checked on first use; None where it cannot be."""
-    if _MMVF.get("broken"):
-        return None
-    if not _MMVF:
+    """The kernel for ``device`` (a module is per device), compiled and self-checked on first use;
+    None where it cannot be."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _MMVF:
+        _MMVF[idx] = None
         try:
             kernel = torch.cuda._compile_kernel(_MMVF_SRC, "mmvf_half")
             g = torch.Generator(device=device).manual_seed(0)
@@ -323,25 +324,30 @@ def _mmvf_compiled(device: torch.device):
                 w = torch.randn(1, R, K, generator=g, device=device)
                 if not torch.equal(_mmvf_launch(kernel, x, w)[0], mmvf_half_emulated(x[0], w[0])):
                     raise ArithmeticError("compiled mmvf differs from the emulation")
-            _MMVF["kernel"] = kernel
+            _MMVF[idx] = kernel
         except Exception:  # noqa: BLE001 - no NVRTC, a driver refusal, a mismatch: emulate instead
-            _MMVF.clear()
-            _MMVF["broken"] = True
-            return None
-    return _MMVF["kernel"]
+            pass
+    return _MMVF[idx]
+
+
+def _mmvf_emulated_batched(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if w.dim() == 2:
+        return mmvf_half_emulated(x, w)
+    return torch.stack([mmvf_half_emulated(xb, wb) for xb, wb in zip(x, w)])
 
 
 def mmvf_half(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """:func:`mmvf_half_emulated`'s result, x (..., T, K) @ w (..., R, K)^T -> (..., T, R) (leading
     dims batched), by one compiled kernel on CUDA with a float32 x, else by the emulation."""
-    kernel = _mmvf_compiled(x.device) if x.is_cuda and x.dtype == torch.float32 else None
-    if kernel is None:
-        if w.dim() == 2:
-            return mmvf_half_emulated(x, w)
-        return torch.stack([mmvf_half_emulated(xb, wb) for xb, wb in zip(x, w)])
-    lead = w.shape[:-2]
-    y = _mmvf_launch(kernel, x.reshape(-1, *x.shape[-2:]) if lead else x.reshape(1, -1, x.shape[-1]),
-                     w.reshape(-1, *w.shape[-2:]))
+    if not (x.is_cuda and x.dtype == torch.float32):
+        return _mmvf_emulated_batched(x, w)
+    with torch.cuda.device(x.device):                     # compile, load and launch on x's device
+        kernel = _mmvf_compiled(x.device)
+        if kernel is None:
+            return _mmvf_emulated_batched(x, w)
+        lead = w.shape[:-2]
+        y = _mmvf_launch(kernel, x.reshape(-1, *x.shape[-2:]) if lead else x.reshape(1, -1, x.shape[-1]),
+                         w.reshape(-1, *w.shape[-2:]))
     return y.reshape(*lead, *x.shape[-2:-1], w.shape[-2]) if lead else y.reshape(*x.shape[:-1], w.shape[0])
 
 
