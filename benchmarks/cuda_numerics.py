@@ -109,10 +109,10 @@ def _acc16(fn):
         m.allow_fp16_accumulation = saved
 
 
-def _pad_to_kv_cells(x: torch.Tensor, pad: int = 256) -> torch.Tensor:
-    """x (..., P) zero-padded to llama.cpp's n_kv (a multiple of 256 cells; unused cells hold 0)."""
-    n_kv = -(-x.shape[-1] // pad) * pad
-    return torch.nn.functional.pad(x, (0, n_kv - x.shape[-1]))
+def _pad_to_kv_cells(x: torch.Tensor) -> torch.Tensor:
+    """x (..., P) zero-padded to llama.cpp's n_kv (harness.ours.numerics.kv_cells; unused cells hold 0)."""
+    from harness.ours.numerics import kv_cells
+    return torch.nn.functional.pad(x, (0, kv_cells(x.shape[-1]) - x.shape[-1]))
 
 
 def attention_candidates() -> dict:
