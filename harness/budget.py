@@ -26,6 +26,8 @@ GiB = 1 << 30
 RUNTIME_HOST = 1 * GiB        # per process (caller + llama.cpp worker): Python, torch, libraries
 RUNTIME_GPU = 1 * GiB         # CUDA contexts (both processes), cuBLAS workspaces
 COMPARE_BYTES = 40            # per element of the largest pair compared: float64 copies + temporaries
+BATCH_ELEMENTS = 1 << 22      # small pairs reduced together on a GPU: elements concatenated at once
+BATCH_BYTES = 160             # per such element: float64 copies, segment ids, temporaries (measured ~140)
 ATTN_TEMP_BYTES = 16          # per (H, T, P) element of our attention: scores, scaled+mask, softmax, rounded
 HOLD = 1 * GiB                # harness.stream.Lockstep.HOLD: our reduced tensors held for one check
 PIPE_COPIES = 2               # a captured batch on the host: the worker's copy + the caller's (pickled)
@@ -153,7 +155,7 @@ def estimate(cfg, plan: Plan) -> Estimate:
     if not plan.ours:                    # record: one step at a time, copied to the host
         add("captured tensors (one step)", peak * (1 + PIPE_COPIES), "host")
     elif streaming:                      # llama.cpp's batch, and ours until reduced (harness.stream)
-        add("captured tensors (one batch)", peak)
+        add("captured tensors (one batch)", peak + 4 * largest)      # + one node's raw copy in flight
         add("our tensors awaiting reduction", min(peak, HOLD) if gpu_run else largest * 4)
         if not gpu_run:
             add("tensors through the worker pipe", peak * PIPE_COPIES, "host")
@@ -168,7 +170,7 @@ def estimate(cfg, plan: Plan) -> Estimate:
         add("our weights", plan.our_weight_bytes)
         add("our KV caches", (1 + plan.local) * P * cfg.n_layer * 2 * Hkv * Dh * plan.our_item)
         add("our activations", ATTN_TEMP_BYTES * H * T * P + 4 * T * (cfg.d_ff * 3 + cfg.n_vocab))
-        add("comparison temporaries", COMPARE_BYTES * largest)
+        add("comparison temporaries", COMPARE_BYTES * largest + (BATCH_BYTES * BATCH_ELEMENTS if gpu_run else 0))
     add("runtimes (Python, torch, llama.cpp; 2 processes)", 2 * RUNTIME_HOST, "host")
     if gpu_run:
         add("CUDA contexts", RUNTIME_GPU, "GPU")

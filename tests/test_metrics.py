@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 import pandas as pd
@@ -82,8 +83,20 @@ def test_local_error_names_the_op_not_the_drift():
     assert cmp.first.inputs[0]["site"] == "blk.0.q_proj" and cmp.first.inputs[0]["local_passed"]
 
 
-def test_batched_stats_equal_per_pair_stats():
+def test_numel_groups_bound_the_elements_reduced_at_once():
+    from harness.compare.metrics import numel_groups
+    ts = [torch.zeros(n) for n in (12, 7, 60, 5, 5, 0, 9)]
+    groups = numel_groups(ts, limit=20)
+    assert [(g.start, g.stop) for g in groups] == [(0, 2), (2, 3), (3, 7)]     # 19 | 60 alone | 19
+    assert numel_groups(ts, limit=1000) == [slice(0, 7)] and numel_groups([], limit=5) == []
+
+
+@pytest.mark.parametrize("limit", [None, 20])      # one concatenation, or groups of <= 20 elements
+def test_batched_stats_equal_per_pair_stats(limit, monkeypatch):
+    import harness.compare.metrics as M
     from harness.compare.metrics import batch_stats, stats_vector
+    if limit:
+        monkeypatch.setattr(M, "BATCH_ELEMENTS", limit)
     g = torch.Generator().manual_seed(0)
     ours = [torch.randn(3, 4, generator=g), torch.randn(7, generator=g), torch.randn(2, 5, 6, generator=g)]
     refs = [x + 0.01 * torch.randn(x.shape, generator=g) for x in ours]

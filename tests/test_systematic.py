@@ -39,10 +39,14 @@ def test_sums_of_row_blocks_give_the_whole_tensors_statistics():
     assert math.isnan(one[1][4]) and one[1][0] == pytest.approx(_row(S.sys_vector(ours[:1], ref[:1], True))["sys_slope"])
 
 
-def test_many_pairs_at_once_give_each_pairs_statistics():
+@pytest.mark.parametrize("limit", [None, 50])      # one concatenation, or groups of <= 50 elements
+def test_many_pairs_at_once_give_each_pairs_statistics(limit, monkeypatch):
     """sys_sums_many / sys_pairs (the batched GPU path) give each pair's sys_sums / sys_pair:
     token-major pairs with their channel sums, a one-row pair, a 1-D one, a non-token-major one,
-    an empty one, and one with NaN and inf on either side."""
+    an empty one, and one with NaN and inf on either side; also reduced in bounded groups."""
+    if limit:
+        import harness.compare.metrics as M
+        monkeypatch.setattr(M, "BATCH_ELEMENTS", limit)
     shapes = [((12, 4, 8), True), ((1, 32), True), ((40,), True), ((6, 9), False), ((0, 5), True), ((5, 6), True)]
     ours, refs, tms = [], [], []
     for i, (shape, tm) in enumerate(shapes):

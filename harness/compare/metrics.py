@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from harness.budget import BATCH_ELEMENTS
+
 
 @dataclass(frozen=True)
 class PairStats:
@@ -107,12 +109,33 @@ def segment_ids(ours: list[torch.Tensor], dev: torch.device) -> tuple[torch.Tens
     return seg, torch.cumsum(lens, 0) - lens
 
 
+def numel_groups(tensors: list[torch.Tensor], limit: int | None = None) -> list[slice]:
+    """Consecutive runs of ``tensors`` of at most ``limit`` (default :data:`BATCH_ELEMENTS`)
+    elements together, a larger tensor alone: a batched reduction's temporaries stay bounded."""
+    limit = BATCH_ELEMENTS if limit is None else limit
+    out, start, n = [], 0, 0
+    for i, t in enumerate(tensors):
+        if n and n + t.numel() > limit:
+            out.append(slice(start, i))
+            start, n = i, 0
+        n += t.numel()
+    return out + [slice(start, len(tensors))] if tensors else out
+
+
 def batch_stats(ours: list[torch.Tensor], refs: list[torch.Tensor]) -> torch.Tensor:
     """:func:`stats_vector` of many pairs at once, as an (N, 9) tensor on their device: the pairs
-    are concatenated and reduced per segment, so a GPU runs a dozen kernels for the whole batch
-    instead of a dozen per pair, with no host synchronisation. Non-finite values are handled as
-    :func:`stats_vector` does (an inf equal on both sides is ignored; any other non-finite
-    element counts in ``nonfinite`` and makes its pair's worst error inf)."""
+    are concatenated and reduced per segment, so a GPU runs a dozen kernels for each group of
+    :data:`BATCH_ELEMENTS` elements instead of a dozen per pair, with no host synchronisation.
+    Non-finite values are handled as :func:`stats_vector` does (an inf equal on both sides is
+    ignored; any other non-finite element counts in ``nonfinite`` and makes its pair's worst
+    error inf)."""
+    groups = numel_groups(ours)
+    if len(groups) > 1:
+        return torch.cat([_batch_stats(ours[g], refs[g]) for g in groups])
+    return _batch_stats(ours, refs)
+
+
+def _batch_stats(ours: list[torch.Tensor], refs: list[torch.Tensor]) -> torch.Tensor:
     dev = ours[0].device
     if any(o.numel() == 0 for o in ours):
         return torch.stack([stats_vector(o, r) for o, r in zip(ours, refs)])

@@ -85,7 +85,19 @@ def sys_sums_many(ours: list[torch.Tensor], refs: list[torch.Tensor],
     """:func:`sys_sums` of many pairs at once, on their device: the pairs are concatenated and
     reduced per segment (a dozen kernels for the batch instead of a dozen per pair; float64
     atomics, so the last digits may vary from run to run). Returns the (N, 6) sums, every
-    token-major pair's channel sums concatenated, and each pair's channel count (0: none)."""
+    token-major pair's channel sums concatenated, and each pair's channel count (0: none).
+    At most :data:`~harness.compare.metrics.BATCH_ELEMENTS` elements are concatenated at once."""
+    from harness.compare.metrics import numel_groups
+    groups = numel_groups(ours)
+    if len(groups) <= 1:
+        return _sys_sums_group(ours, refs, token_major)
+    parts = [_sys_sums_group(ours[g], refs[g], token_major[g]) for g in groups]
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+            [c for p in parts for c in p[2]])
+
+
+def _sys_sums_group(ours: list[torch.Tensor], refs: list[torch.Tensor],
+                    token_major: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     from harness.compare.metrics import segment_ids
     dev = ours[0].device
     a = torch.cat([o.detach().reshape(-1) for o in ours]).double()

@@ -201,10 +201,13 @@ class Capture:
     # -- after llama_decode ----------------------------------------------------------------------
     def finish_step(self) -> None:
         """Hand the step's copies to the sink as canonical float32 tensors (on the GPU when
-        ``on_device``: nodes llama.cpp kept on the host, the embedding lookup, join them)."""
+        ``on_device``: nodes llama.cpp kept on the host, the embedding lookup, join them). Each
+        record is dropped once converted, so a node copied into its own chunk (an attention-score
+        node) is freed as soon as its canonical copy exists: the batch is held once, not twice."""
         records, self.records = self.records, []
         typed: dict[int, torch.Tensor] = {}
-        for site, node, chunk, off, typ, ne, nb in records:
+        for i in range(len(records)):
+            (site, node, chunk, off, typ, ne, nb), records[i] = records[i], None
             try:
                 x = self._fast_view(site, chunk, off, typ, ne, nb, typed)
                 if x is None:
