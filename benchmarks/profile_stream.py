@@ -2,7 +2,10 @@
     python benchmarks/profile_stream.py [TOKENS [UBATCH]]     (default 2048 256; + 8 steps)
 Qwen2.5-0.5B-shaped F16, llama.cpp in-process, the same runner throughout; prints one line per
 variant: as shipped, small pairs reduced one at a time (Lockstep.BATCH = False), and without
-the systematic statistics."""
+the systematic statistics; then plain decode and capture alone at the same micro-batch, the top
+CUDA kernels and a cProfile by own time of one report."""
+import cProfile
+import pstats
 import sys
 import time
 
@@ -43,3 +46,28 @@ null = cmpmod._default_null
 cmpmod._default_null = lambda: None
 timed("no systematic statistics")
 cmpmod._default_null = null
+
+
+class Drop:                # a sink that keeps nothing: llama.cpp's capture alone
+    def __call__(self, step, site, x):
+        pass
+
+    def batch_done(self, step, pos0, tokens):
+        pass
+
+
+toks = [int(lg.argmax()) for lg in runner.logits_plain(req.tokens, 8)[:-1]]
+for label, fn in (("plain decode, same micro-batch", lambda: runner.logits_plain(req.tokens, 8, toks)),
+                  ("capture on GPU alone", lambda: runner.run(req.tokens, 8, sink=Drop()))):
+    fn()
+    torch.cuda.synchronize()
+    t = time.time()
+    fn()
+    torch.cuda.synchronize()
+    print(f"{label}: {time.time() - t:.3f} s", flush=True)
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    diff_on_device(req, model=model, runner=runner)
+    torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+cProfile.run("diff_on_device(req, model=model, runner=runner); torch.cuda.synchronize()", "/tmp/prof_stream")
+pstats.Stats("/tmp/prof_stream").sort_stats("tottime").print_stats(25)

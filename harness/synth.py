@@ -7,7 +7,8 @@ they both have. Matrices, norms and biases are random; the q/k biases carry the 
 negative outliers real Qwen2.5 has (in the low-frequency RoPE dims, so attention stays sane).
 Quantized types are made by llama.cpp's own quantizer from an F32 file, or, for the big presets,
 from a Q8_0 base quantized tensor by tensor while it is generated (ggml's own ``ggml_quantize_chunk``
-from llama-cpp-python's libggml-base): about a quarter of the F32 temp file. Free disk space is
+from llama-cpp-python's libggml-base): about a quarter of the F32 temp file. The 32B-shaped preset's
+Q4_K_M blocks are drawn directly (:mod:`harness.synth_kquant`, no quantizer). Free disk space is
 checked against an estimate before anything is written. Every failure is a :class:`SynthError`
 with a one-line message.
 """
@@ -27,6 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
+from harness.synth_kquant import random_blocks
 
 class SynthError(Exception):
     """A fixture that cannot be written; ``str()`` is a one-line user-facing message."""
@@ -92,6 +94,8 @@ PRESETS: dict[str, Preset] = {
 }
 # presets whose quantized types are made from a Q8_0 base written while generated (not from F32)
 _Q8_BASE = {"qwen2.5-7b", "qwen2.5-32b", "qwen3-8b"}
+# presets whose q4_k_m file is drawn as k-quant blocks directly (llama.cpp's quantizer: ~8 min on 16 cores)
+_KQUANT = {"qwen2.5-32b"}
 WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_k_m")
 
 # Qwen2.5's added tokens, in id order. The first three are the ones llama.cpp's chat/eos logic uses.
@@ -349,27 +353,33 @@ def _write_metadata(w, preset: Preset) -> None:
 
 
 def _write_base(path: str, preset: Preset, name: str, base: str, seed: int, tied: bool) -> None:
-    """Stream a GGUF whose matrices are ``base`` (f32, f16 or q8_0) to ``path``: one tensor in
-    memory at a time (a Q8_0 one never whole in F32)."""
+    """Stream a GGUF whose matrices are ``base`` (f32, f16, q8_0, or q4_k_m: random k-quant blocks
+    of Q4_K_M's types, :mod:`harness.synth_kquant`) to ``path``: one tensor in memory at a time
+    (a Q8_0 one never whole in F32)."""
     import gguf
     w = gguf.GGUFWriter(path, preset.arch)
     w.add_name(name)
     w.add_file_type(int({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[base]))
+                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}[base]))
     _write_metadata(w, preset)
     plan = _tensor_plan(preset, tied)
+    types = _file_types(preset, tied, base)
     for tname, shape in plan.items():
-        ttype = _tensor_type(shape, base)
-        q8 = ttype == "Q8_0"   # given as bytes: (..., row) -> (..., row // 32 * 34) uint8
-        w.add_tensor_info(tname, (*shape[:-1], shape[-1] // _QK8_0 * _Q8_0_BYTES) if q8 else shape,
-                          np.dtype(np.uint8 if q8 else _DTYPES[ttype]), _nbytes(shape, ttype),
-                          raw_dtype=gguf.GGMLQuantizationType.Q8_0 if q8 else None)
+        ttype = types[tname]
+        raw = ttype in ("Q8_0", "Q4_K", "Q6_K")   # given as bytes: (..., row) -> (..., row bytes) uint8
+        w.add_tensor_info(tname, (*shape[:-1], _nbytes(shape[-1:], ttype)) if raw else shape,
+                          np.dtype(np.uint8 if raw else _DTYPES[ttype]), _nbytes(shape, ttype),
+                          raw_dtype=gguf.GGMLQuantizationType[ttype] if raw else None)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for tname, shape in plan.items():
-            w.write_tensor_data(_make_tensor(seed, tname, shape, preset, base))
+            if types[tname] in ("Q4_K", "Q6_K"):
+                std = _EMBD_STD if tname == "token_embd.weight" else _MAT_STD
+                w.write_tensor_data(random_blocks(_rng(seed, tname), types[tname], shape, std))
+            else:
+                w.write_tensor_data(_make_tensor(seed, tname, shape, preset, base if base != "q4_k_m" else "q8_0"))
     finally:
         w.close()
 
@@ -415,22 +425,37 @@ def _q4_k_m_type(name: str, shape: tuple[int, ...], preset: Preset, tied: bool) 
     return "Q4_K"
 
 
-def _base_type(preset: str, wtype: str, q8_base: bool | None) -> str:
-    if wtype in ("f32", "f16"):
+def _file_types(preset: Preset, tied: bool, base: str) -> dict[str, str]:
+    """Tensor name -> GGML type in a file written as ``base`` (f32, f16, q8_0, or q4_k_m drawn
+    directly: Q4_K_M's k-quant types where rows are whole 256-blocks, else as in a Q8_0 file)."""
+    out = {}
+    for name, shape in _tensor_plan(preset, tied).items():
+        out[name] = _tensor_type(shape, "q8_0" if base == "q4_k_m" else base)
+        if base == "q4_k_m" and len(shape) > 1 and shape[-1] % 256 == 0:
+            out[name] = _q4_k_m_type(name, shape, preset, tied)
+    return out
+
+
+def _base_type(preset: str, wtype: str, q8_base: bool | None, kquant: bool | None = None) -> str:
+    """The type written first: the file itself (f32, f16; q4_k_m drawn directly), or the base
+    llama.cpp's quantizer makes a q8_0/q4_k_m file from (q8_0 or f32)."""
+    if wtype in ("f32", "f16") or (wtype == "q4_k_m" and (preset in _KQUANT if kquant is None else kquant)):
         return wtype
     return "q8_0" if (preset in _Q8_BASE if q8_base is None else q8_base) else "f32"
 
 
-def disk_estimate(preset: str, wtype: str, tied: bool | None = None, q8_base: bool | None = None) -> tuple[int, int]:
+def disk_estimate(preset: str, wtype: str, tied: bool | None = None, q8_base: bool | None = None,
+                  kquant: bool | None = None) -> tuple[int, int]:
     """(temporary base, final file) bytes that :func:`write_synthetic` has on disk at once with
     these arguments, estimated from the tensor shapes; the base is 0 where it becomes the final file."""
     _check_choice("preset", preset, PRESETS)
     _check_choice("weight type", wtype, WEIGHT_TYPES)
     p = PRESETS[preset]
     tied = p.tied if tied is None else bool(tied)
-    base = _base_type(preset, wtype, q8_base)
+    base = _base_type(preset, wtype, q8_base, kquant)
     plan = _tensor_plan(p, tied)
-    base_bytes = _HEADER_BYTES + sum(_nbytes(s, _tensor_type(s, base)) for s in plan.values())
+    types = _file_types(p, tied, base)
+    base_bytes = _HEADER_BYTES + sum(_nbytes(s, types[n]) for n, s in plan.items())
     if base == wtype:
         return 0, base_bytes
     final = _HEADER_BYTES + sum(_nbytes(s, _tensor_type(s, "q8_0") if wtype == "q8_0" or len(s) == 1
@@ -438,13 +463,14 @@ def disk_estimate(preset: str, wtype: str, tied: bool | None = None, q8_base: bo
     return base_bytes, final
 
 
-def _check_space(out_path: str, preset: str, wtype: str, tied: bool, q8_base: bool | None) -> None:
-    base, final = disk_estimate(preset, wtype, tied, q8_base)
+def _check_space(out_path: str, preset: str, wtype: str, tied: bool, q8_base: bool | None,
+                 kquant: bool | None) -> None:
+    base, final = disk_estimate(preset, wtype, tied, q8_base, kquant)
     directory = os.path.dirname(out_path)
     free = shutil.disk_usage(directory).free
     if base + final > free:
         gb = lambda n: f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"   # noqa: E731
-        parts = f"a {gb(base)} {_base_type(preset, wtype, q8_base).upper()} base and " if base else ""
+        parts = f"a {gb(base)} {_base_type(preset, wtype, q8_base, kquant).upper()} base and " if base else ""
         raise SynthError(f"{out_path}: not enough free disk space: {preset} {wtype} needs about {gb(base + final)} "
                          f"({parts}the {gb(final)} {wtype.upper()} file), {directory} has {gb(free)} free")
 
@@ -460,12 +486,15 @@ def _temp_path(directory: str, base: str, tag: str) -> str:
 
 
 def write_synthetic(out_path: str | os.PathLike, preset: str = "tiny", wtype: str = "f32",
-                    seed: int = 0, tied: bool | None = None, q8_base: bool | None = None) -> str:
+                    seed: int = 0, tied: bool | None = None, q8_base: bool | None = None,
+                    kquant: bool | None = None) -> str:
     """Write a random-weight GGUF of a preset to ``out_path`` atomically and return its path.
 
     ``tied=None`` takes the preset's default; ``tied=True`` omits output.weight. ``q8_base``: make a
     q8_0/q4_k_m file from a Q8_0 base (itself the q8_0 file) rather than an F32 one; None takes the
-    preset's default (the big presets do). Fails before writing when the disk cannot hold it."""
+    preset's default (the big presets do). ``kquant``: draw a q4_k_m file's k-quant blocks directly
+    (:mod:`harness.synth_kquant`, no quantizer, no base); None takes the preset's default (only
+    qwen2.5-32b does). Fails before writing when the disk cannot hold it."""
     _check_choice("preset", preset, PRESETS)
     _check_choice("weight type", wtype, WEIGHT_TYPES)
     if not isinstance(seed, int) or seed < 0:
@@ -479,10 +508,10 @@ def write_synthetic(out_path: str | os.PathLike, preset: str = "tiny", wtype: st
     except OSError as e:
         raise SynthError(f"{out_path}: cannot create directory ({e.strerror})") from None
     name = f"synthetic-{preset}-{wtype}-s{seed}{'-tied' if tied else ''}"
-    base = _base_type(preset, wtype, q8_base)
+    base = _base_type(preset, wtype, q8_base, kquant)
     temps = []
     try:
-        _check_space(out_path, preset, wtype, tied, q8_base)
+        _check_space(out_path, preset, wtype, tied, q8_base, kquant)
         base_path = _temp_path(directory, base_name, base)
         temps.append(base_path)
         _write_base(base_path, p, name, base, seed, tied)

@@ -125,15 +125,17 @@ def test_disk_estimate_of_a_tied_q4_k_m(tmp_path, llama_lib):
 
 
 def test_32b_preset_estimate_and_default_path():
-    """qwen2.5-32b's Q4_K_M goes through a Q8_0 base: 34/32 bytes per matrix weight (not the 2 of
-    F16), 4 per norm/bias weight; both files at once fit a 64 GB disk, an F16 base would not."""
+    """qwen2.5-32b's Q4_K_M through a Q8_0 base (no longer its default: it draws its blocks,
+    tests/test_synth_kquant.py): 34/32 bytes per matrix weight (not the 2 of F16), 4 per norm/bias
+    weight; both files at once fit a 64 GB disk, an F16 base would not."""
     p = PRESETS["qwen2.5-32b"]
     shapes = expected_shapes(p.config())
     shapes["output.weight"] = (p.n_vocab, p.d_model)
     mat = sum(int(np.prod(s)) for s in shapes.values() if len(s) == 2)
     vec = sum(int(np.prod(s)) for s in shapes.values() if len(s) == 1)
     assert 32.5e9 < mat + vec < 33e9
-    base, final = disk_estimate("qwen2.5-32b", "q4_k_m")
+    base, final = disk_estimate("qwen2.5-32b", "q4_k_m", kquant=False)
+    assert disk_estimate("qwen2.5-32b", "q4_k_m") == (0, final)
     assert base == mat * 34 // 32 + vec * 4 + (1 << 24)
     assert mat * 4.5 / 8 < final < mat * 5 / 8 and base + final < 56e9
 
@@ -142,10 +144,13 @@ def test_disk_check_refuses_before_writing(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64e9, 14e9, 50e9))
     with pytest.raises(SynthError) as e:
-        write_synthetic(tmp_path / "big.gguf", "qwen2.5-32b", "q4_k_m")
+        write_synthetic(tmp_path / "big.gguf", "qwen2.5-32b", "q4_k_m", kquant=False)
     msg = str(e.value)
     assert "\n" not in msg and "not enough free disk space" in msg
     assert "34.8 GB Q8_0 base" in msg and "19.9 GB Q4_K_M" in msg and "50.0 GB free" in msg, msg
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64e9, 49e9, 15e9))
+    with pytest.raises(SynthError, match=r"needs about 19.9 GB \(the 19.9 GB Q4_K_M file\), .* has 15.0 GB free"):
+        write_synthetic(tmp_path / "big.gguf", "qwen2.5-32b", "q4_k_m")       # drawn directly: no base
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1e9, 1e9 - 1000, 1000))
     with pytest.raises(SynthError, match=r"needs about 2[0-9] MB \(the 2[0-9] MB F32 file\), .* has 0 MB free"):
         write_synthetic(tmp_path / "tiny.gguf", "tiny", "f32")
