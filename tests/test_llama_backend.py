@@ -139,6 +139,41 @@ def test_streaming_sink_gets_tensors_trace_holds_none(runner_f32, trace_f32):
     assert all(torch.equal(t, trace_f32[k]) for k, t in got.items())
 
 
+def test_arena_gives_big_nodes_their_own_chunk():
+    from harness.llama.capture import Arena
+    a = Arena("cpu")
+    small, _, p1 = a.take(1000)
+    big, off, p2 = a.take(Arena.OWN + 1)
+    small2, off2, p3 = a.take(1000)
+    assert small is small2 and small.numel() == Arena.CHUNK and off2 == 1024 and p3 == p1 + 1024
+    assert big is not small and off == 0 and big.numel() >= Arena.OWN + 1 and p2 == big.data_ptr()
+
+
+def test_each_copy_is_released_once_converted(runner_f32, monkeypatch):
+    """Every node in its own chunk: while a step's tensors are handed to the sink, the copies of
+    the nodes already converted are gone (a batch is held once, not as copies and tensors)."""
+    import gc
+    import weakref
+    from harness.llama.capture import Arena
+    monkeypatch.setattr(Arena, "OWN", 0)
+    chunks, alive = [], []
+    real_take = Arena.take
+
+    def take(self, nbytes):
+        got = real_take(self, nbytes)
+        chunks.append(weakref.ref(got[0]))
+        return got
+
+    def sink(step, site, x):
+        gc.collect()
+        alive.append((len(chunks), sum(c() is not None for c in chunks)))
+    monkeypatch.setattr(Arena, "take", take)
+    runner_f32.run(PROMPT, 0, sink=sink)
+    n = len(chunks)
+    assert n == len(alive) > 20
+    assert [a for _, a in alive] == [n - i for i in range(n)]     # the one being handed over, and later ones
+
+
 def test_capture_off_and_plain_logits(runner_f32, trace_f32):
     tr = runner_f32.run(PROMPT, STEPS, capture=False)
     assert len(tr) == 0 and tr.tokens == trace_f32.tokens

@@ -69,11 +69,14 @@ def spec_rows_reduced(site: str, numel: int, dims: dict) -> bool:
     return parse_site(site)[1].key in _REDUCED and numel == math.prod(shape_of(site, dict(dims, T=1)))
 
 
-class _Arena:
+class Arena:
     """Bump allocation of copy destinations in large chunks (one allocation per chunk instead
     of one per node). The tensors handed out are views, which keep their chunk alive; a chunk is
-    filled across steps and runs (never rewritten), so at most one chunk is slack."""
+    filled across steps and runs (never rewritten), so at most one chunk is slack. A node over
+    ``OWN`` bytes gets a chunk of its own: in a shared chunk, a view of any small neighbour would
+    keep its copy alive after it is converted (an attention-score node is sliced to P positions)."""
     CHUNK = 32 << 20
+    OWN = 1 << 20
 
     def __init__(self, device: str):
         self.device, self.chunk, self.used = device, None, 0
@@ -81,7 +84,7 @@ class _Arena:
     def take(self, nbytes: int) -> tuple[torch.Tensor, int, int]:
         """(chunk, byte offset, address) of ``nbytes`` fresh bytes, 256-byte aligned."""
         size = -(-nbytes // 256) * 256
-        if size > self.CHUNK:
+        if size > self.OWN:
             chunk = torch.empty(size, dtype=torch.uint8, device=self.device)
             return chunk, 0, chunk.data_ptr()
         if self.chunk is None or self.used + size > self.CHUNK:
@@ -111,7 +114,7 @@ class Capture:
                          for i in range(cfg.n_layer)}
         self._copy = None
         self.dry = False          # observe the wanted nodes (llama.cpp synchronises at each), copy nothing
-        self._gpu, self._cpu = _Arena("cuda"), _Arena("cpu")
+        self._gpu, self._cpu = Arena("cuda"), Arena("cpu")
         self.start(NOTHING, lambda *a: None)
 
     def start(self, filt: SiteFilter, sink: Sink) -> None:
