@@ -26,6 +26,7 @@ GiB = 1 << 30
 RUNTIME_HOST = 1 * GiB        # per process (caller + llama.cpp worker): Python, torch, libraries
 RUNTIME_GPU = 1 * GiB         # CUDA contexts (both processes), cuBLAS workspaces
 COMPARE_BYTES = 40            # per element of the largest pair compared: float64 copies + temporaries
+DEQUANT_TEMP = 256 << 20      # harness.gguf.dequant's chunk temporaries on a GPU (16M elements)
 BATCH_ELEMENTS = 1 << 22      # small pairs reduced together on a GPU: elements concatenated at once
 BATCH_BYTES = 160             # per such element: float64 copies, segment ids, temporaries (measured ~140)
 ATTN_TEMP_BYTES = 16          # per (H, T, P) element of our attention: scores, scaled+mask, softmax, rounded
@@ -51,6 +52,7 @@ class Plan:
     sites: str | None = None
     layers: frozenset[int] | None = None
     our_weight_bytes: int = 0        # our weights as loaded (float, or raw when lazy)
+    lazy: bool = False               # our matrices kept quantized, each expanded when used
     llama_weight_bytes: int = 0      # llama.cpp's copy (about the GGUF's size)
     kv_item: int = 2                 # llama.cpp KV cache bytes per element (F16)
     our_item: int = 4                # our activations' dtype size
@@ -168,6 +170,9 @@ def estimate(cfg, plan: Plan) -> Estimate:
         P = plan.n_prompt + plan.steps
         T = plan.ubatch or plan.n_prompt
         add("our weights", plan.our_weight_bytes)
+        if plan.lazy:                    # one matrix in float at a time (the output matrix is the largest)
+            add("our largest matrix, expanded", max(cfg.n_vocab, cfg.d_ff, H * Dh) * cfg.d_model * plan.our_item
+                + DEQUANT_TEMP)
         add("our KV caches", (1 + plan.local) * P * cfg.n_layer * 2 * Hkv * Dh * plan.our_item)
         add("our activations", ATTN_TEMP_BYTES * H * T * P + 4 * T * (cfg.d_ff * 3 + cfg.n_vocab))
         add("comparison temporaries", COMPARE_BYTES * largest + (BATCH_BYTES * BATCH_ELEMENTS if gpu_run else 0))

@@ -74,7 +74,7 @@ def memory_plan(req: DiffRequest, n_prompt: int, ubatch: int | None = None, ours
     ours_bytes = (size if lazy else float_bytes(req.gguf, DTYPES[req.dtype])) if ours else 0
     return Plan(n_prompt, req.steps, device=req.device, local=req.local, ours=ours, ubatch=ubatch,
                 sites=req.sites, layers=layers, our_weight_bytes=ours_bytes, llama_weight_bytes=size,
-                kv_item=2 if req.kv_type == "f16" else 4, our_item=DTYPES[req.dtype].itemsize)
+                lazy=ours and lazy, kv_item=2 if req.kv_type == "f16" else 4, our_item=DTYPES[req.dtype].itemsize)
 
 
 def plan_request(req: DiffRequest, host: int | None = None, gpu: int | None = None) -> tuple[list[int], int | None]:

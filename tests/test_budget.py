@@ -55,6 +55,26 @@ def test_auto_ubatch():
     assert auto_ubatch(CFG, GPU_PLAN, 64 * GiB, 80 * GiB, limit=2 * GiB) < u
 
 
+# PyTorch's allocations during a micro-batched report on an H100 (bench.py --long, eleventh session;
+# max_memory_allocated minus memory_allocated before): (preset, prompt, micro-batch, lazy, GiB)
+MEASURED_GROWTH = [("qwen2.5-0.5b", 32768, 90, False, 13.90 - 2.41), ("qwen2.5-7b", 8192, 140, False, 46.77 - 34.89),
+                   ("qwen2.5-32b", 2048, 126, True, 37.09 - 21.45)]
+
+
+@pytest.mark.parametrize("preset,T,U,lazy,measured", MEASURED_GROWTH)
+def test_estimate_bounds_what_the_gpu_measured(preset, T, U, lazy, measured):
+    """The parts of the estimate that PyTorch allocates during the report (everything but the
+    weights, llama.cpp's own buffers and the runtimes) are at least what was measured, and not
+    wildly more (the tenth session's estimate was 4.5 GiB short: a batch held twice, unbounded
+    float64 temporaries; the 32B row's lazy weights expand the 3 GiB output matrix)."""
+    cfg = PRESETS[preset].config()
+    est = estimate(cfg, Plan(T, 8, device="cuda", ubatch=U, lazy=lazy))
+    ours = {k: v for k, (_, v) in est.parts.items()
+            if not k.startswith(("llama.cpp", "runtimes", "CUDA")) and k != "our weights"}
+    assert measured * GiB <= sum(ours.values()) <= (measured + 6) * GiB, ours
+    assert ("our largest matrix, expanded" in ours) == lazy
+
+
 def test_parse_size():
     assert parse_size("8G") == 8 * GiB and parse_size("512MiB") == 512 << 20 and parse_size("1000") == 1000
     with pytest.raises(ValueError):
