@@ -2,13 +2,12 @@
 # The GPU-side checks, run on the GPU machine from the repository root:
 #   source .device/setup.sh && bash benchmarks/gpu_checks.sh PHASE
 # PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b | qwen3 | recal | gputests | numerics | null05b | mdecuda |
-#        mixedclean | profile | speed | long32k | long7b | long32b. Logs go to $OUT (or /tmp/out).
+#        mixedclean | profile | speed | long32k | long7b | long32b | kquant7b. Logs go to $OUT (or /tmp/out).
 # What issue 16 (and issue 17's follow-up) still need from a GPU, each line one call of at most 10 minutes.
 # The eleventh session ran long32k, long7b (both clean) and long32b (flagged blk.6.ffn_gate at decode
 # step 1, systematic scale 1.4e-5, 1.52x its threshold, on a clean file: undiagnosed) on commit c2e7985.
-#   bash benchmarks/gpu_checks.sh long32b   # 32B-shaped Q4_K_M 2k+8 (fixture drawn in ~62 s): the flag
-#       again? then a drawn-block 7B: write_synthetic(OUT, "qwen2.5-7b", "q4_k_m", kquant=True) and
-#       `llamadiff report OUT --steps 2 --device cuda` (is it the drawn blocks or the shapes?)
+#   bash benchmarks/gpu_checks.sh kquant7b long32b   # the flag: on drawn 7B blocks too? again at 32B?
+#   bash benchmarks/gpu_checks.sh profile    # where a micro-batch's 0.45 s go (phases, cProfile)
 #   bash benchmarks/gpu_checks.sh speed      # 512+8 with c2e7985 on the same host as a rerun of c9a70b1
 #   bash benchmarks/gpu_checks.sh recal      # CUDA tolerances with the F16 and attention mirrors
 #   bash benchmarks/gpu_checks.sh null05b mdecuda    # the systematic null and the MDE after recal
@@ -81,7 +80,14 @@ null05b)
     --prompts-per-seed 20 --mixed-runs 20 --out "$OUT/false_alarms_cuda_05b.json" ;;
 profile)
   LIMIT=120 run python benchmarks/profile_report.py 512
-  LIMIT=150 run python benchmarks/profile_stream.py 2048 256 ;;
+  LIMIT=150 run python benchmarks/profile_stream.py 2048 97 ;;
+kquant7b)
+  # the 32B-shaped row's ffn_gate flag: a 7B-shaped file of drawn k-quant blocks (is it the blocks or the shapes?)
+  m=build/fixtures/qwen2.5-7b-q4_k_m-kquant-s0.gguf
+  [ -f $m ] || python -c "from harness.synth import write_synthetic as w; w('$m', 'qwen2.5-7b', 'q4_k_m', kquant=True)"
+  p=$(python -c "print(','.join(str(300 + 7 * i) for i in range(2048)))")
+  run python -m harness.cli report "$m" --tokens "$p" --steps 8 --device cuda --format markdown --out "$OUT/kquant7b.md"
+  head -c 3000 "$OUT/kquant7b.md" ;;
 speed)
   LIMIT=200 run python benchmarks/bench.py --out "$OUT" --lengths 512 --steps 8 --repeats 2 ;;
 long32k)

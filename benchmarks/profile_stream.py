@@ -1,9 +1,8 @@
 """Time the micro-batched (streaming) report on the GPU, and what its parts cost:
-    python benchmarks/profile_stream.py [TOKENS [UBATCH]]     (default 2048 256; + 8 steps)
+    python benchmarks/profile_stream.py [TOKENS [UBATCH]]     (default 2048 97; + 8 steps)
 Qwen2.5-0.5B-shaped F16, llama.cpp in-process, the same runner throughout; prints one line per
-variant: as shipped, small pairs reduced one at a time (Lockstep.BATCH = False), and without
-the systematic statistics; then plain decode and capture alone at the same micro-batch, the top
-CUDA kernels and a cProfile by own time of one report."""
+variant: as shipped and without the systematic statistics; then plain decode and capture alone at
+the same micro-batch, one report's time by phase, and a cProfile by own time of one report."""
 import cProfile
 import pstats
 import sys
@@ -21,7 +20,7 @@ from harness.synth import default_fixture  # noqa: E402
 from harness.trace import Trace  # noqa: E402
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
-U = int(sys.argv[2]) if len(sys.argv) > 2 else 256
+U = int(sys.argv[2]) if len(sys.argv) > 2 else 97
 p = default_fixture("f16", preset="qwen2.5-0.5b", cache_dir="build/fixtures")
 req = DiffRequest(p, tokens=[300 + (7 * i) % 5000 for i in range(T)], steps=8, device="cuda", ubatch=U, isolate=False)
 runner = open_runner(p, llama_options(req, keep_on_device=True, ubatch=U), n_ctx_needed=T + 9)   # loaded once
@@ -39,9 +38,6 @@ def timed(label):
 
 timed("warm-up (as shipped)")
 timed("as shipped")
-Lockstep.BATCH = False
-timed("small pairs one at a time")
-Lockstep.BATCH = None
 null = cmpmod._default_null
 cmpmod._default_null = lambda: None
 timed("no systematic statistics")
@@ -65,9 +61,37 @@ for label, fn in (("plain decode, same micro-batch", lambda: runner.logits_plain
     fn()
     torch.cuda.synchronize()
     print(f"{label}: {time.time() - t:.3f} s", flush=True)
-with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-    diff_on_device(req, model=model, runner=runner)
-    torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+
+# Where a report's time goes, phase by phase (each phase synchronised at its ends, so the total is a
+# little above the report's): llama.cpp's decode + capture, our forward passes without the recorder,
+# the recorder (pair statistics queued), the reductions at the end of each batch.
+spent = {"llama.cpp decode + capture": 0.0, "our forward passes": 0.0, "recorder": 0.0, "reductions": 0.0}
+
+
+def clocked(key, fn):
+    def run(*a, **k):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            torch.cuda.synchronize()
+            spent[key] += time.perf_counter() - t
+    return run
+
+
+real_decode, real_feed, real_reduce, real_recorder = type(runner)._decode, model.feed, Lockstep._reduce, Lockstep._recorder
+type(runner)._decode = clocked("llama.cpp decode + capture", real_decode)
+model.feed = clocked("our forward passes", real_feed)
+Lockstep._reduce = clocked("reductions", real_reduce)
+Lockstep._recorder = lambda self, *a: clocked("recorder", real_recorder(self, *a))
+t0 = time.time()
+diff_on_device(req, model=model, runner=runner)
+total = time.time() - t0
+spent["our forward passes"] -= spent["recorder"]      # the recorder runs inside feed
+n_batches = -(-T // U) + 8
+print(f"phases of one report ({total:.2f} s, {n_batches} llama_decode calls): " + ", ".join(
+    f"{k} {v:.2f} s ({1000 * v / n_batches:.0f} ms per call)" for k, v in spent.items()), flush=True)
+type(runner)._decode, model.feed, Lockstep._reduce, Lockstep._recorder = real_decode, real_feed, real_reduce, real_recorder
 cProfile.run("diff_on_device(req, model=model, runner=runner); torch.cuda.synchronize()", "/tmp/prof_stream")
 pstats.Stats("/tmp/prof_stream").sort_stats("tottime").print_stats(25)
