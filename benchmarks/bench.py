@@ -186,6 +186,7 @@ def child_stream(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False
     if not ubatch:
         _, ubatch = plan_request(req)
         ubatch = ubatch or T
+    rss = {"start": _peak_rss_gib()}            # peak host RSS after each phase (where does it grow?)
     with open_runner(gguf, LlamaOptions(device="cuda", isolate=False, ubatch=512), n_ctx_needed=T + steps + 1) as r:
         toks = [int(lg.argmax()) for lg in r.logits_plain(prompt, steps)[:-1]]
         plain512 = median_time(lambda: r.logits_plain(prompt, steps, toks), repeats)   # llama.cpp's default n_ubatch
@@ -193,6 +194,7 @@ def child_stream(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False
     runner = open_runner(gguf, LlamaOptions(device="cuda", keep_on_device=True, isolate=False, ubatch=ubatch),
                          n_ctx_needed=T + steps + 1)
     llama_load = time.perf_counter() - t0
+    rss["llama.cpp loads"] = _peak_rss_gib()
     toks = [int(lg.argmax()) for lg in runner.logits_plain(prompt, steps)[:-1]]
     plain = median_time(lambda: runner.logits_plain(prompt, steps, toks), repeats)
     req = replace(req, tokens=prompt, ubatch=ubatch)
@@ -200,8 +202,10 @@ def child_stream(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False
     model = model_for(req, Trace(cfg.n_layer, meta=dict(runner.meta)))
     torch.cuda.synchronize()
     torch_load = time.perf_counter() - t0
+    rss["our load"] = _peak_rss_gib()
     diff_stream(replace(req, tokens=prompt[:min(T, 2 * ubatch)], steps=1), model, runner)   # warm-up
     torch.cuda.synchronize()
+    rss["warm-up"] = _peak_rss_gib()
     free, total = torch.cuda.mem_get_info()
     held = total - free          # llama.cpp (weights, both contexts' caches and buffers) + our weights
     torch_held = (torch.cuda.memory_allocated(), torch.cuda.memory_reserved())   # of it, PyTorch's
@@ -222,7 +226,11 @@ def child_stream(gguf: str, T: int, steps: int, repeats: int, lazy: bool = False
                 sites_compared=len(cmp.table), diverged=cmp.diverged, first=cmp.first.site if cmp.first else None,
                 first_step=cmp.first.step if cmp.first else None,
                 first_explanation=cmp.first.explanation[:400] if cmp.first else None,
-                lazy=bool(getattr(model.blocks[0].attn.mq, "lazy", False)))
+                lazy=bool(getattr(model.blocks[0].attn.mq, "lazy", False)), peak_rss_after_gib=rss)
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 LONG = {"05b-32k": ("qwen2.5-0.5b F16", "qwen2.5-0.5b", "f16", 32768, False),
