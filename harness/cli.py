@@ -91,8 +91,11 @@ def cmd_report(args) -> int:
     req = DiffRequest(args.model, prompt=args.prompt, tokens=parse_tokens(args.tokens) if args.tokens else None,
                       steps=args.steps, device=args.device, dtype=args.dtype, sites=args.sites,
                       faults=faults, kv_type=args.kv_type, lazy_weights=args.lazy_weights,
-                      extra_bufts=args.extra_bufts, isolate=not args.in_process, ubatch=args.ubatch)
+                      extra_bufts=args.extra_bufts, isolate=not args.in_process, ubatch=args.ubatch,
+                      progress=_ProgressLine() if args.progress else None)
     res = diff_on_device(req) if args.device == "cuda" else diff_gguf(req)
+    if req.progress is not None and req.progress.shown:
+        print(file=sys.stderr)                    # end the progress line
     fmt = args.format
     if fmt == "html":
         from harness.report.html import render_html
@@ -105,6 +108,21 @@ def cmd_report(args) -> int:
         from harness.report.text import verdict_line
         print(verdict_line(res.comparison))
     return EXIT_DIVERGED if res.comparison.diverged else EXIT_OK
+
+
+class _ProgressLine:
+    """A DiffRequest.progress that rewrites one stderr line: tokens compared, elapsed, time left."""
+
+    def __init__(self):
+        import time
+        self.clock, self.t0, self.shown = time.monotonic, time.monotonic(), False
+
+    def __call__(self, done: int, total: int) -> None:
+        spent = self.clock() - self.t0
+        left = f", about {spent * (total - done) / done:.0f} s left" if 0 < done < total else ""
+        print(f"\rllamadiff: {done:,} of {total:,} tokens compared ({100 * done // max(total, 1)}%), "
+              f"{spent:.0f} s{left}   ", end="", file=sys.stderr, flush=True)
+        self.shown = True
 
 
 def _run_errors(fn):
@@ -341,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ubatch", type=int, metavar="N",
                    help="decode the prompt N tokens at a time and compare each micro-batch before the next "
                         "(memory bounded by one batch); 0: one batch; default: chosen by the memory budget")
+    r.add_argument("--progress", action="store_true",
+                   help="micro-batched runs: show on stderr how many tokens are compared so far")
     r.set_defaults(fn=cmd_report)
 
     rec = sub.add_parser("record", help="record llama.cpp's tensors at every site into a reference run")

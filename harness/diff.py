@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -42,6 +43,8 @@ class DiffRequest:
     ubatch: int | None = None           # prompt micro-batch size (harness.stream): each batch compared
                                         # and freed before the next; None: chosen from the memory budget
                                         # (one batch when everything fits); 0: always one batch
+    progress: Callable[[int, int], None] | None = None   # micro-batched runs: (tokens compared, of all)
+                                                          # after each batch; None: nothing reported
 
 
 @dataclass
@@ -261,7 +264,8 @@ def diff_stream(req: DiffRequest, model: Model | None = None, runner=None) -> Di
         n = len(tokens)
         comp = Comparator(model_policy(model, meta.get("backend", "cpu"), req.dtype), n_prompt=n)
         lock = Lockstep(model, comp, filt, [h for f in req.faults for h in f.hooks], req.local,
-                        lambda step: (n, n) if step == 0 else (1, n + step))
+                        lambda step: (n, n) if step == 0 else (1, n + step),
+                        progress=(lambda done: req.progress(done, n + req.steps)) if req.progress else None)
         ref = runner.run(tokens, req.steps, sink=lock, filt=filt)
     finally:
         if own:

@@ -149,9 +149,10 @@ class Lockstep:
     BATCH: bool | None = None   # pairs under Comparator.LARGE elements reduced per batch: None on a GPU
                                 # only, True everywhere (tests), False never (one pair at a time)
 
-    def __init__(self, model, comp: Comparator, filt: SiteFilter | None, hooks, local: bool, step_shape):
+    def __init__(self, model, comp: Comparator, filt: SiteFilter | None, hooks, local: bool, step_shape,
+                 progress=None):
         self.model, self.comp, self.filt, self.hooks = model, comp, filt, list(hooks)
-        self.step_shape = step_shape
+        self.step_shape, self.progress = step_shape, progress      # progress(tokens compared so far)
         self.batch: dict[str, torch.Tensor] = {}
         self.caches = {"e2e": model.new_cache(), "local": model.new_cache() if local else None}
         self.merger = Merger()
@@ -177,6 +178,8 @@ class Lockstep:
                 m.feed(cache, ids, pos0, step)
         self._reduce()
         self.batch = {}
+        if self.progress is not None:
+            self.progress(pos0 + len(tokens))
 
     def _recorder(self, kind: str, step: int, t0: int):
         def rec(s, name, x):

@@ -78,6 +78,21 @@ def test_ubatch_flag_micro_batches_the_prompt(tiny_f32, capsys):
     assert rc == 0 and "micro-batches" not in capsys.readouterr().out
 
 
+def test_progress_line_counts_the_compared_tokens(tiny_f32, capsys):
+    """--progress with micro-batches of 3 on 8 tokens + 2 steps: one stderr line rewritten after each
+    batch (3, 6, 8, then each step) and ended; stdout is the report alone. Without micro-batches
+    nothing is printed."""
+    import re
+    toks = ",".join(map(str, PROMPT))
+    rc = main(["report", tiny_f32, "--tokens", toks, "--steps", "2", "--ubatch", "3", "--progress"])
+    out, err = capsys.readouterr()
+    counts = [(int(a), int(b)) for a, b in re.findall(r"llamadiff: (\d+) of (\d+) tokens compared", err)]
+    assert rc == 0 and counts == [(3, 10), (6, 10), (8, 10), (9, 10), (10, 10)]
+    assert err.count("\r") == 5 and err.endswith("\n") and "(100%)" in err and "tokens compared" not in out
+    rc = main(["report", tiny_f32, "--tokens", toks, "--steps", "1", "--ubatch", "0", "--progress"])
+    assert rc == 0 and capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("argv, message", [
     (["report", "/nonexistent.gguf", "--tokens", "1"], "no such file"),
     (["report", "{f32}", "--tokens", "1,x"], "--tokens must be comma-separated integers"),
