@@ -2,8 +2,9 @@
 
 Pure functions over a :class:`~harness.gguf.load.ModelConfig` and a :class:`Plan`; nothing is
 allocated. :func:`estimate` adds up what a run holds at its peak on the host and on the GPU
-(llama.cpp's weights, KV cache and compute buffer; our weights and KV cache; the captured
-traces, or with micro-batches only one batch of them; the comparison's float64 temporaries),
+(llama.cpp's weights, KV cache and compute buffer; our weights and KV cache, with lazy weights
+the largest matrix expanded; the captured traces, or with micro-batches only one batch of them;
+the comparison's float64 temporaries),
 :func:`check` raises :class:`BudgetError` (one line: the estimate, what is available, and
 settings that would fit) when the peak exceeds the available memory. Available memory is read
 from ``/proc/meminfo`` and ``torch.cuda.mem_get_info``, or from the environment variables
