@@ -175,7 +175,7 @@ def _normal(seed: int, name: str, shape: tuple[int, ...], std: float, dtype) -> 
     return out.reshape(*shape[:-1], -1)
 
 
-def _ggml():
+def ggml_base():
     """llama-cpp-python's bundled libggml-base (for ``ggml_quantize_chunk``), loaded once without
     importing llama_cpp; None where it cannot be loaded. (Threads racing here both load it: harmless.)"""
     global _ggml_lib
@@ -210,7 +210,7 @@ def quantize_q8_0(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
     out = np.empty(nbytes, np.uint8) if out is None else out
     if out.dtype != np.uint8 or out.size != nbytes or not out.flags.c_contiguous:
         raise SynthError(f"Q8_0 of {src.size} values needs {nbytes} contiguous bytes, got {out.dtype} {out.shape}")
-    lib = _ggml()
+    lib = ggml_base()
     if lib is not None:
         done = lib.ggml_quantize_chunk(_GGML_Q8_0, src.ctypes.data, out.ctypes.data, 0, 1, src.size, None)
         if done != nbytes:
