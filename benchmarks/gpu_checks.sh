@@ -4,13 +4,14 @@
 # PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b | qwen3 | recal | gputests | numerics | null05b | mdecuda |
 #        mixedclean | profile | speed | long32k | long7b | long32b | kquant7b. Logs go to $OUT (or /tmp/out).
 # What issue 16 (and issue 17's follow-up) still need from a GPU, each line one call of at most 10 minutes.
-# The eleventh session ran long32k, long7b (both clean) and long32b (flagged blk.6.ffn_gate at decode
-# step 1, systematic scale 1.4e-5, 1.52x its threshold, on a clean file: undiagnosed) on commit c2e7985.
-#   bash benchmarks/gpu_checks.sh kquant7b long32b   # the flag: on drawn 7B blocks too? again at 32B?
-#   bash benchmarks/gpu_checks.sh profile    # where a micro-batch's 0.45 s go (phases, cProfile)
-#   bash benchmarks/gpu_checks.sh speed      # 512+8 with c2e7985 on the same host as a rerun of c9a70b1
-#   bash benchmarks/gpu_checks.sh recal      # CUDA tolerances with the F16 and attention mirrors
-#   bash benchmarks/gpu_checks.sh null05b mdecuda    # the systematic null and the MDE after recal
+# The twelfth session found the 32B-shaped row's flag (blk.6 ffn_gate/ffn_up, decode step 1): one
+# activation at x / d = 51.499996 that ggml-cuda's fast-math division rounds up (harness/ours/cuda_q8_1.py),
+# and reran the rows on that fix:
+#   bash benchmarks/gpu_checks.sh gputests long32b    # the kernel's measured element; the row clean?
+#   bash benchmarks/gpu_checks.sh long32k speed
+#   bash benchmarks/gpu_checks.sh long7b
+# Still to run: profile (where a micro-batch's 0.45 s go), recal (CUDA tolerances with the mirrors,
+# the compiled Q8_1 quantizers included), null05b mdecuda (the systematic null and the MDE after recal).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1

@@ -120,6 +120,30 @@ def test_site_filter_limits_the_report(tiny_f32):
     assert all(s.startswith("blk.1.") or s == "logits" for s in res.comparison.table["site"])
 
 
+def test_sites_whose_inputs_were_not_captured_are_judged_end_to_end(synth_dir, llama_lib):
+    """``--sites blk.1.*``: llama.cpp has no blk.0.l_out, so our "local" attn_norm and ffn_inp of
+    blk.1 are computed on our own layer 0 and carry its drift (on this Q4_K_M file past the local
+    tolerance: a false divergence at blk.1.attn_norm before this rule). They take the end-to-end
+    verdict and are listed; the ops anchored on captured inputs keep their local verdicts and
+    still localize a bug."""
+    from harness.synth import default_fixture
+    path = default_fixture("q4_k_m", preset="tiny", seed=11, cache_dir=synth_dir)
+    toks = [895, 745, 657, 488, 515, 328, 352, 311]
+    cmp = diff_gguf(DiffRequest(path, tokens=toks, steps=2, sites="blk.1.*")).comparison
+    t = cmp.table
+    row = t[(t.step == 0) & (t.site == "blk.1.attn_norm")].iloc[0]
+    assert row.local_rel_l2 > row.local_tol_rel            # would fail: upstream drift, not this op
+    assert bool(row.local_passed) and bool(row.passed)
+    assert cmp.meta["end_to_end_sites"] == ["blk.1.attn_norm", "blk.1.ffn_inp"]
+    assert not cmp.diverged, cmp.first and cmp.first.explanation
+    assert t[t.site == "blk.1.q_proj"]["local_passed"].astype(bool).all()
+    from harness.mde import perturb_fault
+    fault = perturb_fault("scale", 0.05, "blk.1.k_proj", 1)     # a bug in layer 1 at decode step 1
+    first = diff_gguf(DiffRequest(path, tokens=toks, steps=2, sites="blk.1.*",
+                                  faults=[fault])).comparison.first
+    assert (first.step, first.layer, first.site) == (1, 1, "blk.1.k_proj")
+
+
 def test_last_token_outputs_only(tiny_f32):
     """With llama.cpp asked for the last token's logits only, the last layer's sites from ffn_inp
     on hold one row; both the clean verdict and a fault's location survive."""

@@ -88,8 +88,11 @@ class Comparator:
     LARGE_HOLD = 1 << 27      # elements of large pairs held until their finiteness is checked
 
     def __init__(self, policy: Policy, batched: bool | None = None, systematic: "sysmod.Null | bool" = True,
-                 n_prompt: int | None = None):
+                 n_prompt: int | None = None, judge_unanchored: bool = False):
         self.policy, self.batched = policy, batched
+        # a local row whose op's inputs the reference lacks (a --sites subset) holds our own
+        # upstream drift, not the op's error: judged end to end unless the caller accounts for it
+        self.judge_unanchored = judge_unanchored
         self.n_prompt = n_prompt      # step s attends n_prompt + s positions (tolerance.at_positions)
         self.null = (_default_null() if systematic is True else systematic) or None
         if getattr(policy, "storage", "float32") != "float32":
@@ -313,12 +316,24 @@ class Comparator:
             row.update(sys_passed=ok, sys_score=score, sys_stat=stat)
             row["local_passed"] = bool(row["local_elem_passed"]) and ok is not False
 
+    def _judge_end_to_end(self, ref: Trace, op_in) -> list[str]:
+        """Local rows whose op's inputs the reference lacks take the end-to-end verdict (their
+        "local" value ran on our own inputs: upstream drift, judged by the end-to-end tolerance
+        that allows for it, not the op's own); the sites this happened to."""
+        have, out = set(ref.keys()), set()
+        for (step, site), row in self.rows.items():
+            if "local_elem_passed" in row and "passed" in row and not _anchored(step, site, have, ref.n_layer, op_in):
+                row.update(local_passed=bool(row["passed"]), sys_passed=None)
+                out.add(site)
+        return sorted(out)
+
     def result(self, ours_meta: dict, ref: Trace) -> Comparison:
         self.flush()
         keys = [k for k in ref.keys() if k in self.rows and "rel_l2" in self.rows[k]]
         spec = trace_arch(ours_meta, ref.meta, {k[1] for k in keys})
         if self.null is not None:
             self._systematic_verdicts(ref, spec.inputs if spec is not None else None)
+        e2e_only = [] if self.judge_unanchored else self._judge_end_to_end(ref, spec.inputs if spec is not None else None)
         table = pd.DataFrame([self.rows[k] for k in keys])
         if len(table) and "local_passed" not in table:
             table["local_passed"] = pd.NA
@@ -326,7 +341,8 @@ class Comparator:
                                   spec.inputs if spec is not None else None)
         meta = dict(ours=ours_meta, ref=ref.meta, tokens=ref.tokens, n_prompt=ref.n_prompt,
                     architecture=spec.name if spec is not None else None,
-                    policy=self.policy.describe(), compared=len(table), missing_in_ours=len(ref) - len(table))
+                    policy=self.policy.describe(), compared=len(table), missing_in_ours=len(ref) - len(table),
+                    end_to_end_sites=e2e_only)
         return Comparison(table, pd.DataFrame(self.logit_rows), pd.DataFrame(self.spikes), first,
                           _first(table, "passed"), meta)
 

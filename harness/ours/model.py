@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.gguf.load import GGUFError, GGUFModel, LazyWeight, ModelConfig, load_gguf
+from harness.ours import cuda_q8_1
 from harness.ours.hooks import Hook, HookManager, HookPoint, site_matcher
 from harness.ours.numerics import (act_rounder, cuda_kqv, cuda_matmul, cuda_one_token_vec, fast_rope_cos_sin,
                                    fast_rope_status, kv_cells, mmvf_kernel_status)
@@ -359,7 +360,8 @@ class Model(nn.Module):
         return {"source": "torch", "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "kv_dtype": str(self.kv_dtype).replace("torch.", "") if self.kv_dtype else None,
                 "mirror": self.mirror,
-                **({"rope_fast_math": fast_rope_status(), "mmvf_kernel": mmvf_kernel_status()}
+                **({"rope_fast_math": fast_rope_status(), "mmvf_kernel": mmvf_kernel_status(),
+                    "q8_1_kernel": cuda_q8_1.status()}
                    if self.mirror == "cuda" else {}),
                 "weight_type": self.gguf.weight_type, "gguf": os.path.basename(self.gguf.path),
                 "architecture": self.config.architecture, "file_type": self.gguf.file_type,

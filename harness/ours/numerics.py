@@ -10,7 +10,8 @@ tight enough to catch subtle bugs. ``act_rounder`` gives that rounding per weigh
 means float32 activations (F32 weights, or a backend whose numerics are not mirrored).
 
 On CUDA, quantized weights take ggml-cuda's MMVQ kernels up to 8 tokens and MMQ above (Hopper);
-both quantize activations to Q8_1 blocks of 32, but not alike, and some weight types apply their
+both quantize activations to Q8_1 blocks of 32, but not alike (MMVQ's with the fast-math
+division ggml-cuda is built with: :mod:`harness.ours.cuda_q8_1`), and some weight types apply their
 offset to the block sum of the *unquantized* activations: :class:`CudaQuantMatMul` mirrors each.
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from harness.ours import cuda_q8_1
 
 Rounder = Callable[[torch.Tensor], torch.Tensor]
 _Q8_0 = {"Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "IQ4_NL"}
@@ -98,7 +101,13 @@ def _half(x: torch.Tensor) -> torch.Tensor:
 
 def q8_1_mmvq(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_q8_1: per 32, d = amax / 127, q = roundf(x / d), (d, sum of x) stored as half.
-    Returns the dequantized activations q * d (..., K) and the block sums (..., K / 32)."""
+    Returns the dequantized activations q * d (..., K) and the block sums (..., K / 32). On a GPU,
+    ggml's own arithmetic, fast-math division included (:mod:`harness.ours.cuda_q8_1`), where it
+    compiles; this IEEE emulation elsewhere."""
+    kernel = cuda_q8_1.quantize(x)
+    if kernel is not None:
+        q, d, s = kernel
+        return (q.reshape(*x.shape[:-1], -1, 32) * _half(d)[..., None]).reshape(x.shape), _half(s)
     b = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
     amax = b.abs().amax(-1, keepdim=True)
     d = amax / 127.0
@@ -108,7 +117,12 @@ def q8_1_mmvq(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def q8_1_mmq(x: torch.Tensor, ds4: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_mmq_q8_1: per 32, d_inv = 127 / amax, q = roundf(x * d_inv), d = 1 / d_inv; the DS4
-    layout stores (d, sum of x) as half, D4 a float d (and no sum)."""
+    layout stores (d, sum of x) as half, D4 a float d (and no sum). On a GPU, ggml's kernel compiled
+    with its fast math (:mod:`harness.ours.cuda_q8_1`) where it compiles."""
+    kernel = cuda_q8_1.quantize(x, mmq=True)
+    if kernel is not None:
+        q, d, s = kernel
+        return (q.reshape(*x.shape[:-1], -1, 32) * (_half(d) if ds4 else d)[..., None]).reshape(x.shape), _half(s)
     b = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
     amax = b.abs().amax(-1, keepdim=True)
     d_inv = torch.full_like(amax, 127.0) / torch.where(amax > 0, amax, torch.ones_like(amax))  # not 127 * (1/amax)

@@ -126,6 +126,10 @@ def header_lines(cmp: Comparison) -> list[str]:
     if m.get("ubatch"):
         lines.append(f"prompt decoded in micro-batches of {m['ubatch']} tokens, each compared and freed "
                      f"before the next (statistics merged per step)")
+    if m.get("end_to_end_sites"):
+        u = m["end_to_end_sites"]
+        lines.append(f"{len(u)} site(s) judged end to end only: llama.cpp's inputs to their ops were not captured "
+                     f"({', '.join(u[:4])}{', ...' if len(u) > 4 else ''}); widen --sites to their inputs for a local verdict")
     lines += regime_lines(pol)
     lines.append(summary_line(ref))
     if ref.get("extra_bufts") or (ref.get("provenance") or {}).get("extra_bufts"):
