@@ -156,7 +156,7 @@ def diff_gguf(req: DiffRequest, model: Model | None = None, ref: Trace | None = 
     ours = run_ours(model, ref, req.faults, filt)
     local = run_ours(model, ref, req.faults, filt, anchor=ref) if req.local else None
     policy = model_policy(model, ref.meta.get("backend", "cpu"), req.dtype)
-    cmp = compare_traces(ours, ref, policy, local)
+    cmp = compare_traces(ours, ref, policy, local, judge_unanchored=not req.sites)
     cmp.meta["faults"] = [f.name for f in req.faults]
     return DiffResult(cmp, ref, ours, local)
 
@@ -216,7 +216,8 @@ def diff_on_device(req: DiffRequest, model: Model | None = None, runner=None,
             if own:
                 runner.close()
     model = model if model is not None else model_for(req, ref)
-    comp = Comparator(model_policy(model, ref.meta.get("backend", "cuda"), req.dtype), n_prompt=ref.n_prompt)
+    comp = Comparator(model_policy(model, ref.meta.get("backend", "cuda"), req.dtype), n_prompt=ref.n_prompt,
+                      judge_unanchored=not req.sites)
 
     def e2e(step, site, x):
         r = ref.tensors.get((step, site))
@@ -262,7 +263,8 @@ def diff_stream(req: DiffRequest, model: Model | None = None, runner=None) -> Di
         meta = dict(runner.meta, backend=runner.meta.get("backend"), source="llama.cpp")
         model = model if model is not None else model_for(req, Trace(cfg.n_layer, meta=meta))
         n = len(tokens)
-        comp = Comparator(model_policy(model, meta.get("backend", "cpu"), req.dtype), n_prompt=n)
+        comp = Comparator(model_policy(model, meta.get("backend", "cpu"), req.dtype), n_prompt=n,
+                          judge_unanchored=not req.sites)
         lock = Lockstep(model, comp, filt, [h for f in req.faults for h in f.hooks], req.local,
                         lambda step: (n, n) if step == 0 else (1, n + step),
                         progress=(lambda done: req.progress(done, n + req.steps)) if req.progress else None)

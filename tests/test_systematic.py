@@ -151,7 +151,8 @@ def _diff(path, faults=(), systematic=True, sites=None):
     model = model_for(req, ref)
     filt = SiteFilter(sites) if sites else None
     ours, local = run_ours(model, ref, faults, filt), run_ours(model, ref, faults, filt, anchor=ref)
-    return compare_traces(ours, ref, model_policy(model, "cpu"), local, systematic=systematic)
+    return compare_traces(ours, ref, model_policy(model, "cpu"), local, systematic=systematic,
+                          judge_unanchored=not sites)          # as harness.diff does
 
 
 def test_clean_tiny_has_no_systematic_alarm(tiny_f32, llama_lib):

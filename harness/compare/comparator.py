@@ -88,10 +88,10 @@ class Comparator:
     LARGE_HOLD = 1 << 27      # elements of large pairs held until their finiteness is checked
 
     def __init__(self, policy: Policy, batched: bool | None = None, systematic: "sysmod.Null | bool" = True,
-                 n_prompt: int | None = None, judge_unanchored: bool = False):
+                 n_prompt: int | None = None, judge_unanchored: bool = True):
         self.policy, self.batched = policy, batched
-        # a local row whose op's inputs the reference lacks (a --sites subset) holds our own
-        # upstream drift, not the op's error: judged end to end unless the caller accounts for it
+        # False (a run of our model on a --sites subset): a local row whose op's inputs the reference
+        # lacks holds our own upstream drift, not the op's error, and takes the end-to-end verdict
         self.judge_unanchored = judge_unanchored
         self.n_prompt = n_prompt      # step s attends n_prompt + s positions (tolerance.at_positions)
         self.null = (_default_null() if systematic is True else systematic) or None
@@ -368,10 +368,12 @@ def _default_null() -> "sysmod.Null":
 
 
 def compare_traces(ours: Trace, ref: Trace, policy: Policy, local: Trace | None = None,
-            batched: bool | None = None, systematic: "sysmod.Null | bool" = True) -> Comparison:
+            batched: bool | None = None, systematic: "sysmod.Null | bool" = True,
+            judge_unanchored: bool = True) -> Comparison:
     """Divergence table of ``ours`` against ``ref`` over the (step, site) pairs both hold
-    (``batched``, ``systematic``: see :class:`Comparator`)."""
-    c = Comparator(policy, batched, systematic, n_prompt=ref.n_prompt if ref.tokens else None)
+    (``batched``, ``systematic``, ``judge_unanchored``: see :class:`Comparator`)."""
+    c = Comparator(policy, batched, systematic, n_prompt=ref.n_prompt if ref.tokens else None,
+                   judge_unanchored=judge_unanchored)
     for key, r in ref.items():
         if key in ours:
             c.add(*key, ours[key], r)
