@@ -2,7 +2,10 @@
 
 ggml-cuda's one-token Q4_K dot (mul_mat_vec_q, vec_dot_q4_K_q8_1, 4 warps, FMA contraction)
 emulated in float32 on drawn and on quantizer-made blocks, against our mirror (float32 matmul of
-the dequantized weight with the Q8_1-rounded activation): the systematic slope statistic of the pair."""
+the dequantized weight with the Q8_1-rounded activation): the systematic slope statistic of the pair.
+Both sides here quantize the activation with an IEEE division; llama.cpp's quantize_q8_1 divides with
+fast math, which at a near-tie gives another code: that, not this dot, was the 32B row's flag (twelfth
+session, RESULTS.md; harness/ours/cuda_q8_1.py)."""
 import sys, ctypes; sys.path.insert(0, '.')
 import numpy as np, torch
 from harness.synth_kquant import random_blocks
