@@ -91,3 +91,14 @@ def test_compiled_mmq_quantizer_agrees_with_ieee_up_to_ties():
     assert bool((q[3, 64:96] == 0).all()) and float(d[3, 2]) == 0.0
     xq, _ = q8_1_mmq(x, ds4=False)
     assert torch.equal(xq, (q.reshape(48, -1, 32) * d[..., None]).reshape(48, 896))
+
+
+@pytest.mark.gpu
+def test_mmq_quantizer_takes_a_view_not_16_byte_aligned():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    base = torch.randn(4097, generator=torch.Generator(device="cuda").manual_seed(3), device="cuda")
+    view = base[1:].reshape(2, 2048)                 # contiguous, 4 bytes past an aligned address
+    assert view.data_ptr() % 16
+    got, want = cuda_q8_1.quantize(view, mmq=True), cuda_q8_1.quantize(view.clone(), mmq=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -73,6 +73,8 @@ def status() -> str:
 
 def _launch(kernel, x: torch.Tensor, mmq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     flat = x.float().contiguous().reshape(-1)
+    if mmq and flat.data_ptr() % 16:
+        flat = flat.clone()                      # the MMQ kernel loads float4s (16-byte aligned)
     n = flat.numel()
     q = torch.empty(n, dtype=torch.int8, device=x.device)
     d = torch.empty(n // 32, dtype=torch.float32, device=x.device)
