@@ -137,6 +137,9 @@ def test_sites_whose_inputs_were_not_captured_are_judged_end_to_end(synth_dir, l
     assert cmp.meta["end_to_end_sites"] == ["blk.1.attn_norm", "blk.1.ffn_inp"]
     assert not cmp.diverged, cmp.first and cmp.first.explanation
     assert t[t.site == "blk.1.q_proj"]["local_passed"].astype(bool).all()
+    dropped = diff_gguf(DiffRequest(path, tokens=toks, steps=2, sites="blk.1.*",
+                                    faults=[REGISTRY["drop_qkv_bias"]])).comparison.first
+    assert (dropped.step, dropped.site, dropped.kind) == (0, "blk.1.attn_norm", "end-to-end")   # layer 0's bug
     from harness.mde import perturb_fault
     fault = perturb_fault("scale", 0.05, "blk.1.k_proj", 1)     # a bug in layer 1 at decode step 1
     first = diff_gguf(DiffRequest(path, tokens=toks, steps=2, sites="blk.1.*",

@@ -7,7 +7,7 @@ is the op's *local* error, free of upstream drift, and decides the verdict when 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
@@ -337,8 +337,11 @@ class Comparator:
         table = pd.DataFrame([self.rows[k] for k in keys])
         if len(table) and "local_passed" not in table:
             table["local_passed"] = pd.NA
-        first = _first_divergence(table, self.has_local, ref.meta.get("source") or "the reference",
-                                  spec.inputs if spec is not None else None)
+        ref_name = ref.meta.get("source") or "the reference"
+        first = _first_divergence(table, self.has_local, ref_name, spec.inputs if spec is not None else None)
+        if first is not None and first.site in e2e_only:      # decided by its end-to-end error
+            first = replace(first, kind="end-to-end", explanation=_explain(
+                first.step, first.site, first.row, first.inputs, "end-to-end", ref_name))
         meta = dict(ours=ours_meta, ref=ref.meta, tokens=ref.tokens, n_prompt=ref.n_prompt,
                     architecture=spec.name if spec is not None else None,
                     policy=self.policy.describe(), compared=len(table), missing_in_ours=len(ref) - len(table),

@@ -168,7 +168,7 @@ def first_lines(cmp: Comparison) -> list[str]:
            f"  end to end: rel {fmt_short(r['rel_l2'])}, max |diff| {fmt_short(r['max_abs'])}, "
            f"cosine {fmt_short(r['cosine'], 6)}, worst {r['worst']}: {cand} {fmt_short(r['ours'], 5)}, "
            f"ref {fmt_short(r['ref'], 5)}"]
-    if "local_rel_l2" in r and r.get("local_rel_l2") is not None:
+    if "local_rel_l2" in r and r.get("local_rel_l2") is not None and f.kind == "local":
         where, a, b = (("our op on your inputs", "expected", "yours") if engine
                        else ("on the reference's inputs", "ours", "ref"))
         out.append(f"  local ({where}): rel {fmt_short(r['local_rel_l2'])} (tolerance "
