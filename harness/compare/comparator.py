@@ -301,39 +301,45 @@ class Comparator:
         for (kind, step, site, shape), v in zip(keys, values):
             (self._e2e_row if kind == "e2e" else self._local_row)(step, site, shape, v)
 
-    def _systematic_verdicts(self, ref: Trace, op_in) -> None:
-        """Each local row's systematic verdict (``sys_passed``: None where the regime and family
-        were never calibrated, or where the reference lacks the op's inputs, so that our "local"
-        value was not recomputed on them and carries upstream drift), folded into ``local_passed``."""
+    def _unanchored(self, ref: Trace, op_in) -> set[tuple[int, str]]:
+        """The local rows whose op's inputs the reference lacks: our "local" value of them was not
+        recomputed on the reference's inputs and carries upstream drift."""
         have = set(ref.keys())
-        for (step, site), row in self.rows.items():
+        return {(step, site) for (step, site), row in self.rows.items()
+                if "local_elem_passed" in row and not _anchored(step, site, have, ref.n_layer, op_in)}
+
+    def _systematic_verdicts(self, unanchored: set) -> None:
+        """Each local row's systematic verdict (``sys_passed``: None where the regime and family
+        were never calibrated, or for an ``unanchored`` row), folded into ``local_passed``."""
+        for key, row in self.rows.items():
             if "local_elem_passed" not in row or "sys_z_slope" not in row:
                 continue
-            if not _anchored(step, site, have, ref.n_layer, op_in):
+            if key in unanchored:
                 row.update(sys_passed=None, sys_score=float("nan"), sys_stat="")
                 continue
             ok, score, stat = self.null.verdict(row["local_tol_regime"], row["family"], row)
             row.update(sys_passed=ok, sys_score=score, sys_stat=stat)
             row["local_passed"] = bool(row["local_elem_passed"]) and ok is not False
 
-    def _judge_end_to_end(self, ref: Trace, op_in) -> list[str]:
-        """Local rows whose op's inputs the reference lacks take the end-to-end verdict (their
-        "local" value ran on our own inputs: upstream drift, judged by the end-to-end tolerance
-        that allows for it, not the op's own); the sites this happened to."""
-        have, out = set(ref.keys()), set()
-        for (step, site), row in self.rows.items():
-            if "local_elem_passed" in row and "passed" in row and not _anchored(step, site, have, ref.n_layer, op_in):
+    def _judge_end_to_end(self, unanchored: set) -> list[str]:
+        """``unanchored`` rows take the end-to-end verdict (upstream drift is what its tolerance
+        allows for, not the op's own); the sites this happened to."""
+        out = set()
+        for key in unanchored:
+            row = self.rows[key]
+            if "passed" in row:
                 row.update(local_passed=bool(row["passed"]), sys_passed=None)
-                out.add(site)
+                out.add(key[1])
         return sorted(out)
 
     def result(self, ours_meta: dict, ref: Trace) -> Comparison:
         self.flush()
         keys = [k for k in ref.keys() if k in self.rows and "rel_l2" in self.rows[k]]
         spec = trace_arch(ours_meta, ref.meta, {k[1] for k in keys})
+        unanchored = self._unanchored(ref, spec.inputs if spec is not None else None)
         if self.null is not None:
-            self._systematic_verdicts(ref, spec.inputs if spec is not None else None)
-        e2e_only = [] if self.judge_unanchored else self._judge_end_to_end(ref, spec.inputs if spec is not None else None)
+            self._systematic_verdicts(unanchored)
+        e2e_only = [] if self.judge_unanchored else self._judge_end_to_end(unanchored)
         table = pd.DataFrame([self.rows[k] for k in keys])
         if len(table) and "local_passed" not in table:
             table["local_passed"] = pd.NA

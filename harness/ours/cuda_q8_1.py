@@ -66,6 +66,13 @@ _KERNELS: dict[tuple[int, bool], object] = {}  # (CUDA device index, MMQ?) -> th
 _BLOCK = 256
 
 
+def roundf(v: torch.Tensor) -> torch.Tensor:
+    """C roundf: halves away from zero (torch.round takes them to even)."""
+    r = torch.round(v)
+    t = torch.trunc(v)
+    return torch.where((v - t).abs() == 0.5, t + torch.sign(v), r)
+
+
 def status() -> str:
     """For a run's description: "compiled" (checked), "unavailable" (emulated) or "not used"."""
     return "unavailable" if None in _KERNELS.values() else "compiled" if _KERNELS else "not used"
@@ -94,9 +101,7 @@ def agrees_with_ieee(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> bool:
     if not torch.allclose(d, d_ieee, rtol=5e-7, atol=0.0):
         return False
     v = b / torch.where(d_ieee > 0, d_ieee, torch.ones_like(d_ieee))[:, None]
-    r = torch.round(v)
-    ieee = torch.where((v - torch.trunc(v)).abs() == 0.5, torch.trunc(v) + torch.sign(v), r)
-    ieee = torch.where(d_ieee[:, None] > 0, ieee, torch.zeros_like(ieee))
+    ieee = torch.where(d_ieee[:, None] > 0, roundf(v), torch.zeros_like(v))
     off = (q.float().reshape(-1, 32) - ieee).abs()
     near_tie = ((v.abs() - torch.trunc(v.abs())) - 0.5).abs() <= 1e-5 * v.abs().clamp_min(1.0)
     return bool((off <= 1).all() and (off[~near_tie] == 0).all())

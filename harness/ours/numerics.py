@@ -88,13 +88,6 @@ _MMVQ_SUM = {"Q4_0", "Q5_0"}
 _MMQ_SUM = {"Q4_K", "Q5_K"}
 
 
-def _roundf(v: torch.Tensor) -> torch.Tensor:
-    """C roundf: halves away from zero (torch.round takes them to even)."""
-    r = torch.round(v)
-    t = torch.trunc(v)
-    return torch.where((v - t).abs() == 0.5, t + torch.sign(v), r)
-
-
 def _half(x: torch.Tensor) -> torch.Tensor:
     return x.half().float()
 
@@ -111,7 +104,7 @@ def q8_1_mmvq(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
     amax = b.abs().amax(-1, keepdim=True)
     d = amax / 127.0
-    q = torch.where(amax > 0, _roundf(b / torch.where(amax > 0, d, torch.ones_like(d))), torch.zeros_like(b))
+    q = torch.where(amax > 0, cuda_q8_1.roundf(b / torch.where(amax > 0, d, torch.ones_like(d))), torch.zeros_like(b))
     return (q * _half(d)).reshape(x.shape), _half(b.sum(-1))
 
 
@@ -126,7 +119,7 @@ def q8_1_mmq(x: torch.Tensor, ds4: bool) -> tuple[torch.Tensor, torch.Tensor]:
     b = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
     amax = b.abs().amax(-1, keepdim=True)
     d_inv = torch.full_like(amax, 127.0) / torch.where(amax > 0, amax, torch.ones_like(amax))  # not 127 * (1/amax)
-    q = torch.where(amax > 0, _roundf(b * d_inv), torch.zeros_like(b))
+    q = torch.where(amax > 0, cuda_q8_1.roundf(b * d_inv), torch.zeros_like(b))
     d = torch.where(amax > 0, 1.0 / d_inv, torch.zeros_like(d_inv))
     return (q * (_half(d) if ds4 else d)).reshape(x.shape), _half(b.sum(-1))
 
