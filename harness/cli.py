@@ -344,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="divergence report of our PyTorch model against llama.cpp")
     _add_run_args(r, "where both sides run")
     r.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    r.add_argument("--sites", help="site glob(s), comma-separated, e.g. 'blk.*.q,logits'; an op whose inputs "
-                   "are not among them is judged end to end")
+    r.add_argument("--sites", help="site glob(s), comma-separated, e.g. 'blk.*.q,logits' (llama.cpp also "
+                   "captures their ops' inputs, as anchors for the local errors)")
     r.add_argument("--format", default="table", choices=["table", "markdown", "json", "html"])
     r.add_argument("--out", help="write the report here instead of stdout")
     r.add_argument("--inject", action="append", metavar="FAULT",

@@ -14,7 +14,7 @@ from harness.compare.comparator import Comparator, Comparison, compare_traces
 from harness.llama.runner import LlamaOptions
 from harness.llama.worker import n_ctx_needed, open_runner
 from harness.ours.model import Model, load_model
-from harness.sites import LAYER_WEIGHTS, SiteFilter
+from harness.sites import LAYER_WEIGHTS, SiteFilter, with_inputs
 from harness.compare.tolerance import Policy
 from harness.trace import Trace
 from harness import budget
@@ -104,10 +104,20 @@ def llama_options(req: DiffRequest, **kw) -> LlamaOptions:
                         extra_bufts=req.extra_bufts, isolate=req.isolate, **kw)
 
 
+def capture_filter(req: DiffRequest) -> SiteFilter | None:
+    """What llama.cpp captures for ``req``: its sites and, with a ``sites`` subset, their inputs too
+    (held as anchors for our local reruns, not compared)."""
+    if not req.sites:
+        return None
+    from harness.gguf.load import read_config_file
+    cfg = read_config_file(req.gguf)
+    return SiteFilter(with_inputs(req.sites, cfg.n_layer, cfg.spec.sites, cfg.spec.inputs))
+
+
 def capture_reference(req: DiffRequest) -> Trace:
     with open_runner(req.gguf, llama_options(req), n_ctx_needed=_ctx_needed(req)) as runner:
         prompt = list(req.tokens) if req.tokens else runner.tokenize(req.prompt or "")
-        return runner.run(prompt, req.steps, filt=SiteFilter(req.sites) if req.sites else None)
+        return runner.run(prompt, req.steps, filt=capture_filter(req))
 
 
 def run_ours(model: Model, ref: Trace, faults=(), filt: SiteFilter | None = None,
@@ -211,7 +221,7 @@ def diff_on_device(req: DiffRequest, model: Model | None = None, runner=None,
         runner = runner or open_runner(req.gguf, opts, n_ctx_needed=_ctx_needed(req))
         try:
             prompt = list(req.tokens) if req.tokens else runner.tokenize(req.prompt or "")
-            ref = runner.run(prompt, req.steps, filt=filt)
+            ref = runner.run(prompt, req.steps, filt=capture_filter(req))
         finally:
             if own:
                 runner.close()
@@ -268,7 +278,7 @@ def diff_stream(req: DiffRequest, model: Model | None = None, runner=None) -> Di
         lock = Lockstep(model, comp, filt, [h for f in req.faults for h in f.hooks], req.local,
                         lambda step: (n, n) if step == 0 else (1, n + step),
                         progress=(lambda done: req.progress(done, n + req.steps)) if req.progress else None)
-        ref = runner.run(tokens, req.steps, sink=lock, filt=filt)
+        ref = runner.run(tokens, req.steps, sink=lock, filt=capture_filter(req))
     finally:
         if own:
             runner.close()

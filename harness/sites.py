@@ -171,6 +171,20 @@ def matches(name: str, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in split_patterns(pattern))
 
 
+def with_inputs(pattern: str, n_layer: int, keys: tuple[str, ...] | None = None,
+                inputs: dict[str, tuple[str, ...]] | None = None) -> str:
+    """``pattern`` and the input sites of every site it matches (``output_norm`` reads the last
+    layer's ``l_out``): what to capture so that each op of a subset runs on the reference's own
+    inputs. ``keys``, ``inputs``: an architecture's (``ArchSpec.sites``, ``ArchSpec.inputs``)."""
+    names = [n for n in all_sites(n_layer, keys) if matches(n, pattern)]
+    wanted = set(names)
+    extra = []
+    for n in names:
+        ins = input_sites(n, inputs) or ([site_name("l_out", n_layer - 1)] if n == "output_norm" else [])
+        extra += [i for i in ins if i not in wanted and i not in extra]
+    return ",".join([pattern, *extra])
+
+
 @dataclass(frozen=True)
 class SiteFilter:
     """Which (step, site) pairs to keep. Patterns are shell globs over site names

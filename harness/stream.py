@@ -156,13 +156,14 @@ class Lockstep:
         self.batch: dict[str, torch.Tensor] = {}
         self.caches = {"e2e": model.new_cache(), "local": model.new_cache() if local else None}
         self.merger = Merger()
-        self.seen: set[tuple[int, str]] = set()
+        self.captured: dict[tuple[int, str], None] = {}     # every (step, site) llama.cpp gave, in order
         self.broken: set[tuple[str, int, str]] = set()
         self.pending: list = []
         self.pending_bytes = 0
 
     def __call__(self, step: int, site: str, x: torch.Tensor) -> None:     # llama.cpp's tensors
         self.batch[site] = x
+        self.captured[(step, site)] = None        # compared or held as an anchor (a --sites input)
 
     def batch_done(self, step: int, pos0: int, tokens: list[int]) -> None:
         """llama.cpp finished a batch: run ours on it (end to end, then local), reduce, drop."""
@@ -187,7 +188,6 @@ class Lockstep:
             if ref is None or (self.filt is not None and not self.filt.wants(s, name)):
                 return
             x = x.detach().float()
-            self.seen.add((step, name))
             if (kind, step, name) in self.broken:
                 return
             if x.shape != ref.shape:
@@ -262,5 +262,5 @@ class Lockstep:
             if ("local", step, site) not in self.broken:
                 self.comp.add_systematic(step, site, cols)
         order = Trace(n_layer, tokens=list(tokens), n_prompt=n_prompt, meta=dict(ref_meta),
-                      tensors={k: None for k in self.seen})
+                      tensors=dict(self.captured))    # the rows' order, and which inputs existed
         return self.comp.result(ours_meta, order)

@@ -33,9 +33,20 @@ def batching(request, monkeypatch):
     return request.param
 
 
-def _run(path, faults, ubatch):
-    req = DiffRequest(path, tokens=PROMPT, steps=2, faults=faults, ubatch=ubatch, isolate=False)
+def _run(path, faults, ubatch, sites=None):
+    req = DiffRequest(path, tokens=PROMPT, steps=2, faults=faults, ubatch=ubatch, isolate=False, sites=sites)
     return diff_gguf(req).comparison
+
+
+def test_microbatched_site_subset_keeps_its_input_anchors(tiny_f32, llama_lib, batching):
+    """``sites``: llama.cpp's blk.0.l_out is captured batch by batch as blk.1's anchor, so every
+    op of the subset is judged locally, as in one batch, and a bug in the second batch is found."""
+    for faults, where in (([], None), ([LATE], (0, 1, "blk.1.q_rope"))):
+        one, many = _run(tiny_f32, faults, 0, "blk.1.*"), _run(tiny_f32, faults, 16, "blk.1.*")
+        a, b = one.table, many.table
+        assert list(zip(a.step, a.site)) == list(zip(b.step, b.site)) and set(b.layer) == {1}
+        assert (a.local_passed == b.local_passed).all() and many.meta["end_to_end_sites"] == []
+        assert [(f.step, f.layer, f.site) if f else None for f in (one.first, many.first)] == [where, where]
 
 
 @pytest.mark.parametrize("fault, where", [(None, None), ("drop_qkv_bias", (0, 0, "blk.0.q")),

@@ -142,12 +142,17 @@ def test_shipped_null_has_thresholds_at_or_above_the_floor():
 
 
 # -- in the comparison -------------------------------------------------------------------------
-def _diff(path, faults=(), systematic=True, sites=None):
+def _diff(path, faults=(), systematic=True, sites=None, ref_sites=None):
+    """``ref_sites``: keep only these of llama.cpp's captured sites (a reference without the inputs)."""
     from harness.compare.comparator import compare_traces
     from harness.diff import DiffRequest, capture_reference, model_for, model_policy, run_ours
     from harness.sites import SiteFilter
+    from harness.trace import Trace
     req = DiffRequest(path, tokens=[5, 17, 300, 41, 9, 77, 2, 640, 31], steps=2, sites=sites)
     ref = capture_reference(req)
+    if ref_sites is not None:
+        ref = Trace(ref.n_layer, ref.tokens, ref.n_prompt, dict(ref.meta),
+                    {k: v for k, v in ref.tensors.items() if SiteFilter(ref_sites).wants_site(k[1])})
     model = model_for(req, ref)
     filt = SiteFilter(sites) if sites else None
     ours, local = run_ours(model, ref, faults, filt), run_ours(model, ref, faults, filt, anchor=ref)
@@ -180,9 +185,12 @@ def test_scale_bug_below_tolerance_is_localized_by_the_slope(synth_dir, llama_li
 
 
 def test_not_tested_where_the_reference_lacks_the_op_inputs(tiny_f32, llama_lib):
-    """Only logits captured: our "local" logits ran on our own output_norm (end-to-end drift, which
-    is systematic), so the statistics must not judge them; the end-to-end verdict decides."""
-    cmp = _diff(tiny_f32, sites="logits")
+    """A reference of logits alone: our "local" logits ran on our own output_norm (end-to-end drift,
+    which is systematic), so the statistics must not judge them; the end-to-end verdict decides.
+    (A ``--sites logits`` run captures output_norm too, as the anchor: judged locally.)"""
+    anchored = _diff(tiny_f32, sites="logits")
+    assert set(anchored.table["site"]) == {"logits"} and anchored.meta["end_to_end_sites"] == []
+    cmp = _diff(tiny_f32, sites="logits", ref_sites="logits")
     t = cmp.table
     assert list(t["site"].unique()) == ["logits"] and t["sys_passed"].isna().all()
     assert (t["local_passed"] == t["passed"]).all() and cmp.meta["end_to_end_sites"] == ["logits"]
