@@ -362,7 +362,7 @@ def from_traces(ours: Trace, ref: Trace, local: Trace | None = None, gguf: str |
     if policy is None:
         weight_type = ours.meta.get("weight_type") or ref.meta.get("weight_type", "F32")
         policy = Policy(ref.meta.get("backend", "cpu"), weight_type, ours.meta.get("dtype", "float32"))
-    cmp = compare_traces(ours, ref, policy, local)
+    cmp = compare_traces(ours, ref, policy, local, judge_unanchored=False)   # local can only be anchored on ref
     cmp.meta.setdefault("faults", [])
     return Drilldown(DiffResult(cmp, ref, ours, local), gguf=gguf)
 

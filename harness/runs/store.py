@@ -433,6 +433,6 @@ def compare_runs(ref: RecordedRun, cand: RecordedRun | Trace, local: Trace | Non
     cand_storage = cand.storage if isinstance(cand, RecordedRun) else "float32"
     check_compatible(ref.trace, cand_trace, ref.path, cand.path if isinstance(cand, RecordedRun) else "candidate")
     policy = policy_for(ref, cand_storage, dtype, cand_trace.meta, site_types)
-    cmp = compare_traces(cand_trace, ref.trace, policy, local)
+    cmp = compare_traces(cand_trace, ref.trace, policy, local, judge_unanchored=False)  # a subset's inputs: drift
     cmp.meta.update(reference_run=ref.path, storage_dtype=policy.storage)
     return cmp
