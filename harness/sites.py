@@ -141,14 +141,18 @@ def order_key(name: str, n_layer: int) -> tuple[int, int]:
     return layer, _ORDER[spec.key]
 
 
-def input_sites(name: str, inputs: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+def input_sites(name: str, inputs: dict[str, tuple[str, ...]] | None = None,
+                n_layer: int | None = None) -> list[str]:
     """Full names of the sites the op at ``name`` reads ("@in" is the layer's input);
-    ``inputs``: an architecture's overrides of the table's ``inputs`` (``ArchSpec.inputs``)."""
+    ``inputs``: an architecture's overrides of the table's ``inputs`` (``ArchSpec.inputs``);
+    ``n_layer``: the model's layers, which name output_norm's input (the last layer's l_out)."""
     layer, spec = parse_site(name)
     out = []
     for key in (inputs or {}).get(spec.key, spec.inputs):
         if key == "@in":
-            if layer is None:   # output_norm reads the last layer's l_out; unknown here
+            if layer is None:   # output_norm reads the last layer's l_out
+                if n_layer:
+                    out.append(site_name("l_out", n_layer - 1))
                 continue
             out.append("embd" if layer == 0 else site_name("l_out", layer - 1))
         else:
@@ -173,15 +177,13 @@ def matches(name: str, pattern: str) -> bool:
 
 def with_inputs(pattern: str, n_layer: int, keys: tuple[str, ...] | None = None,
                 inputs: dict[str, tuple[str, ...]] | None = None) -> str:
-    """``pattern`` and the input sites of every site it matches (``output_norm`` reads the last
-    layer's ``l_out``): what to capture so that each op of a subset runs on the reference's own
+    """``pattern`` and the input sites of every site it matches: what to capture so that each op of a subset runs on the reference's own
     inputs. ``keys``, ``inputs``: an architecture's (``ArchSpec.sites``, ``ArchSpec.inputs``)."""
     names = [n for n in all_sites(n_layer, keys) if matches(n, pattern)]
     wanted = set(names)
     extra = []
     for n in names:
-        ins = input_sites(n, inputs) or ([site_name("l_out", n_layer - 1)] if n == "output_norm" else [])
-        extra += [i for i in ins if i not in wanted and i not in extra]
+        extra += [i for i in input_sites(n, inputs, n_layer) if i not in wanted and i not in extra]
     return ",".join([pattern, *extra])
 
 

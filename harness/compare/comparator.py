@@ -361,9 +361,8 @@ _NULL: list = []
 
 def _anchored(step: int, site: str, have: set, n_layer: int, op_in) -> bool:
     """Did the reference hold every input of the op at ``site`` (so our local value of it was
-    computed on the reference's inputs)? ``output_norm`` reads the last layer's ``l_out``."""
-    names = input_sites(site, op_in) or (
-        [f"blk.{n_layer - 1}.l_out"] if site == "output_norm" and n_layer > 0 else [])
+    computed on the reference's inputs)?"""
+    names = input_sites(site, op_in, n_layer)
     # attention reads the cache of every earlier step too (k_rope for kq, v for kqv)
     steps = range(step + 1) if parse_site(site)[1].key in ("kq", "kqv") else (step,)
     return all((s, n) in have for n in names for s in steps)

@@ -129,7 +129,7 @@ def header_lines(cmp: Comparison) -> list[str]:
     if m.get("end_to_end_sites"):
         u = m["end_to_end_sites"]
         lines.append(f"{len(u)} site(s) judged end to end only: llama.cpp's inputs to their ops were not captured "
-                     f"({', '.join(u[:4])}{', ...' if len(u) > 4 else ''}); widen --sites to their inputs for a local verdict")
+                     f"({', '.join(u[:4])}{', ...' if len(u) > 4 else ''}); capture or record their inputs too for a local verdict")
     lines += regime_lines(pol)
     lines.append(summary_line(ref))
     if ref.get("extra_bufts") or (ref.get("provenance") or {}).get("extra_bufts"):
