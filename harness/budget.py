@@ -26,12 +26,14 @@ from harness.sites import BY_KEY, SiteFilter, all_sites, parse_site
 GiB = 1 << 30
 RUNTIME_HOST = 1 * GiB        # per process (caller + llama.cpp worker): Python, torch, libraries
 RUNTIME_GPU = 1 * GiB         # CUDA contexts (both processes), cuBLAS workspaces
-COMPARE_BYTES = 40            # per element of the largest pair compared: float64 copies + temporaries
+COMPARE_BYTES = 40            # per element of a pair reduced: float64 copies + temporaries
+STATS_ELEMENTS = 1 << 24      # a larger pair is reduced in slices of about this many elements
 DEQUANT_TEMP = 256 << 20      # harness.gguf.dequant's chunk temporaries on a GPU (16M elements)
 BATCH_ELEMENTS = 1 << 22      # small pairs reduced together on a GPU: elements concatenated at once
 BATCH_BYTES = 160             # per such element: float64 copies, segment ids, temporaries (measured ~140)
 ATTN_TEMP_BYTES = 16          # per (H, T, P) element of our attention: scores, scaled+mask, softmax, rounded
 HOLD = 1 * GiB                # harness.stream.Lockstep.HOLD: our reduced tensors held for one check
+STAGE_HOLD = 256 << 20        # harness.stream.Lockstep.STAGE_HOLD: held past a stage's end
 PIPE_COPIES = 2               # a captured batch on the host: the worker's copy + the caller's (pickled)
 
 
@@ -50,6 +52,8 @@ class Plan:
     local: bool = True               # a second (anchored) run of our model
     ours: bool = True                # False: llama.cpp only (record)
     ubatch: int | None = None
+    layered: bool = False            # micro-batches with llama.cpp in this process: its nodes are handed
+                                     # over as computed, so about one layer of them is held, not the batch
     sites: str | None = None
     layers: frozenset[int] | None = None
     our_weight_bytes: int = 0        # our weights as loaded (float, or raw when lazy)
@@ -110,6 +114,14 @@ def batch_bytes(cfg, counts: dict[str, int], T: int, P: int) -> tuple[int, int]:
     return sum(4 * n * counts[k] for k, n in sizes.items()), max(sizes.values(), default=0)
 
 
+def stage_bytes(cfg, counts: dict[str, int], T: int, P: int) -> int:
+    """float32 bytes of a batch's largest stage (harness.stream): one layer's kept sites, or the
+    global ones (embedding, output norm, logits) together."""
+    dims = cfg.dims(T, P)
+    layer = sum(4 * _numel(k, dims) for k in counts if BY_KEY[k].per_layer)
+    return max(layer, sum(4 * _numel(k, dims) for k in counts if not BY_KEY[k].per_layer))
+
+
 def _batches(plan: Plan):
     """(step, T, P) of every llama_decode the plan makes."""
     U = plan.ubatch or plan.n_prompt
@@ -120,9 +132,10 @@ def _batches(plan: Plan):
         yield s, 1, plan.n_prompt + s
 
 
-def trace_bytes(cfg, plan: Plan) -> tuple[int, int, int]:
-    """(bytes of the whole trace, bytes of the largest batch, elements of the largest site)."""
-    total = peak = largest = 0
+def trace_bytes(cfg, plan: Plan) -> tuple[int, int, int, int]:
+    """(bytes of the whole trace, bytes of the largest batch, elements of the largest site,
+    bytes of the largest stage of a batch)."""
+    total = peak = largest = stage = 0
     cache: dict[int, dict] = {}
     for step, T, P in _batches(plan):
         counts = cache.get(min(step, 1))
@@ -130,7 +143,8 @@ def trace_bytes(cfg, plan: Plan) -> tuple[int, int, int]:
             counts = cache[min(step, 1)] = site_counts(cfg, plan.filt, step)
         b, n = batch_bytes(cfg, counts, T, P)
         total, peak, largest = total + b, max(peak, b), max(largest, n)
-    return total, peak, largest
+        stage = max(stage, stage_bytes(cfg, counts, T, P))
+    return total, peak, largest, stage
 
 
 # -- the estimate ----------------------------------------------------------------------------------
@@ -152,11 +166,15 @@ def estimate(cfg, plan: Plan) -> Estimate:
     add("llama.cpp weights", plan.llama_weight_bytes)
     add("llama.cpp KV cache", n_ctx * cfg.n_layer * 2 * Hkv * Dh * plan.kv_item)
     add("llama.cpp compute buffer", 4 * (2 * H * U * n_ctx + 4 * U * cfg.d_ff + U * cfg.n_vocab))
-    total, peak, largest = trace_bytes(cfg, plan)
+    total, peak, largest, stage = trace_bytes(cfg, plan)
     streaming = plan.ubatch is not None
     sides = 1 + (plan.ours and plan.local) + plan.ours         # ref, ours, local
     if not plan.ours:                    # record: one step at a time, copied to the host
         add("captured tensors (one step)", peak * (1 + PIPE_COPIES), "host")
+    elif streaming and plan.layered:     # a layer of llama.cpp's and ours, until reduced (harness.stream)
+        held = min(peak, stage + STAGE_HOLD)      # the pending pairs' reference tensors too
+        add("captured tensors (one layer)", held + 4 * largest)      # + one node's raw copy in flight
+        add("our tensors awaiting reduction", min(peak, 2 * stage + STAGE_HOLD) if gpu_run else largest * 4)
     elif streaming:                      # llama.cpp's batch, and ours until reduced (harness.stream)
         add("captured tensors (one batch)", peak + 4 * largest)      # + one node's raw copy in flight
         add("our tensors awaiting reduction", min(peak, HOLD) if gpu_run else largest * 4)
@@ -176,7 +194,8 @@ def estimate(cfg, plan: Plan) -> Estimate:
                 + DEQUANT_TEMP)
         add("our KV caches", (1 + plan.local) * P * cfg.n_layer * 2 * Hkv * Dh * plan.our_item)
         add("our activations", ATTN_TEMP_BYTES * H * T * P + 4 * T * (cfg.d_ff * 3 + cfg.n_vocab))
-        add("comparison temporaries", COMPARE_BYTES * largest + (BATCH_BYTES * BATCH_ELEMENTS if gpu_run else 0))
+        add("comparison temporaries", COMPARE_BYTES * min(largest, STATS_ELEMENTS) + 4 * largest
+            + (BATCH_BYTES * BATCH_ELEMENTS if gpu_run else 0))     # + a contiguous copy of a strided pair
     add("runtimes (Python, torch, llama.cpp; 2 processes)", 2 * RUNTIME_HOST, "host")
     if gpu_run:
         add("CUDA contexts", RUNTIME_GPU, "GPU")
@@ -293,7 +312,8 @@ def suggestions(cfg, plan: Plan, host: int | None, gpu: int | None) -> str:
     return "; ".join(out)
 
 
-WORKING = ("llama.cpp compute buffer", "captured tensors (one batch)", "our tensors awaiting reduction",
+WORKING = ("llama.cpp compute buffer", "captured tensors (one batch)", "captured tensors (one layer)",
+           "our tensors awaiting reduction",
            "tensors through the worker pipe", "our activations", "comparison temporaries")
 WORKING_SET = 12 * GiB        # what auto_ubatch allows a batch's working set beyond weights and caches
 

@@ -76,7 +76,8 @@ def memory_plan(req: DiffRequest, n_prompt: int, ubatch: int | None = None, ours
     lazy = req.lazy_weights if req.lazy_weights is not None else _float_weights_crowd(req)
     ours_bytes = (size if lazy else float_bytes(req.gguf, DTYPES[req.dtype])) if ours else 0
     return Plan(n_prompt, req.steps, device=req.device, local=req.local, ours=ours, ubatch=ubatch,
-                sites=req.sites, layers=layers, our_weight_bytes=ours_bytes, llama_weight_bytes=size,
+                layered=not req.isolate, sites=req.sites, layers=layers, our_weight_bytes=ours_bytes,
+                llama_weight_bytes=size,
                 lazy=ours and lazy, kv_item=2 if req.kv_type == "f16" else 4, our_item=DTYPES[req.dtype].itemsize)
 
 
@@ -277,7 +278,8 @@ def diff_stream(req: DiffRequest, model: Model | None = None, runner=None) -> Di
                           judge_unanchored=not req.sites)
         lock = Lockstep(model, comp, filt, [h for f in req.faults for h in f.hooks], req.local,
                         lambda step: (n, n) if step == 0 else (1, n + step),
-                        progress=(lambda done: req.progress(done, n + req.steps)) if req.progress else None)
+                        progress=(lambda done: req.progress(done, n + req.steps)) if req.progress else None,
+                        prompt=tokens, ubatch=opts.ubatch)
         ref = runner.run(tokens, req.steps, sink=lock, filt=capture_filter(req))
     finally:
         if own:

@@ -108,6 +108,15 @@ def _to_host(items: list) -> list:
     return out
 
 
+def _stage(site: str, n_stages: int) -> int:
+    """Stage of a site in :meth:`~harness.ours.model.Model.stages`: embd 0, layer i's i + 1, the
+    output's last."""
+    layer, spec = parse_site(site)
+    if layer is not None:
+        return layer + 1
+    return 0 if spec.key == "embd" else n_stages - 1
+
+
 def _global_index(flat: int, piece: tuple, full: tuple, t_axis: int, t0: int) -> int:
     """A flat index in a batch's tensor, as a flat index in the step's tensor."""
     idx = []
@@ -144,41 +153,99 @@ class Lockstep:
 
     ``step_shape(step)`` -> (T, P) of the whole step (for the merged rows' shapes). Our tensors
     wait, reduced but not yet checked for non-finite values, until ``HOLD`` bytes of them are
-    pending (one host synchronisation per batch of pairs, not one per pair)."""
+    pending (one host synchronisation per batch of pairs, not one per pair).
+
+    Layer by layer: our model runs as stages (:meth:`~harness.ours.model.Model.stages`: the
+    embedding, each block, the output). A stage of ours runs, end to end and anchored, once
+    llama.cpp's tensors of that stage are all in, i.e. when the first tensor of a later stage
+    arrives; llama.cpp's tensors of the stage are then dropped. With ``prompt`` and ``ubatch``
+    given, a prefill batch's tokens are known before llama.cpp decodes it, and a runner that
+    hands each node over as it is computed (``streams``: inside its eval callback) keeps about
+    one layer of llama.cpp's tensors at a time, not the batch's. A decode step (its token may
+    be llama.cpp's own choice) runs when its batch is done."""
     HOLD = 1 << 30
+    STAGE_HOLD = 1 << 28        # pending bytes that make a stage's end reduce (frees its pairs)
     BATCH: bool | None = None   # pairs under Comparator.LARGE elements reduced per batch: None on a GPU
                                 # only, True everywhere (tests), False never (one pair at a time)
+    streams = True              # runner: hand each node over as it is computed
 
     def __init__(self, model, comp: Comparator, filt: SiteFilter | None, hooks, local: bool, step_shape,
-                 progress=None):
+                 progress=None, prompt: list[int] | None = None, ubatch: int | None = None):
         self.model, self.comp, self.filt, self.hooks = model, comp, filt, list(hooks)
         self.step_shape, self.progress = step_shape, progress      # progress(tokens compared so far)
+        self.prompt, self.ubatch, self.next_pos = prompt, ubatch, 0
         self.batch: dict[str, torch.Tensor] = {}
         self.caches = {"e2e": model.new_cache(), "local": model.new_cache() if local else None}
+        self.runs: dict | None = None       # the batch's stage generators, once started
+        self.done = -1                      # the batch's last stage run on our side
+        self.n_stages = model.config.n_layer + 2
         self.merger = Merger()
         self.captured: dict[tuple[int, str], None] = {}     # every (step, site) llama.cpp gave, in order
         self.broken: set[tuple[str, int, str]] = set()
         self.pending: list = []
         self.pending_bytes = 0
+        self.most_held = 0                  # the most llama.cpp tensors of a prefill batch held at once
 
     def __call__(self, step: int, site: str, x: torch.Tensor) -> None:     # llama.cpp's tensors
+        stage = _stage(site, self.n_stages)
+        if stage > self.done + 1 and self._known(step):
+            self._advance(stage - 1)        # llama.cpp is past those stages: run them, drop them
         self.batch[site] = x
         self.captured[(step, site)] = None        # compared or held as an anchor (a --sites input)
+        if step == 0:
+            self.most_held = max(self.most_held, len(self.batch))
 
-    def batch_done(self, step: int, pos0: int, tokens: list[int]) -> None:
-        """llama.cpp finished a batch: run ours on it (end to end, then local), reduce, drop."""
+    def _known(self, step: int) -> bool:
+        """Are this batch's tokens known before llama.cpp is done with it (a prefill batch)?"""
+        if self.runs is not None:
+            return True
+        if step != 0 or self.prompt is None or not self.ubatch:
+            return False
+        pos0 = self.next_pos
+        self._start(step, pos0, self.prompt[pos0:pos0 + self.ubatch])
+        return True
+
+    def _start(self, step: int, pos0: int, tokens: list[int]) -> None:
+        """The batch's stage generators, end to end and anchored, each with its recorder."""
         m = self.model
         ids = torch.tensor(tokens, device=m.device)
         t0 = pos0 if step == 0 else 0                   # the batch's first row within its step
+        self.runs, self.done = {}, -1
+        self.started = (step, pos0, list(tokens))
         for kind, cache in self.caches.items():
-            if cache is None:
-                continue
-            rec = self._recorder(kind, step, t0)
-            anchor = (lambda s, name: self.batch.get(name)) if kind == "local" else None
-            with m.hooks(self.hooks, recorder=rec, anchor=anchor):
-                m.feed(cache, ids, pos0, step)
+            if cache is not None:
+                anchor = (lambda s, name: self.batch.get(name)) if kind == "local" else None
+                self.runs[kind] = (m.stages(ids, pos0, cache), self._recorder(kind, step, t0), anchor)
+        m.manager.step, m.manager.pos = step, pos0
+
+    @torch.no_grad()
+    def _advance(self, upto: int) -> None:
+        """Run our stages up to ``upto`` (both passes), then drop llama.cpp's tensors of them."""
+        m = self.model
+        while self.done < upto:
+            self.done += 1
+            for gen, rec, anchor in self.runs.values():
+                with m.hooks(self.hooks, recorder=rec, anchor=anchor):
+                    next(gen)
+            for name in [n for n in self.batch if _stage(n, self.n_stages) <= self.done]:
+                del self.batch[name]
+            if self.pending_bytes >= self.STAGE_HOLD:
+                self._reduce()
+
+    def batch_done(self, step: int, pos0: int, tokens: list[int]) -> None:
+        """llama.cpp finished a batch: ours runs the stages left (all of them for a decode step),
+        then the batch's pairs are reduced and its tensors dropped."""
+        if self.runs is None:
+            self._start(step, pos0, tokens)
+        elif self.started != (step, pos0, list(tokens)):
+            raise RuntimeError(f"llama.cpp decoded {len(tokens)} tokens at position {pos0} of step {step}, "
+                               f"ours ran {len(self.started[2])} at {self.started[1]} of step {self.started[0]}")
+        self._advance(self.n_stages - 1)
+        self.runs, self.done = None, -1
         self._reduce()
         self.batch = {}
+        if step == 0:
+            self.next_pos = pos0 + len(tokens)
         if self.progress is not None:
             self.progress(pos0 + len(tokens))
 

@@ -214,3 +214,41 @@ def test_large_pairs_reduced_without_sync_equal_per_pair_stats(monkeypatch):
     assert list(large["nonfinite"]) == [0, 1, 1, 0] and list(plain["nonfinite"]) == [0, 1, 1, 0]
     import pandas as pd
     pd.testing.assert_frame_equal(plain, large)
+
+
+def test_a_large_pair_reduced_in_slices_equals_it_reduced_at_once(monkeypatch):
+    """A pair over STATS_ELEMENTS is reduced in slices of its first axis (bounded float64
+    temporaries): the same vector as at once, worst element (its flat index, first of a tie)
+    included, for a strided tensor, with non-finite values, and on the optimistic path."""
+    import harness.compare.metrics as M
+    g = torch.Generator().manual_seed(5)
+    ref = torch.randn(7, 5, 6, generator=g)
+    ours = (ref + 1e-3 * torch.randn(ref.shape, generator=g)).permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    ours[4, 2, 3] = ref[4, 2, 3] + 0.5               # the worst element, in the fifth slice
+    ours[6, 0, 0] = ref[6, 0, 0] - 0.5               # a tie later on: the first one wins
+    whole = M.stats_vector(ours, ref)
+    monkeypatch.setattr(M, "STATS_ELEMENTS", 40)     # slices of one row (30 elements)
+    for fn in (M.stats_vector, M.optimistic_stats):
+        assert torch.allclose(fn(ours, ref), whole, rtol=1e-12, atol=0)
+    assert int(M.stats_vector(ours, ref)[0]) == (4 * 5 + 2) * 6 + 3
+    ours[1, 1, 1], ref[2, 0, 0] = float("nan"), float("inf")
+    monkeypatch.setattr(M, "STATS_ELEMENTS", 1 << 24)
+    whole = M.stats_vector(ours, ref)
+    monkeypatch.setattr(M, "STATS_ELEMENTS", 70)     # slices of two rows
+    assert torch.allclose(M.stats_vector(ours, ref), whole, rtol=1e-12, atol=0, equal_nan=True)
+    assert int(whole[6]) == 2 and int(whole[0]) == 1 * 30 + 1 * 6 + 1
+
+
+def test_logit_stats_in_row_slices_equal_at_once(monkeypatch):
+    import harness.compare.metrics as M
+    g = torch.Generator().manual_seed(6)
+    ref = torch.randn(9, 50, generator=g)
+    ours = ref + 0.05 * torch.randn(ref.shape, generator=g)
+    ours[2, 7], ref[6, 11] = 40.0, -40.0             # one-sided spikes in two row slices
+    whole = M.logit_stats(ours, ref, k=5)
+    monkeypatch.setattr(M, "STATS_ELEMENTS", 120)    # two rows at a time
+    sliced = M.logit_stats(ours, ref, k=5)
+    assert [r["row"] for r in sliced[0]] == list(range(9)) and len(whole[1]) == 2
+    assert sliced[1] == whole[1]
+    for a, b in zip(sliced[0], whole[0]):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-12) for k in a)

@@ -2,6 +2,8 @@
 llama.cpp in several batches and followed batch by batch by our model, gives the single-batch
 path's table: the same rows, verdicts and first divergence; and the merged statistics of the
 batches are those of the whole tensor."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -149,3 +151,69 @@ def test_last_token_logits_with_micro_batches_of_256(tiny_f32, llama_lib, ubatch
     assert len(got[ubatch]) == 2
     for a, b in zip(got[ubatch], got[None]):
         assert np.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _spied_stream(path, isolate: bool):
+    """A micro-batched report of PROMPT whose layer 0 (ours, end to end) notes the runner's stage
+    when it runs, and the Lockstep that drove it."""
+    from harness.diff import diff_stream
+    from harness.llama.runner import LlamaOptions, LlamaRunner
+    from harness.llama.worker import IsolatedRunner
+    import harness.stream as st
+    stage, seen, locks = [None], [], []
+
+    def spy(x, ctx):
+        seen.append((ctx.step, ctx.pos, stage[0]))
+    opts = LlamaOptions(device="cpu", ubatch=16, isolate=isolate)
+    runner = IsolatedRunner(path, opts, 64) if isolate else \
+        LlamaRunner(path, opts, 64, on_stage=lambda what: stage.__setitem__(0, what))
+    init = st.Lockstep.__init__
+
+    def keep(self, *a, **k):
+        init(self, *a, **k)
+        locks.append(self)
+    try:
+        st.Lockstep.__init__ = keep
+        req = DiffRequest(path, tokens=PROMPT, steps=1, ubatch=16, isolate=isolate, local=True,
+                          faults=[Fault("spy", [("blk.0.l_out", spy)])])
+        cmp = diff_stream(req, runner=runner).comparison
+    finally:
+        st.Lockstep.__init__ = init
+        runner.close()
+    return cmp, seen, locks[0]
+
+
+@pytest.mark.parametrize("isolate", [False, True], ids=["in-process", "worker"])
+def test_prefill_batches_hold_one_layer_of_llama_cpps_tensors(tiny_f32, llama_lib, isolate):
+    """Layer by layer: our stage runs once llama.cpp's tensors of it are in, and they are dropped
+    then, so a prefill batch holds about one layer of them (19 sites + the next layer's first),
+    not the batch's 63. In process, llama.cpp hands each node over inside llama_decode: our
+    layer 0 runs while llama.cpp is still decoding the batch (before its "capture" stage)."""
+    cmp, seen, lock = _spied_stream(tiny_f32, isolate)
+    assert cmp.first is None and len(cmp.table) == 2 * 63
+    assert lock.most_held == 20
+    prefill = [s for s in seen if s[0] == 0]
+    assert [p for _, p, _ in prefill] == [0, 0, 16, 16, 32, 32]        # end to end, then anchored
+    if not isolate:
+        assert {s for _, _, s in prefill} == {"decode step 0"}
+        assert [s for st_, _, s in seen if st_ == 1] == ["capture step 1"] * 2   # a decode step: after it
+
+
+def test_an_error_of_ours_inside_llama_decode_is_one_clear_error(tiny_f32, llama_lib):
+    """Our model fails while llama.cpp's eval callback runs it (here a hook that says CUDA ran
+    out of memory): one LlamaError (the command line's exit 2) that says where (our layer 1 runs
+    when llama.cpp's layer 2 begins) and that the failure was in handing the tensor over, not in
+    llama.cpp's capture; the runner recovers."""
+    from harness.llama.runner import LlamaError, LlamaOptions, LlamaRunner
+
+    def boom(x, ctx):
+        if ctx.pos == 16:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    req = DiffRequest(tiny_f32, tokens=PROMPT, steps=1, ubatch=16, isolate=False,
+                      faults=[Fault("boom", [("blk.1.ffn_up", boom)])])
+    with LlamaRunner(tiny_f32, LlamaOptions(device="cpu", ubatch=16, isolate=False), 64) as r:
+        from harness.diff import diff_stream
+        with pytest.raises(LlamaError, match=r"^handing over llama.cpp's tensor failed at step 0 at node "
+                                             r"'attn_norm-2 \(blk.2.attn_norm\)': RuntimeError: CUDA out of memory"):
+            diff_stream(req, runner=r)
+        assert diff_stream(replace(req, faults=[]), runner=r).comparison.first is None

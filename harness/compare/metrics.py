@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from harness.budget import BATCH_ELEMENTS
+from harness.budget import BATCH_ELEMENTS, STATS_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -27,15 +27,37 @@ def stats_vector(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """The raw reductions behind :class:`PairStats`, as one float64 tensor on ``ours``'s device
     (a GPU caller can queue many and transfer them together). The finiteness check synchronises
     once; the streaming ``Comparator`` avoids it with :func:`optimistic_stats` (large pairs) and
-    :func:`batch_stats` (small pairs)."""
+    :func:`batch_stats` (small pairs). A pair over :data:`STATS_ELEMENTS` elements is reduced
+    in slices of its first axis, combined (bounded float64 temporaries)."""
     if tuple(ours.shape) != tuple(ref.shape):
         raise ValueError(f"shape mismatch: ours {tuple(ours.shape)} vs reference {tuple(ref.shape)}")
+    return _sliced(_one_stats_vector, ours, ref)
+
+
+def _one_stats_vector(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     a, b = _flat64(ours, ref)
     if a.numel() == 0:
         return torch.zeros(9, dtype=torch.float64, device=a.device)
     if bool(torch.isfinite(a).all() & torch.isfinite(b).all()):
         return _finite_stats(a, b)      # the common case, in fewer ops: nothing to mask
     return _masked_stats(a, b)
+
+
+def _sliced(fn, ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``fn``'s stats vector of a pair, computed on slices of the first axis of at most about
+    :data:`STATS_ELEMENTS` elements and combined as the reductions compose (the worst element
+    the first of the largest, as ``argmax`` picks; squared norms and dot products summed)."""
+    n = ours.numel()
+    if n <= STATS_ELEMENTS or ours.dim() == 0 or ours.shape[0] < 2:
+        return fn(ours, ref)
+    row = n // ours.shape[0]
+    step = max(1, STATS_ELEMENTS // max(row, 1))
+    parts = torch.stack([fn(ours[i:i + step], ref[i:i + step]) for i in range(0, ours.shape[0], step)])
+    offsets = torch.arange(0, ours.shape[0], step, device=parts.device, dtype=torch.float64) * row
+    k = parts[:, 1].argmax()
+    sq = parts[:, 2:5].pow(2).sum(0).sqrt()
+    return torch.stack([offsets[k] + parts[k, 0], parts[k, 1], sq[0], sq[1], sq[2], parts[:, 5].sum(),
+                        parts[:, 6].sum(), parts[k, 7], parts[k, 8]])
 
 
 def _flat64(ours: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +82,8 @@ def optimistic_stats(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """:func:`stats_vector` assuming every value is finite, without the host synchronisation.
     Valid exactly when its three norms (columns 2-4) are finite: float32 values squared and summed
     in float64 cannot overflow, so a non-finite norm means a non-finite input, and the caller
-    must then use :func:`stats_vector` (see ``Comparator``)."""
-    return _finite_stats(*_flat64(ours, ref))
+    must then use :func:`stats_vector` (see ``Comparator``). Sliced as :func:`stats_vector` is."""
+    return _sliced(lambda a, b: _finite_stats(*_flat64(a, b)), ours, ref)
 
 
 def nonfinite_masks(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +253,20 @@ def _robust_z(x: torch.Tensor) -> torch.Tensor:
 def logit_stats(ours: torch.Tensor, ref: torch.Tensor, k: int = 10, spike_z: float = 8.0) -> tuple[list, list]:
     """Per token row of (T, V) logits: top-1 agreement, top-k overlap, KL(ref || ours); and the
     tokens whose logit is an outlier (robust z-score above ``spike_z``) on one side and
-    unremarkable (below half of it) on the other. Vectorized over rows, on the tensors' device."""
+    unremarkable (below half of it) on the other (the first 1000 in row order, largest z first).
+    Vectorized over rows, on the tensors' device, at most :data:`STATS_ELEMENTS` logits at once."""
+    step = max(1, STATS_ELEMENTS // max(ours.shape[-1], 1))
+    rows, spikes = [], []
+    for t0 in range(0, ours.shape[0], step):
+        r, sp = _logit_stats(ours[t0:t0 + step], ref[t0:t0 + step], k, spike_z)
+        rows += [dict(x, row=x["row"] + t0) for x in r]
+        spikes += [dict(x, row=x["row"] + t0) for x in sp]
+    spikes = sorted(spikes, key=lambda x: x["row"])[:1000]
+    spikes.sort(key=lambda s: -s["z"])
+    return rows, spikes
+
+
+def _logit_stats(ours: torch.Tensor, ref: torch.Tensor, k: int, spike_z: float) -> tuple[list, list]:
     a, b = ours.detach().float(), ref.detach().to(ours.device).float()
     k = min(k, a.shape[-1])
     fin = torch.isfinite(a).all(-1) & torch.isfinite(b).all(-1)
@@ -250,5 +285,4 @@ def logit_stats(ours: torch.Tensor, ref: torch.Tensor, k: int = 10, spike_z: flo
         side = "ours" if za[t, tok] > spike_z else "reference"
         spikes.append(dict(row=t, token=tok, ours=float(a[t, tok]), ref=float(b[t, tok]), side=side,
                            z=float(max(za[t, tok], zb[t, tok]))))
-    spikes.sort(key=lambda s: -s["z"])
     return rows, spikes

@@ -117,8 +117,12 @@ class Capture:
         self._gpu, self._cpu = Arena("cuda"), Arena("cpu")
         self.start(NOTHING, lambda *a: None)
 
-    def start(self, filt: SiteFilter, sink: Sink) -> None:
-        self.filt, self.sink = filt, sink
+    def start(self, filt: SiteFilter, sink: Sink, streaming: bool = False) -> None:
+        """A run capturing ``filt``'s sites into ``sink``; ``streaming``: each node reaches the
+        sink inside the eval callback, right after its copy (the sink may run a layer of our
+        model there, before llama.cpp computes the next node), instead of after llama_decode."""
+        self.filt, self.sink, self.streaming = filt, sink, streaming
+        self.sink_error: BaseException | None = None     # raised by the sink (not by the capture)
         self.step, self.dims = 0, self.cfg.dims()
         self.captured: set[tuple[int, str]] = set()
         self.records: list[tuple] = []
@@ -199,6 +203,8 @@ class Capture:
         else:
             self.g.lib.ggml_backend_tensor_get(addr, ptr, 0, nbytes)
         self.records.append((self.asked, t.name, chunk, off, t.type, ne, nb))
+        if self.streaming:
+            self.finish_step()
         return True
 
     # -- after llama_decode ----------------------------------------------------------------------
@@ -255,4 +261,8 @@ class Capture:
             raise ValueError(f"{site} computed twice in one batch (the batch was split into several graphs)")
         self.batch_seen.add(site)
         self.captured.add((self.step, site))
-        self.sink(self.step, site, x)
+        try:
+            self.sink(self.step, site, x)
+        except BaseException as e:
+            self.sink_error = e         # e.g. our model, run by the sink, out of memory: not the capture's
+            raise

@@ -273,9 +273,10 @@ class LlamaRunner:
         e = self._capture.error
         if isinstance(e, KeyboardInterrupt):
             raise e
-        if e is not None:
+        if e is not None:       # the sink's own failure (e.g. our model, run by harness.stream) says so
+            what = "handing over llama.cpp's tensor failed" if e is self._capture.sink_error else "capture failed"
             where = f" at node {self._capture.error_node!r}" if self._capture.error_node else ""
-            raise LlamaError(f"capture failed at step {step}{where}: {type(e).__name__}: {e}") from e
+            raise LlamaError(f"{what} at step {step}{where}: {type(e).__name__}: {e}") from e
 
     def _generate(self, ctx, prompt, steps, decode_tokens, before_step=None, after_batch=None) -> list[int]:
         """Prefill + ``steps`` teacher-forced decodes on a cleared cache; fills last_logits. With
@@ -311,7 +312,7 @@ class LlamaRunner:
         trace = Trace(self.config.n_layer, meta=dict(self.meta))
         filt = (filt or SiteFilter()) if capture else NOTHING
         cap = self._capture
-        cap.start(filt, sink or trace)
+        cap.start(filt, sink or trace, streaming=bool(getattr(sink, "streams", False)))
         try:
             tokens = self._generate(self.ctx, prompt, steps, decode_tokens, cap.begin_step,
                                     getattr(sink, "batch_done", None))

@@ -266,6 +266,15 @@ class Model(nn.Module):
 
     def forward(self, tokens: torch.Tensor, pos0: int, cache: KVCache) -> torch.Tensor:
         """One step: tokens (T,) at positions pos0..pos0+T-1 -> logits (T, V)."""
+        for out in self.stages(tokens, pos0, cache):
+            pass
+        return out
+
+    def stages(self, tokens: torch.Tensor, pos0: int, cache: KVCache):
+        """:meth:`forward` one stage per ``next``: the embedding (stage 0), block i (stage i + 1),
+        each yielding None, then the output norm and logits (stage n_layer + 1), yielding the
+        logits. A caller can interleave other work between stages (harness.stream runs each
+        layer as soon as llama.cpp has computed it)."""
         cfg, T, P = self.config, tokens.shape[0], pos0 + tokens.shape[0]
         pos = torch.arange(pos0, P, device=self.device)
         mask = torch.full((T, P), float("-inf"), device=self.device, dtype=self.dtype) \
@@ -274,11 +283,13 @@ class Model(nn.Module):
                            self.rope_scale)                                       # 2 x (T, 1, Dh)
         we = self.embd.weight
         x = self.hp["embd"](F.embedding(tokens, we), tokens=tokens, weight=we)   # (T, D)
+        yield None
         for block in self.blocks:
             x = block(x, pos, cache, mask, rope)
+            yield None
         h = self.hp["output_norm"](rms_norm(x, self.norm_w, self.config.rms_eps), x=x, weight=self.norm_w,
                                    eps=self.config.rms_eps)
-        return self.hp["logits"](self.out(h), x=h, weight=self.out.weight)    # (T, V)
+        yield self.hp["logits"](self.out(h), x=h, weight=self.out.weight)   # (T, V)
 
     @contextlib.contextmanager
     def hooks(self, hooks: Iterable[tuple[str, Hook]] = (), recorder=None, anchor=None):
