@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from harness.budget import BATCH_ELEMENTS, STATS_ELEMENTS
+from harness.compare import cuda_stats
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,11 @@ def optimistic_stats(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """:func:`stats_vector` assuming every value is finite, without the host synchronisation.
     Valid exactly when its three norms (columns 2-4) are finite: float32 values squared and summed
     in float64 cannot overflow, so a non-finite norm means a non-finite input, and the caller
-    must then use :func:`stats_vector` (see ``Comparator``). Sliced as :func:`stats_vector` is."""
+    must then use :func:`stats_vector` (see ``Comparator``). A float32 pair on a GPU in one pass
+    (:mod:`harness.compare.cuda_stats`), else sliced as :func:`stats_vector` is."""
+    fused = cuda_stats.pair_stats_vector(ours, ref)
+    if fused is not None:
+        return fused
     return _sliced(lambda a, b: _finite_stats(*_flat64(a, b)), ours, ref)
 
 

@@ -1,0 +1,150 @@
+"""One pass over a float32 pair on a CUDA device for :func:`harness.compare.metrics.optimistic_stats`.
+
+The torch path converts both tensors to float64 copies and reads them about ten times (the
+difference, its absolute value, argmax, three norms, the dot product): ~120 bytes of memory
+traffic per element, the largest cost of a long report (the attention scores, H x T x P per layer
+and pass). This kernel reads each float32 element once, does the same arithmetic in float64 (the
+difference of the two values, exact; its square and the squares and product summed in float64)
+and writes one row of partial results per block; torch combines the rows. The worst element is
+the first of the largest |difference|, as ``argmax`` picks. Sums differ from torch's by summation
+order only (~1e-16 relative). Compiled with NVRTC on first use and checked against the torch path;
+where it cannot be (no compiler, a mismatch), the torch path runs.
+
+Like ``optimistic_stats``, the result is valid when its three norms are finite: a NaN or an
+infinity in either tensor makes a sum non-finite, and the caller reduces the pair again on the
+masked path.
+"""
+from __future__ import annotations
+
+import torch
+
+_SRC = r"""
+extern "C" __global__ void pair_stats(const float* __restrict__ a, const float* __restrict__ b,
+                                      long long rows, long long cols, long long lda, long long ldb,
+                                      double* __restrict__ part)
+{
+    long long n = rows * cols;
+    double m = -1.0, sd = 0.0, sb = 0.0, sa = 0.0, sab = 0.0;
+    long long mi = 0x7fffffffffffffffLL;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long r = i / cols, c = i - r * cols;
+        double x = (double)a[r * lda + c], y = (double)b[r * ldb + c];
+        double d = x - y, ad = fabs(d);
+        if (ad > m) { m = ad; mi = i; }
+        sd += d * d; sb += y * y; sa += x * x; sab += x * y;
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+        double om = __shfl_down_sync(0xffffffffu, m, off);
+        long long oi = __shfl_down_sync(0xffffffffu, mi, off);
+        if (om > m || (om == m && oi < mi)) { m = om; mi = oi; }
+        sd += __shfl_down_sync(0xffffffffu, sd, off);
+        sb += __shfl_down_sync(0xffffffffu, sb, off);
+        sa += __shfl_down_sync(0xffffffffu, sa, off);
+        sab += __shfl_down_sync(0xffffffffu, sab, off);
+    }
+    __shared__ double sh[32][5];
+    __shared__ long long si[32];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    if (lane == 0) { sh[warp][0] = m; sh[warp][1] = sd; sh[warp][2] = sb; sh[warp][3] = sa; sh[warp][4] = sab; si[warp] = mi; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < nw; w++) {
+            if (sh[w][0] > m || (sh[w][0] == m && si[w] < mi)) { m = sh[w][0]; mi = si[w]; }
+            sd += sh[w][1]; sb += sh[w][2]; sa += sh[w][3]; sab += sh[w][4];
+        }
+        double* p = part + 6 * (long long)blockIdx.x;
+        p[0] = m; p[1] = (double)mi; p[2] = sd; p[3] = sb; p[4] = sa; p[5] = sab;
+    }
+}
+"""
+_KERNELS: dict[int, object] = {}       # CUDA device index -> the kernel (None: the torch path)
+_THREADS, _BLOCKS = 256, 1024
+
+
+def _as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """(tensor, rows, cols, row stride) of ``t`` seen as rows of its last axis without a copy
+    where its layout allows (the last axis contiguous, the leading ones collapsible: e.g. the
+    first P cells of llama.cpp's (H, T, n_kv) scores), else of a contiguous copy."""
+    if t.dim() == 0:
+        t = t.reshape(1)
+    cols = t.shape[-1]
+    rows = t.numel() // max(cols, 1)
+    ok = t.stride(-1) == 1 or cols == 1
+    for i in range(t.dim() - 2):
+        ok = ok and (t.shape[i] == 1 or t.stride(i) == t.stride(i + 1) * t.shape[i + 1])
+    if not ok:
+        t = t.contiguous()
+    return t, rows, cols, (t.stride(-2) if t.dim() > 1 else cols)
+
+
+def _launch(kernel, ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    a, rows, cols, lda = _as_rows(ours)
+    b, _, _, ldb = _as_rows(ref)
+    n = rows * cols
+    blocks = max(1, min(_BLOCKS, -(-n // _THREADS)))
+    part = torch.empty(blocks, 6, dtype=torch.float64, device=a.device)
+    kernel(grid=(blocks, 1, 1), block=(_THREADS, 1, 1), args=[a, b, rows, cols, lda, ldb, part])
+    m = part[:, 0].max()
+    flat = torch.where(part[:, 0] == m, part[:, 1], torch.inf).min()      # the first of the largest
+    flat = flat.clamp(0, n - 1)          # in range even when every difference is NaN (then discarded)
+    r = flat.long() // cols
+    c = flat.long() - r * cols
+    sums = part[:, 2:].sum(0)
+    zero = torch.zeros((), dtype=torch.float64, device=a.device)
+    av, bv = a.as_strided((rows, cols), (lda, 1))[r, c], b.as_strided((rows, cols), (ldb, 1))[r, c]
+    return torch.stack([flat, m, sums[0].sqrt(), sums[1].sqrt(), sums[2].sqrt(), sums[3], zero,
+                        av.double(), bv.double()])
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernel runs on ``device`` (compiled and checked on first call)."""
+    return device.type == "cuda" and _compiled(device) is not None
+
+
+def _compiled(device: torch.device):
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _KERNELS:
+        _KERNELS[idx] = None
+        try:
+            kernel = torch.cuda._compile_kernel(_SRC, "pair_stats")
+            if _self_check(kernel, device):
+                _KERNELS[idx] = kernel
+        except Exception:  # noqa: BLE001 - no NVRTC, a driver refusal: the torch path instead
+            pass
+    return _KERNELS[idx]
+
+
+def reference_stats(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The torch path's vector (float64 copies), what the kernel must reproduce."""
+    a, b = ours.detach().double().flatten(), ref.detach().double().flatten()
+    d = a - b
+    flat = d.abs().argmax()
+    return torch.stack([flat.double(), d[flat].abs(), d.norm(), b.norm(), a.norm(), a @ b,
+                        torch.zeros((), dtype=torch.float64, device=a.device), a[flat], b[flat]])
+
+
+def agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Same worst element (index, |difference|, both values) and sums within 1e-12 relative."""
+    return bool(torch.equal(got[[0, 1, 6, 7, 8]], want[[0, 1, 6, 7, 8]])
+                and torch.allclose(got[2:6], want[2:6], rtol=1e-12, atol=0))
+
+
+def _self_check(kernel, device: torch.device) -> bool:
+    g = torch.Generator(device=device).manual_seed(0)
+    ref = torch.randn(3, 70, 1000, generator=g, device=device)
+    ours = ref + 1e-3 * torch.randn(ref.shape, generator=g, device=device)
+    ours[2, 5, 7], ours[0, 9, 1] = ref[2, 5, 7] + 0.25, ref[0, 9, 1] - 0.25      # a tie: the first wins
+    pairs = [(ours, ref), (ours[:, :, :999], ref[:, :, :999]), (ours.transpose(1, 2), ref.transpose(1, 2)),
+             (ours[1, 3, :17], ref[1, 3, :17])]
+    return all(agrees(_launch(kernel, a, b), reference_stats(a, b)) for a, b in pairs)
+
+
+def pair_stats_vector(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | None:
+    """The optimistic stats vector of a float32 CUDA pair in one pass, or None where the kernel
+    is unavailable (another dtype or device, no compiler)."""
+    if ours.dtype != torch.float32 or ref.dtype != torch.float32 or not ours.is_cuda \
+            or ref.device != ours.device or ours.numel() == 0:
+        return None
+    kernel = _compiled(ours.device)
+    return None if kernel is None else _launch(kernel, ours, ref)
