@@ -2,7 +2,7 @@
     python benchmarks/profile_stream.py [TOKENS [UBATCH]]     (default 2048 97; + 8 steps)
 Qwen2.5-0.5B-shaped F16, llama.cpp in-process, the same runner throughout; prints one line per
 variant: as shipped and without the systematic statistics; then plain decode and capture alone at
-the same micro-batch, one report's time by phase, its top CUDA kernels, and a cProfile by own time.
+the same micro-batch, one report's time by phase, its top CUDA kernels, and a cProfile by own time."""
 import cProfile
 import pstats
 import sys
