@@ -125,15 +125,24 @@ def _masked_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
                         bad.sum().double(), a[flat], b[flat]])
 
 
-def segment_ids(ours: list[torch.Tensor], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segment id of every element of the concatenated pairs, and each segment's start, made on
-    ``dev`` without a blocking host->device copy (the lengths travel from pinned memory)."""
+def segment_ids(ours: list[torch.Tensor], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Segment id of every element of the concatenated pairs, each segment's start and length,
+    made on ``dev`` without a blocking host->device copy (the lengths travel from pinned memory)."""
     sizes = [o.numel() for o in ours]
     lens = torch.tensor(sizes)
     if dev.type == "cuda":
         lens = lens.pin_memory().to(dev, non_blocking=True)
     seg = torch.repeat_interleave(torch.arange(len(sizes), device=dev), lens, output_size=sum(sizes))
-    return seg, torch.cumsum(lens, 0) - lens
+    return seg, torch.cumsum(lens, 0) - lens, lens
+
+
+def segment_reduce(values: torch.Tensor, how: str, lens: torch.Tensor) -> torch.Tensor:
+    """``how`` ("sum", "max", "min") of each contiguous segment of ``values`` (its last axis),
+    one row at a time: a segmented reduction, not atomics into a few slots (float64 atomics all
+    hitting one address per pair were a third of a long report's GPU time)."""
+    if values.dim() == 1:
+        return torch.segment_reduce(values, how, lengths=lens, unsafe=True)
+    return torch.stack([torch.segment_reduce(v, how, lengths=lens, unsafe=True) for v in values])
 
 
 def numel_groups(tensors: list[torch.Tensor], limit: int | None = None) -> list[slice]:
@@ -168,16 +177,13 @@ def _batch_stats(ours: list[torch.Tensor], refs: list[torch.Tensor]) -> torch.Te
         return torch.stack([stats_vector(o, r) for o, r in zip(ours, refs)])
     a = torch.cat([o.detach().reshape(-1) for o in ours]).double()
     b = torch.cat([r.detach().to(dev).reshape(-1) for r in refs]).double()
-    n, total = len(ours), a.numel()
-    seg, starts = segment_ids(ours, dev)
+    total = a.numel()
+    seg, starts, lens = segment_ids(ours, dev)
     bad, fa, fb, d, diff = _masked(a, b)
-    zeros = torch.zeros(n, dtype=torch.float64, device=dev)
-    mx = zeros.scatter_reduce(0, seg, diff, "amax", include_self=False)
-    pos = torch.arange(total, device=dev)
-    first = torch.full((n,), total, device=dev).scatter_reduce(
-        0, seg, torch.where(diff == mx[seg], pos, total), "amin", include_self=True)
-    sums = torch.zeros(5, n, dtype=torch.float64, device=dev).index_add_(
-        1, seg, torch.stack([d * d, fb * fb, fa * fa, fa * fb, bad.double()]))
+    mx = segment_reduce(diff, "max", lens)
+    pos = torch.arange(total, device=dev, dtype=torch.float64)
+    first = segment_reduce(torch.where(diff == mx[seg], pos, torch.inf), "min", lens).long()
+    sums = segment_reduce(torch.stack([d * d, fb * fb, fa * fa, fa * fb, bad.double()]), "sum", lens)
     return torch.stack([(first - starts).double(), mx, sums[0].sqrt(), sums[1].sqrt(), sums[2].sqrt(), sums[3],
                         sums[4], a[first], b[first]], dim=1)
 

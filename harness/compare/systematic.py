@@ -83,8 +83,8 @@ def sys_pair(ours: torch.Tensor, ref: torch.Tensor, token_major: bool) -> torch.
 def sys_sums_many(ours: list[torch.Tensor], refs: list[torch.Tensor],
                   token_major: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """:func:`sys_sums` of many pairs at once, on their device: the pairs are concatenated and
-    reduced per segment (a dozen kernels for the batch instead of a dozen per pair; float64
-    atomics, so the last digits may vary from run to run). Returns the (N, 6) sums, every
+    reduced per segment (a dozen kernels for the batch instead of a dozen per pair; the channel
+    sums by float64 atomics, so their last digits may vary from run to run). Returns the (N, 6) sums, every
     token-major pair's channel sums concatenated, and each pair's channel count (0: none).
     At most :data:`~harness.compare.metrics.BATCH_ELEMENTS` elements are concatenated at once."""
     from harness.compare.metrics import numel_groups
@@ -98,16 +98,15 @@ def sys_sums_many(ours: list[torch.Tensor], refs: list[torch.Tensor],
 
 def _sys_sums_group(ours: list[torch.Tensor], refs: list[torch.Tensor],
                     token_major: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    from harness.compare.metrics import segment_ids
+    from harness.compare.metrics import segment_ids, segment_reduce
     dev = ours[0].device
     a = torch.cat([o.detach().reshape(-1) for o in ours]).double()
     b = torch.cat([r.detach().to(dev).reshape(-1) for r in refs]).double()
     ok = torch.isfinite(a) & torch.isfinite(b)
     a, b = torch.where(ok, a, 0.0), torch.where(ok, b, 0.0)
     d = a - b
-    seg, starts = segment_ids(ours, dev)
-    sums = torch.zeros(5, len(ours), dtype=torch.float64, device=dev).index_add_(
-        1, seg, torch.stack([ok.double(), b * b, d * b, d * d, d]))
+    seg, starts, lens = segment_ids(ours, dev)
+    sums = segment_reduce(torch.stack([ok.double(), b * b, d * b, d * d, d]), "sum", lens)
     rows = [o.shape[0] if tm and o.dim() >= 2 else 0 for o, tm in zip(ours, token_major)]
     counts = [o.numel() // r if r else 0 for o, r in zip(ours, rows)]
     total = sum(counts)
@@ -122,12 +121,12 @@ def _sys_sums_group(ours: list[torch.Tensor], refs: list[torch.Tensor],
 
 def sys_pairs(ours: list[torch.Tensor], refs: list[torch.Tensor], token_major: list[bool]) -> torch.Tensor:
     """:func:`sys_pair` of many pairs at once, (N, 8) on their device (see :func:`sys_sums_many`)."""
+    from harness.compare.metrics import segment_reduce
     sums, chan, counts = sys_sums_many(ours, refs, token_major)
-    dev, n = sums.device, len(counts)
+    dev = sums.device
     c = torch.tensor(counts, dtype=torch.int64)
     c = c.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else c     # no host sync
-    owner = torch.repeat_interleave(torch.arange(n, device=dev), c, output_size=sum(counts))
-    energy = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, owner, chan * chan)
+    energy = segment_reduce(chan * chan, "sum", c)
     return torch.cat([sums, energy[:, None], c.double()[:, None]], 1)
 
 
