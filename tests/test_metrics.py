@@ -252,3 +252,27 @@ def test_logit_stats_in_row_slices_equal_at_once(monkeypatch):
     assert sliced[1] == whole[1]
     for a, b in zip(sliced[0], whole[0]):
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-12) for k in a)
+
+
+def test_batched_stats_in_pieces_equal_per_pair_stats(monkeypatch):
+    """Each pair's segment is reduced in pieces of PIECE elements, then per pair: the same
+    vectors, the worst element the first of a tie that spans two pieces, NaN and inf included;
+    the systematic sums likewise."""
+    import harness.compare.metrics as M
+    import harness.compare.systematic as S
+    g = torch.Generator().manual_seed(1)
+    ours = [torch.randn(3, 7, generator=g), torch.randn(5, generator=g), torch.randn(4, 9, generator=g)]
+    refs = [x + 0.01 * torch.randn(x.shape, generator=g) for x in ours]
+    refs[2][1, 2], ours[2][1, 2] = 0.0, 2.0           # a tie at flat 11 and 31 (pieces of 4: the 3rd and 8th)
+    refs[2][3, 4], ours[2][3, 4] = 1.0, -1.0
+    want = torch.stack([M.stats_vector(a, b) for a, b in zip(ours, refs)])
+    sys_want = S.sys_sums_many(ours, refs, [True, False, True])
+    monkeypatch.setattr(M, "PIECE", 4)
+    got = M.batch_stats(ours, refs)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-15) and int(got[2, 0]) == 11
+    sys_got = S.sys_sums_many(ours, refs, [True, False, True])
+    assert torch.allclose(sys_got[0], sys_want[0], rtol=1e-12, atol=1e-15)
+    assert torch.allclose(sys_got[1], sys_want[1], rtol=1e-12, atol=1e-15) and sys_got[2] == sys_want[2]
+    ours[0][2, 6], refs[1][4] = float("nan"), float("inf")
+    want = torch.stack([M.stats_vector(a, b) for a, b in zip(ours, refs)])
+    assert torch.allclose(M.batch_stats(ours, refs), want, rtol=1e-12, atol=1e-15, equal_nan=True)

@@ -5,7 +5,8 @@ difference, its absolute value, argmax, three norms, the dot product): ~120 byte
 traffic per element, the largest cost of a long report (the attention scores, H x T x P per layer
 and pass). This kernel reads each float32 element once, does the same arithmetic in float64 (the
 difference of the two values, exact; its square and the squares and product summed in float64)
-and writes one row of partial results per block; torch combines the rows. The worst element is
+and writes one row of partial results per block; a second one-thread launch combines the rows
+into the stats vector (no other op: a report reduces hundreds of pairs per batch). The worst element is
 the first of the largest |difference|, as ``argmax`` picks. Sums differ from torch's by summation
 order only (~1e-16 relative). Compiled with NVRTC on first use and checked against the torch path;
 where it cannot be (no compiler, a mismatch), the torch path runs.
@@ -19,47 +20,66 @@ from __future__ import annotations
 import torch
 
 _SRC = r"""
+// int parameters: torch's launcher passes a Python int as a C int (sizes are checked to fit)
 extern "C" __global__ void pair_stats(const float* __restrict__ a, const float* __restrict__ b,
-                                      long long rows, long long cols, long long lda, long long ldb,
-                                      double* __restrict__ part)
+                                      int rows, int cols, int lda, int ldb, double* __restrict__ part)
 {
-    long long n = rows * cols;
-    double m = -1.0, sd = 0.0, sb = 0.0, sa = 0.0, sab = 0.0;
-    long long mi = 0x7fffffffffffffffLL;
+    long long n = (long long)rows * cols;
+    bool small = n < 2147483647LL;                 // 32-bit division where the indices fit
+    double m = -1.0, sd = 0.0, sb = 0.0, sa = 0.0, sab = 0.0, mi = 9.0e18;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        long long r = i / cols, c = i - r * cols;
+        long long r = small ? (long long)((unsigned)i / (unsigned)cols) : i / cols, c = i - r * cols;
         double x = (double)a[r * lda + c], y = (double)b[r * ldb + c];
         double d = x - y, ad = fabs(d);
-        if (ad > m) { m = ad; mi = i; }
+        if (ad > m) { m = ad; mi = (double)i; }
         sd += d * d; sb += y * y; sa += x * x; sab += x * y;
     }
     for (int off = 16; off > 0; off >>= 1) {
-        double om = __shfl_down_sync(0xffffffffu, m, off);
-        long long oi = __shfl_down_sync(0xffffffffu, mi, off);
+        double om = __shfl_down_sync(0xffffffffu, m, off), oi = __shfl_down_sync(0xffffffffu, mi, off);
         if (om > m || (om == m && oi < mi)) { m = om; mi = oi; }
         sd += __shfl_down_sync(0xffffffffu, sd, off);
         sb += __shfl_down_sync(0xffffffffu, sb, off);
         sa += __shfl_down_sync(0xffffffffu, sa, off);
         sab += __shfl_down_sync(0xffffffffu, sab, off);
     }
-    __shared__ double sh[32][5];
-    __shared__ long long si[32];
+    __shared__ double sh[32][6];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    if (lane == 0) { sh[warp][0] = m; sh[warp][1] = sd; sh[warp][2] = sb; sh[warp][3] = sa; sh[warp][4] = sab; si[warp] = mi; }
+    if (lane == 0) { sh[warp][0] = m; sh[warp][1] = mi; sh[warp][2] = sd; sh[warp][3] = sb; sh[warp][4] = sa; sh[warp][5] = sab; }
     __syncthreads();
     if (threadIdx.x == 0) {
         for (int w = 1; w < nw; w++) {
-            if (sh[w][0] > m || (sh[w][0] == m && si[w] < mi)) { m = sh[w][0]; mi = si[w]; }
-            sd += sh[w][1]; sb += sh[w][2]; sa += sh[w][3]; sab += sh[w][4];
+            if (sh[w][0] > m || (sh[w][0] == m && sh[w][1] < mi)) { m = sh[w][0]; mi = sh[w][1]; }
+            sd += sh[w][2]; sb += sh[w][3]; sa += sh[w][4]; sab += sh[w][5];
         }
         double* p = part + 6 * (long long)blockIdx.x;
-        p[0] = m; p[1] = (double)mi; p[2] = sd; p[3] = sb; p[4] = sa; p[5] = sab;
+        p[0] = m; p[1] = mi; p[2] = sd; p[3] = sb; p[4] = sa; p[5] = sab;
     }
 }
+
+// one thread: the blocks' rows combined into the stats vector (index, max |d|, three norms, dot,
+// 0 non-finite, both values at the index)
+extern "C" __global__ void pair_finish(const double* __restrict__ part, int blocks, const float* __restrict__ a,
+                                       const float* __restrict__ b, int rows, int cols, int lda, int ldb,
+                                       double* __restrict__ out)
+{
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    double m = -1.0, mi = 9.0e18, sd = 0.0, sb = 0.0, sa = 0.0, sab = 0.0;
+    for (int k = 0; k < blocks; k++) {
+        const double* p = part + 6 * (long long)k;
+        if (p[0] > m || (p[0] == m && p[1] < mi)) { m = p[0]; mi = p[1]; }
+        sd += p[2]; sb += p[3]; sa += p[4]; sab += p[5];
+    }
+    long long n = (long long)rows * cols;
+    long long i = (mi >= 0.0 && mi < (double)n) ? (long long)mi : n - 1;   // all NaN: any element
+    long long r = i / cols, c = i - r * cols;
+    out[0] = (double)i; out[1] = m; out[2] = sqrt(sd); out[3] = sqrt(sb); out[4] = sqrt(sa); out[5] = sab;
+    out[6] = 0.0; out[7] = (double)a[r * lda + c]; out[8] = (double)b[r * ldb + c];
+}
 """
-_KERNELS: dict[int, object] = {}       # CUDA device index -> the kernel (None: the torch path)
+_KERNELS: dict[int, object] = {}       # CUDA device index -> (stats, finish) kernels (None: the torch path)
 _THREADS, _BLOCKS = 256, 1024
+_INT_MAX = 2 ** 31 - 1
 
 
 def _as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -78,23 +98,19 @@ def _as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return t, rows, cols, (t.stride(-2) if t.dim() > 1 else cols)
 
 
-def _launch(kernel, ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def _launch(kernels, ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | None:
+    """Two launches, no other op but the allocation; None where a size does not fit a C int."""
+    stats, finish = kernels
     a, rows, cols, lda = _as_rows(ours)
     b, _, _, ldb = _as_rows(ref)
-    n = rows * cols
-    blocks = max(1, min(_BLOCKS, -(-n // _THREADS)))
-    part = torch.empty(blocks, 6, dtype=torch.float64, device=a.device)
-    kernel(grid=(blocks, 1, 1), block=(_THREADS, 1, 1), args=[a, b, rows, cols, lda, ldb, part])
-    m = part[:, 0].max()
-    flat = torch.where(part[:, 0] == m, part[:, 1], torch.inf).min()      # the first of the largest
-    flat = flat.clamp(0, n - 1)          # in range even when every difference is NaN (then discarded)
-    r = flat.long() // cols
-    c = flat.long() - r * cols
-    sums = part[:, 2:].sum(0)
-    zero = torch.zeros((), dtype=torch.float64, device=a.device)
-    av, bv = a.as_strided((rows, cols), (lda, 1))[r, c], b.as_strided((rows, cols), (ldb, 1))[r, c]
-    return torch.stack([flat, m, sums[0].sqrt(), sums[1].sqrt(), sums[2].sqrt(), sums[3], zero,
-                        av.double(), bv.double()])
+    if max(rows, cols, lda, ldb) > _INT_MAX:
+        return None
+    blocks = max(1, min(_BLOCKS, -(-rows * cols // _THREADS)))
+    work = torch.empty(6 * blocks + 9, dtype=torch.float64, device=a.device)
+    stats(grid=(blocks, 1, 1), block=(_THREADS, 1, 1), args=[a, b, rows, cols, lda, ldb, work])
+    out = work[6 * blocks:]
+    finish(grid=(1, 1, 1), block=(32, 1, 1), args=[work, blocks, a, b, rows, cols, lda, ldb, out])
+    return out
 
 
 def available(device: torch.device) -> bool:
@@ -107,9 +123,9 @@ def _compiled(device: torch.device):
     if idx not in _KERNELS:
         _KERNELS[idx] = None
         try:
-            kernel = torch.cuda._compile_kernel(_SRC, "pair_stats")
-            if _self_check(kernel, device):
-                _KERNELS[idx] = kernel
+            kernels = (torch.cuda._compile_kernel(_SRC, "pair_stats"), torch.cuda._compile_kernel(_SRC, "pair_finish"))
+            if _self_check(kernels, device):
+                _KERNELS[idx] = kernels
         except Exception:  # noqa: BLE001 - no NVRTC, a driver refusal: the torch path instead
             pass
     return _KERNELS[idx]
@@ -130,7 +146,7 @@ def agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
                 and torch.allclose(got[2:6], want[2:6], rtol=1e-12, atol=0))
 
 
-def _self_check(kernel, device: torch.device) -> bool:
+def _self_check(kernels, device: torch.device) -> bool:
     g = torch.Generator(device=device).manual_seed(0)
     ref = torch.randn(3, 70, 1000, generator=g, device=device)
     ours = ref + 1e-3 * torch.randn(ref.shape, generator=g, device=device)
@@ -138,7 +154,7 @@ def _self_check(kernel, device: torch.device) -> bool:
     ours[2, 5, 7], ours[0, 9, 1] = 1.25, 0.75                # a tie (exact): the first wins
     pairs = [(ours, ref), (ours[:, :, :999], ref[:, :, :999]), (ours.transpose(1, 2), ref.transpose(1, 2)),
              (ours[1, 3, :17], ref[1, 3, :17])]
-    return all(agrees(_launch(kernel, a, b), reference_stats(a, b)) for a, b in pairs)
+    return all(agrees(_launch(kernels, a, b), reference_stats(a, b)) for a, b in pairs)
 
 
 def pair_stats_vector(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | None:
@@ -147,5 +163,5 @@ def pair_stats_vector(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | N
     if ours.dtype != torch.float32 or ref.dtype != torch.float32 or not ours.is_cuda \
             or ref.device != ours.device or ours.numel() == 0:
         return None
-    kernel = _compiled(ours.device)
-    return None if kernel is None else _launch(kernel, ours, ref)
+    kernels = _compiled(ours.device)
+    return None if kernels is None else _launch(kernels, ours, ref)

@@ -56,9 +56,16 @@ def _sliced(fn, ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     parts = torch.stack([fn(ours[i:i + step], ref[i:i + step]) for i in range(0, ours.shape[0], step)])
     offsets = torch.arange(0, ours.shape[0], step, device=parts.device, dtype=torch.float64) * row
     k = parts[:, 1].argmax()
+    best = _at(parts, k)
     sq = parts[:, 2:5].pow(2).sum(0).sqrt()
-    return torch.stack([offsets[k] + parts[k, 0], parts[k, 1], sq[0], sq[1], sq[2], parts[:, 5].sum(),
-                        parts[:, 6].sum(), parts[k, 7], parts[k, 8]])
+    return torch.stack([_at(offsets, k) + best[0], best[1], sq[0], sq[1], sq[2], parts[:, 5].sum(),
+                        parts[:, 6].sum(), best[7], best[8]])
+
+
+def _at(t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """``t[i]`` for a 0-d index tensor without a host synchronisation (``t[i]`` reads ``i``'s
+    value on the host first: a device-to-host copy and a stall per pair on a GPU)."""
+    return t.index_select(0, i.reshape(1))[0]
 
 
 def _flat64(ours: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +82,8 @@ def _finite_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     d = a - b
     flat = d.abs().argmax()
     dot = a @ b if a.is_cuda else (a * b).sum()
-    return torch.stack([flat.double(), d[flat].abs(), d.norm(), b.norm(), a.norm(), dot,
-                        torch.zeros((), dtype=torch.float64, device=a.device), a[flat], b[flat]])
+    return torch.stack([flat.double(), _at(d, flat).abs(), d.norm(), b.norm(), a.norm(), dot,
+                        torch.zeros((), dtype=torch.float64, device=a.device), _at(a, flat), _at(b, flat)])
 
 
 def optimistic_stats(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -121,19 +128,17 @@ def _masked_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """stats_vector of flat float64 ``a``, ``b`` with non-finite values (see :func:`_masked`)."""
     bad, fa, fb, d, diff = _masked(a, b)
     flat = diff.argmax()
-    return torch.stack([flat.double(), diff[flat], d.norm(), fb.norm(), fa.norm(), (fa * fb).sum(),
-                        bad.sum().double(), a[flat], b[flat]])
+    return torch.stack([flat.double(), _at(diff, flat), d.norm(), fb.norm(), fa.norm(), (fa * fb).sum(),
+                        bad.sum().double(), _at(a, flat), _at(b, flat)])
 
 
-def segment_ids(ours: list[torch.Tensor], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Segment id of every element of the concatenated pairs, each segment's start and length,
-    made on ``dev`` without a blocking host->device copy (the lengths travel from pinned memory)."""
-    sizes = [o.numel() for o in ours]
-    lens = torch.tensor(sizes)
-    if dev.type == "cuda":
-        lens = lens.pin_memory().to(dev, non_blocking=True)
-    seg = torch.repeat_interleave(torch.arange(len(sizes), device=dev), lens, output_size=sum(sizes))
-    return seg, torch.cumsum(lens, 0) - lens, lens
+PIECE = 1 << 16     # segment pieces: a segmented reduction runs one thread block per segment
+
+
+def _on(dev: torch.device, values: list[int]) -> torch.Tensor:
+    """int64 ``values`` on ``dev`` without a blocking host->device copy (through pinned memory)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
 
 def segment_reduce(values: torch.Tensor, how: str, lens: torch.Tensor) -> torch.Tensor:
@@ -143,6 +148,35 @@ def segment_reduce(values: torch.Tensor, how: str, lens: torch.Tensor) -> torch.
     if values.dim() == 1:
         return torch.segment_reduce(values, how, lengths=lens, unsafe=True)
     return torch.stack([torch.segment_reduce(v, how, lengths=lens, unsafe=True) for v in values])
+
+
+class Segments:
+    """The pairs of a concatenation as contiguous segments, reduced in two levels: pieces of at
+    most :data:`PIECE` elements (many thread blocks for a large pair), then each pair's pieces.
+    ``seg``: each element's pair; ``starts``: each pair's first element."""
+
+    def __init__(self, sizes: list[int], dev: torch.device):
+        pieces = [max(1, -(-n // PIECE)) for n in sizes]
+        plens = [m for n, k in zip(sizes, pieces) for m in [PIECE] * (k - 1) + [n - PIECE * (k - 1)]]
+        self.plen, self.count, lens = _on(dev, plens), _on(dev, pieces), _on(dev, sizes)
+        self.pair_of_piece = torch.repeat_interleave(torch.arange(len(sizes), device=dev), self.count,
+                                                     output_size=len(plens))
+        self.piece_of = torch.repeat_interleave(torch.arange(len(plens), device=dev), self.plen,
+                                                output_size=sum(sizes))
+        self.seg = self.pair_of_piece[self.piece_of]
+        self.starts = torch.cumsum(lens, 0) - lens
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Per pair sums of ``values`` (its last axis runs over the concatenation)."""
+        return segment_reduce(segment_reduce(values, "sum", self.plen), "sum", self.count)
+
+    def first_max(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per pair: the largest of ``values`` (1-D, no NaN) and the first position holding it."""
+        pos = torch.arange(values.numel(), device=values.device, dtype=torch.float64)
+        mp = segment_reduce(values, "max", self.plen)
+        fp = segment_reduce(torch.where(values == mp[self.piece_of], pos, torch.inf), "min", self.plen)
+        m = segment_reduce(mp, "max", self.count)
+        return m, segment_reduce(torch.where(mp == m[self.pair_of_piece], fp, torch.inf), "min", self.count)
 
 
 def numel_groups(tensors: list[torch.Tensor], limit: int | None = None) -> list[slice]:
@@ -177,14 +211,12 @@ def _batch_stats(ours: list[torch.Tensor], refs: list[torch.Tensor]) -> torch.Te
         return torch.stack([stats_vector(o, r) for o, r in zip(ours, refs)])
     a = torch.cat([o.detach().reshape(-1) for o in ours]).double()
     b = torch.cat([r.detach().to(dev).reshape(-1) for r in refs]).double()
-    total = a.numel()
-    seg, starts, lens = segment_ids(ours, dev)
+    segs = Segments([o.numel() for o in ours], dev)
     bad, fa, fb, d, diff = _masked(a, b)
-    mx = segment_reduce(diff, "max", lens)
-    pos = torch.arange(total, device=dev, dtype=torch.float64)
-    first = segment_reduce(torch.where(diff == mx[seg], pos, torch.inf), "min", lens).long()
-    sums = segment_reduce(torch.stack([d * d, fb * fb, fa * fa, fa * fb, bad.double()]), "sum", lens)
-    return torch.stack([(first - starts).double(), mx, sums[0].sqrt(), sums[1].sqrt(), sums[2].sqrt(), sums[3],
+    mx, first = segs.first_max(diff)
+    first = first.long()
+    sums = segs.sum(torch.stack([d * d, fb * fb, fa * fa, fa * fb, bad.double()]))
+    return torch.stack([(first - segs.starts).double(), mx, sums[0].sqrt(), sums[1].sqrt(), sums[2].sqrt(), sums[3],
                         sums[4], a[first], b[first]], dim=1)
 
 

@@ -98,15 +98,16 @@ def sys_sums_many(ours: list[torch.Tensor], refs: list[torch.Tensor],
 
 def _sys_sums_group(ours: list[torch.Tensor], refs: list[torch.Tensor],
                     token_major: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    from harness.compare.metrics import segment_ids, segment_reduce
+    from harness.compare.metrics import Segments
     dev = ours[0].device
     a = torch.cat([o.detach().reshape(-1) for o in ours]).double()
     b = torch.cat([r.detach().to(dev).reshape(-1) for r in refs]).double()
     ok = torch.isfinite(a) & torch.isfinite(b)
     a, b = torch.where(ok, a, 0.0), torch.where(ok, b, 0.0)
     d = a - b
-    seg, starts, lens = segment_ids(ours, dev)
-    sums = segment_reduce(torch.stack([ok.double(), b * b, d * b, d * d, d]), "sum", lens)
+    segs = Segments([o.numel() for o in ours], dev)
+    seg, starts = segs.seg, segs.starts
+    sums = segs.sum(torch.stack([ok.double(), b * b, d * b, d * d, d]))
     rows = [o.shape[0] if tm and o.dim() >= 2 else 0 for o, tm in zip(ours, token_major)]
     counts = [o.numel() // r if r else 0 for o, r in zip(ours, rows)]
     total = sum(counts)
