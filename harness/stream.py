@@ -1,13 +1,16 @@
-"""Micro-batched lockstep comparison: a long prompt in memory bounded by one batch.
+"""Micro-batched lockstep comparison: a long prompt in memory bounded by one layer of one batch.
 
 llama.cpp decodes the prompt ``ubatch`` tokens at a time (:attr:`LlamaOptions.ubatch`, one
-``llama_decode`` per batch, then each decode step). After each batch its captured tensors reach
-:class:`Lockstep` (a runner sink with ``batch_done``); our model then runs the same tokens at
-the same positions on its own KV cache (end to end), and, for the local errors, on a second
-cache with every site anchored to llama.cpp's value of this batch. Each pair is reduced to a
+``llama_decode`` per batch, then each decode step). Its captured tensors reach :class:`Lockstep`
+(a runner sink with ``batch_done``) in execution order; our model follows stage by stage
+(:meth:`~harness.ours.model.Model.stages`: the embedding, each block, the output), at the same
+positions, on its own KV cache (end to end) and on a second cache with every site anchored to
+llama.cpp's value (the local errors), as soon as llama.cpp's tensors of the stage are in. In
+process the runner hands each node over inside its eval callback (``Lockstep.streams``), so a
+layer of ours runs while llama.cpp is at the next one. Each pair is reduced to a
 :func:`~harness.compare.metrics.stats_vector` (on a GPU, pairs under ``Comparator.LARGE``
-elements together, per segment, when the batch is done), and the batch's tensors are dropped
-before the next batch is decoded.
+elements together, per segment), and llama.cpp's tensors of a stage are dropped once our stage
+has run.
 
 A table row is still one (step, site) over the whole step: :class:`Merger` combines the
 batches' vectors the way the reductions compose (sums of squares for the three norms, sums

@@ -7,7 +7,8 @@ the least it can: the ask is a dictionary lookup on the node's (name, op); the o
 node's bytes into a chunked arena (a device-to-device copy on the GPU, a memcpy on the
 host; the allocator reuses node memory as soon as the callback returns) and records the node's
 type, ``ne`` and ``nb``. Turning records into canonical site tensors and handing them to the sink
-happens after the step's ``llama_decode`` returns (:meth:`Capture.finish_step`). Measured on an
+happens after the step's ``llama_decode`` returns (:meth:`Capture.finish_step`), or, for a sink
+that ``streams`` (:class:`harness.stream.Lockstep`), right after each copy, inside the callback. Measured on an
 H100 (Qwen2.5-0.5B shapes, 483 nodes per step): a callback that only says yes to those nodes
 already costs ~15 us per node over a plain decode (graph split + device synchronize); this one
 adds ~25 us (copy ~12 us).
