@@ -4,14 +4,12 @@
 # PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b | qwen3 | recal | gputests | numerics | null05b | mdecuda |
 #        mixedclean | profile | speed | long32k | long7b | long32b | kquant7b. Logs go to $OUT (or /tmp/out).
 # What issue 16 (and issue 17's follow-up) still need from a GPU, each line one call of at most 10 minutes.
-# The twelfth session found the 32B-shaped row's flag (blk.6 ffn_gate/ffn_up, decode step 1): one
-# activation at x / d = 51.499996 that ggml-cuda's fast-math division rounds up (harness/ours/cuda_q8_1.py),
-# and reran the rows on that fix:
-#   bash benchmarks/gpu_checks.sh gputests long32b    # the kernel's measured element; the row clean?
-#   bash benchmarks/gpu_checks.sh long32k speed
-#   bash benchmarks/gpu_checks.sh long7b
-# Still to run: profile (where a micro-batch's 0.45 s go), recal (CUDA tolerances with the mirrors,
-# the compiled Q8_1 quantizers included), null05b mdecuda (the systematic null and the MDE after recal).
+# The thirteenth session made the lockstep layered (32k: 50.9 s, 16.5x) and measured a regression of the
+# single-batch report at 512+8 (1.46 s -> 2.06 s on one H100). Still to run:
+#   bash benchmarks/gpu_checks.sh speed profile    # the 512+8 regression: which reduction costs what
+#   bash benchmarks/gpu_checks.sh long7b           # the layered budget's micro-batch of 711
+#   bash benchmarks/gpu_checks.sh long32b          # and of 1,339 with lazy weights
+# and recal (CUDA tolerances with the mirrors, the compiled Q8_1 quantizers included), null05b mdecuda.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
