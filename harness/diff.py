@@ -279,7 +279,7 @@ def diff_stream(req: DiffRequest, model: Model | None = None, runner=None) -> Di
         lock = Lockstep(model, comp, filt, [h for f in req.faults for h in f.hooks], req.local,
                         lambda step: (n, n) if step == 0 else (1, n + step),
                         progress=(lambda done: req.progress(done, n + req.steps)) if req.progress else None,
-                        prompt=tokens, ubatch=opts.ubatch)
+                        prompt=tokens, ubatch=getattr(runner, "n_ubatch", opts.ubatch))
         ref = runner.run(tokens, req.steps, sink=lock, filt=capture_filter(req))
     finally:
         if own:

@@ -241,8 +241,9 @@ class Lockstep:
         if self.runs is None:
             self._start(step, pos0, tokens)
         elif self.started != (step, pos0, list(tokens)):
-            raise RuntimeError(f"llama.cpp decoded {len(tokens)} tokens at position {pos0} of step {step}, "
-                               f"ours ran {len(self.started[2])} at {self.started[1]} of step {self.started[0]}")
+            from harness.llama.runner import LlamaError
+            raise LlamaError(f"llama.cpp decoded {len(tokens)} tokens at position {pos0} of step {step}, "
+                             f"ours ran {len(self.started[2])} at {self.started[1]} of step {self.started[0]}")
         self._advance(self.n_stages - 1)
         self.runs, self.done = None, -1
         self._reduce()

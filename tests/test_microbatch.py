@@ -217,3 +217,20 @@ def test_an_error_of_ours_inside_llama_decode_is_one_clear_error(tiny_f32, llama
                                              r"'attn_norm-2 \(blk.2.attn_norm\)': RuntimeError: CUDA out of memory"):
             diff_stream(req, runner=r)
         assert diff_stream(replace(req, faults=[]), runner=r).comparison.first is None
+
+
+def test_a_batch_unlike_the_one_ours_ran_is_one_clear_error(tiny_f32):
+    """Ours starts a prefill batch before llama.cpp is done with it, from the prompt and the batch
+    size; a batch that turns out different (another size) is a LlamaError (exit 2), not a table."""
+    from harness.compare.comparator import Comparator
+    from harness.compare.tolerance import Policy
+    from harness.llama.runner import LlamaError
+    from harness.ours.model import load_model
+    from harness.stream import Lockstep
+    model = load_model(tiny_f32)
+    lock = Lockstep(model, Comparator(Policy("cpu", "F32")), None, [], True, lambda s: (40, 40),
+                    prompt=PROMPT, ubatch=16)
+    lock(0, "blk.0.attn_norm", torch.zeros(16, model.config.d_model))    # layer 0 begins: ours starts
+    assert lock.started == (0, 0, PROMPT[:16])
+    with pytest.raises(LlamaError, match="llama.cpp decoded 8 tokens at position 0 of step 0, ours ran 16"):
+        lock.batch_done(0, 0, PROMPT[:8])

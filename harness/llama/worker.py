@@ -76,7 +76,8 @@ class _Serve:
         r = LlamaRunner(path, options, n_ctx_needed, on_stage=self.stage)
         self.next_id += 1
         self.runners[self.next_id] = r
-        return self.next_id, {k: getattr(r, k) for k in ("config", "weight_type", "n_vocab", "n_ctx", "meta", "gpu")}
+        return self.next_id, {k: getattr(r, k) for k in ("config", "weight_type", "n_vocab", "n_ctx", "n_ubatch", "meta",
+                                                  "gpu")}
 
     def do_close(self, rid):
         r = self.runners.pop(rid, None)
