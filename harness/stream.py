@@ -180,6 +180,7 @@ class Lockstep:
         self.batch: dict[str, torch.Tensor] = {}
         self.caches = {"e2e": model.new_cache(), "local": model.new_cache() if local else None}
         self.runs: dict | None = None       # the batch's stage generators, once started
+        self.started: tuple | None = None   # (step, pos0, tokens) of the batch ours runs
         self.done = -1                      # the batch's last stage run on our side
         self.n_stages = model.config.n_layer + 2
         self.merger = Merger()

@@ -11,10 +11,10 @@ from harness.compare.metrics import optimistic_stats
 
 def test_rows_view_is_taken_without_a_copy_where_the_layout_allows():
     scores = torch.randn(14, 6, 512)[..., :300]           # llama.cpp's (H, T, n_kv), first P cells
-    t, rows, cols, ld = cuda_stats._as_rows(scores)
+    t, rows, cols, ld = cuda_stats.as_rows(scores)
     assert t.data_ptr() == scores.data_ptr() and (rows, cols, ld) == (14 * 6, 300, 512)
     flipped = torch.randn(3, 4, 5).transpose(1, 2)        # not collapsible: a contiguous copy
-    t, rows, cols, ld = cuda_stats._as_rows(flipped)
+    t, rows, cols, ld = cuda_stats.as_rows(flipped)
     assert t.is_contiguous() and (rows, cols, ld) == (15, 4, 4) and torch.equal(t, flipped)
 
 

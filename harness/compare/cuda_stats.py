@@ -2,8 +2,8 @@
 
 The torch path converts both tensors to float64 copies and reads them about ten times (the
 difference, its absolute value, argmax, three norms, the dot product): ~120 bytes of memory
-traffic per element, the largest cost of a long report (the attention scores, H x T x P per layer
-and pass). This kernel reads each float32 element once, does the same arithmetic in float64 (the
+traffic per element, a lot for a long report's attention scores (H x T x P per layer and pass),
+and a dozen operations per pair. This kernel reads each float32 element once, does the same arithmetic in float64 (the
 difference of the two values, exact; its square and the squares and product summed in float64)
 and writes one row of partial results per block; a second one-thread launch combines the rows
 into the stats vector (no other op: a report reduces hundreds of pairs per batch). The worst element is
@@ -82,7 +82,7 @@ _THREADS, _BLOCKS = 256, 1024
 _INT_MAX = 2 ** 31 - 1
 
 
-def _as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+def as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """(tensor, rows, cols, row stride) of ``t`` seen as rows of its last axis without a copy
     where its layout allows (the last axis contiguous, the leading ones collapsible: e.g. the
     first P cells of llama.cpp's (H, T, n_kv) scores), else of a contiguous copy."""
@@ -101,8 +101,8 @@ def _as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 def _launch(kernels, ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | None:
     """Two launches, no other op but the allocation; None where a size does not fit a C int."""
     stats, finish = kernels
-    a, rows, cols, lda = _as_rows(ours)
-    b, _, _, ldb = _as_rows(ref)
+    a, rows, cols, lda = as_rows(ours)
+    b, _, _, ldb = as_rows(ref)
     if max(rows, cols, lda, ldb) > _INT_MAX:
         return None
     blocks = max(1, min(_BLOCKS, -(-rows * cols // _THREADS)))
