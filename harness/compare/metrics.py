@@ -153,7 +153,7 @@ def segment_reduce(values: torch.Tensor, how: str, lens: torch.Tensor) -> torch.
 class Segments:
     """The pairs of a concatenation as contiguous segments, reduced in two levels: pieces of at
     most :data:`PIECE` elements (many thread blocks for a large pair), then each pair's pieces.
-    ``seg``: each element's pair; ``starts``: each pair's first element."""
+    ``starts``: each pair's first element; :attr:`seg`: each element's pair."""
 
     def __init__(self, sizes: list[int], dev: torch.device):
         pieces = [max(1, -(-n // PIECE)) for n in sizes]
@@ -163,8 +163,12 @@ class Segments:
                                                      output_size=len(plens))
         self.piece_of = torch.repeat_interleave(torch.arange(len(plens), device=dev), self.plen,
                                                 output_size=sum(sizes))
-        self.seg = self.pair_of_piece[self.piece_of]
         self.starts = torch.cumsum(lens, 0) - lens
+
+    @property
+    def seg(self) -> torch.Tensor:
+        """Each element's pair (made when asked: the batched pair statistics do not need it)."""
+        return self.pair_of_piece[self.piece_of]
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Per pair sums of ``values`` (its last axis runs over the concatenation)."""
