@@ -17,6 +17,8 @@ masked path.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 _SRC = r"""
@@ -86,16 +88,7 @@ def as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """(tensor, rows, cols, row stride) of ``t`` seen as rows of its last axis without a copy
     where its layout allows (the last axis contiguous, the leading ones collapsible: e.g. the
     first P cells of llama.cpp's (H, T, n_kv) scores), else of a contiguous copy."""
-    if t.dim() == 0:
-        t = t.reshape(1)
-    cols = t.shape[-1]
-    rows = t.numel() // max(cols, 1)
-    ok = t.stride(-1) == 1 or cols == 1
-    for i in range(t.dim() - 2):
-        ok = ok and (t.shape[i] == 1 or t.stride(i) == t.stride(i + 1) * t.shape[i + 1])
-    if not ok:
-        t = t.contiguous()
-    return t, rows, cols, (t.stride(-2) if t.dim() > 1 else cols)
+    return as_matrix(t, max(t.dim() - 1, 0))
 
 
 def _launch(kernels, ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | None:
@@ -114,21 +107,32 @@ def _launch(kernels, ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | No
 
 
 def available(device: torch.device) -> bool:
-    """Whether the kernel runs on ``device`` (compiled and checked on first call)."""
-    return device.type == "cuda" and _compiled(device) is not None
+    """Whether the kernels run on ``device`` (compiled and checked on first call): the one-pair
+    kernel and the batch kernels."""
+    return device.type == "cuda" and _compiled(device) is not None and _compiled_batch(device) is not None
+
+
+def _build(cache: dict, device: torch.device, src: str, names: tuple[str, str], check):
+    """``cache``'s kernels for ``device``, compiled and self-checked on first call (None: the torch
+    path, where NVRTC is missing, the driver refuses, or the check fails)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in cache:
+        cache[idx] = None
+        try:
+            kernels = tuple(torch.cuda._compile_kernel(src, n) for n in names)
+            if check(kernels, device):
+                cache[idx] = kernels
+        except Exception:  # noqa: BLE001 - no NVRTC, a driver refusal: the torch path instead
+            pass
+    return cache[idx]
 
 
 def _compiled(device: torch.device):
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _KERNELS:
-        _KERNELS[idx] = None
-        try:
-            kernels = (torch.cuda._compile_kernel(_SRC, "pair_stats"), torch.cuda._compile_kernel(_SRC, "pair_finish"))
-            if _self_check(kernels, device):
-                _KERNELS[idx] = kernels
-        except Exception:  # noqa: BLE001 - no NVRTC, a driver refusal: the torch path instead
-            pass
-    return _KERNELS[idx]
+    return _build(_KERNELS, device, _SRC, ("pair_stats", "pair_finish"), _self_check)
+
+
+def _compiled_batch(device: torch.device):
+    return _build(_BATCH, device, _BATCH_SRC, ("batch_stats", "batch_finish"), _self_check_batch)
 
 
 def reference_stats(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -141,8 +145,10 @@ def reference_stats(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
-    """Same worst element (index, |difference|, both values) and sums within 1e-12 relative."""
-    return bool(torch.equal(got[[0, 1, 6, 7, 8]], want[[0, 1, 6, 7, 8]])
+    """Same worst element (index, |difference|, both values; a NaN equals a NaN) and sums within
+    1e-12 relative."""
+    exact = [0, 1, 6, 7, 8]
+    return bool(torch.allclose(got[exact], want[exact], rtol=0, atol=0, equal_nan=True)
                 and torch.allclose(got[2:6], want[2:6], rtol=1e-12, atol=0))
 
 
@@ -165,3 +171,229 @@ def pair_stats_vector(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | N
         return None
     kernels = _compiled(ours.device)
     return None if kernels is None else _launch(kernels, ours, ref)
+
+
+# ---- many pairs in two launches: the batched path's statistics (exact for non-finite values) ----
+_BATCH_SRC = r"""
+#define W 12          // table row: a, b, rows, cols, lda, ldb, block0, col chunks, rows per block,
+                      // channel partials' offset (-1: none), channel sums' offset, columns per block
+#define NS 9          // sums: dd bb aa ab bad ok db sd energy
+#define FULL 0xffffffffu
+
+__device__ void block_reduce(double& m, double& mi, double* s)
+{   // blockDim 256; thread 0 ends with the block's first largest (m, mi) and sums, in a fixed order
+    for (int off = 16; off > 0; off >>= 1) {
+        double om = __shfl_down_sync(FULL, m, off), oi = __shfl_down_sync(FULL, mi, off);
+        if (om > m || (om == m && oi < mi)) { m = om; mi = oi; }
+        for (int k = 0; k < NS; k++) s[k] += __shfl_down_sync(FULL, s[k], off);
+    }
+    __shared__ double sh[8][NS + 2];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) { sh[warp][0] = m; sh[warp][1] = mi; for (int k = 0; k < NS; k++) sh[warp][2 + k] = s[k]; }
+    __syncthreads();
+    if (threadIdx.x == 0)
+        for (int w = 1; w < 8; w++) {
+            if (sh[w][0] > m || (sh[w][0] == m && sh[w][1] < mi)) { m = sh[w][0]; mi = sh[w][1]; }
+            for (int k = 0; k < NS; k++) s[k] += sh[w][2 + k];
+        }
+}
+
+extern "C" __global__ void batch_stats(const long long* __restrict__ t, int npairs, double* __restrict__ part,
+                                       double* __restrict__ chanp)
+{
+    long long blk = blockIdx.x;
+    int lo = 0, hi = npairs - 1;                       // this block's pair: the last with block0 <= blk
+    while (lo < hi) { int mid = (lo + hi + 1) >> 1; if (t[mid * W + 6] <= blk) lo = mid; else hi = mid - 1; }
+    const long long* e = t + (long long)lo * W;
+    const float* A = (const float*)e[0];
+    const float* B = (const float*)e[1];
+    long long rows = e[2], cols = e[3], lda = e[4], ldb = e[5], local = blk - e[6], cc = e[7], rpb = e[8];
+    int cw = (int)e[11], rw = 256 / cw, tx = threadIdx.x % cw, ty = threadIdx.x / cw;
+    long long c = (local % cc) * cw + tx, ri = local / cc, r1 = min(rows, (ri + 1) * rpb);
+    double m = -1.0, mi = 9.0e18, s[NS] = {0, 0, 0, 0, 0, 0, 0, 0, 0}, cs = 0.0;
+    if (c < cols)
+        for (long long r = ri * rpb + ty; r < r1; r += rw) {
+            double x = (double)A[r * lda + c], y = (double)B[r * ldb + c], diff;
+            if (isfinite(x) && isfinite(y)) {
+                double d = x - y;
+                s[0] += d * d; s[1] += y * y; s[2] += x * x; s[3] += x * y; s[5] += 1.0; s[6] += d * y; s[7] += d;
+                cs += d; diff = fabs(d);
+            } else if (isinf(x) && isinf(y) && x == y) diff = 0.0;        // the same infinity: agrees
+            else { diff = INFINITY; s[4] += 1.0; }
+            if (diff > m) { m = diff; mi = (double)(r * cols + c); }
+        }
+    __shared__ double col[256];
+    col[threadIdx.x] = cs;
+    __syncthreads();
+    if (e[9] >= 0 && ty == 0 && c < cols) {
+        double v = 0.0;
+        for (int k = 0; k < rw; k++) v += col[tx + k * cw];
+        chanp[e[9] + ri * cols + c] = v;
+    }
+    block_reduce(m, mi, s);
+    if (threadIdx.x == 0) {
+        double* p = part + (NS + 2) * blk;
+        p[0] = m; p[1] = mi;
+        for (int k = 0; k < NS; k++) p[2 + k] = s[k];
+    }
+}
+
+// one block per pair: its blocks' rows and channel partials combined; out row (16): index, max |d|,
+// |d|, |ref|, |ours|, <ours, ref>, non-finite, both values at the index | ok, bb, db, dd, sum d, energy
+extern "C" __global__ void batch_finish(const long long* __restrict__ t, int npairs, const double* __restrict__ part,
+                                        const double* __restrict__ chanp, double* __restrict__ chan,
+                                        double* __restrict__ out)
+{
+    const long long* e = t + (long long)blockIdx.x * W;
+    long long rows = e[2], cols = e[3], rc = (rows + e[8] - 1) / e[8], b0 = e[6], b1 = b0 + e[7] * rc;
+    double m = -1.0, mi = 9.0e18, s[NS] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+    for (long long k = b0 + threadIdx.x; k < b1; k += blockDim.x) {
+        const double* p = part + (NS + 2) * k;
+        if (p[0] > m || (p[0] == m && p[1] < mi)) { m = p[0]; mi = p[1]; }
+        for (int j = 0; j < NS; j++) s[j] += p[2 + j];
+    }
+    if (e[9] >= 0)
+        for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+            double v = 0.0;
+            for (long long r = 0; r < rc; r++) v += chanp[e[9] + r * cols + c];
+            chan[e[10] + c] = v;
+            s[8] += v * v;
+        }
+    block_reduce(m, mi, s);
+    if (threadIdx.x != 0) return;
+    long long n = rows * cols, i = (mi >= 0.0 && mi < (double)n) ? (long long)mi : n - 1;
+    long long r = i / cols, c = i - r * cols;
+    double* o = out + 16 * (long long)blockIdx.x;
+    o[0] = (double)i; o[1] = m; o[2] = sqrt(s[0]); o[3] = sqrt(s[1]); o[4] = sqrt(s[2]); o[5] = s[3];
+    o[6] = s[4]; o[7] = (double)((const float*)e[0])[r * e[4] + c]; o[8] = (double)((const float*)e[1])[r * e[5] + c];
+    o[9] = s[5]; o[10] = s[1]; o[11] = s[6]; o[12] = s[0]; o[13] = s[7]; o[14] = s[8]; o[15] = 0.0;
+}
+"""
+_BATCH: dict[int, object] = {}        # CUDA device index -> (stats, finish) batch kernels (None: the torch path)
+_PER_BLOCK = 8192                     # elements a block reads
+_ROW = 11                             # a block's partial results: max, its index, NS sums
+
+
+def _collapses(shape, stride) -> bool:
+    """Do these axes (size-1 axes aside, their strides say nothing) step as one?"""
+    dims = [(n, st) for n, st in zip(shape, stride) if n != 1]
+    return all(dims[k][1] == dims[k + 1][1] * dims[k + 1][0] for k in range(len(dims) - 1))
+
+
+def _inner_stride(shape, stride, default: int) -> int:
+    """The stride of the innermost axis of size above 1 (``default`` where there is none)."""
+    return next((st for n, st in zip(reversed(shape), reversed(stride)) if n != 1), default)
+
+
+def as_matrix(t: torch.Tensor, lead: int) -> tuple[torch.Tensor, int, int, int]:
+    """(tensor, rows, cols, row stride) of ``t`` seen as a matrix of its first ``lead`` axes by the
+    rest, without a copy where its layout allows (each group of axes collapsible, the columns
+    contiguous), else of a contiguous copy. :func:`as_rows` is ``lead = t.dim() - 1``."""
+    if t.dim() == 0:
+        t, lead = t.reshape(1), 0
+    rs, cs = (t.shape[:lead], t.stride()[:lead]), (t.shape[lead:], t.stride()[lead:])
+    if not (_collapses(*rs) and _collapses(*cs) and _inner_stride(*cs, 1) == 1):
+        t = t.contiguous()
+        rs, cs = (t.shape[:lead], t.stride()[:lead]), (t.shape[lead:], t.stride()[lead:])
+    rows, cols = math.prod(rs[0]), math.prod(cs[0])
+    return t, rows, cols, _inner_stride(*rs, cols)
+
+
+def _plan(ours: list[torch.Tensor], refs: list[torch.Tensor], token_major) -> tuple[list, list, int, int, int]:
+    """The kernels' table rows (see ``W``), the views they point into, and the totals: blocks,
+    channel partials, channel sums. A pair is a (rows, cols) matrix (token-major pairs: (T, C),
+    C its channels; others: rows of the last axis), read in blocks of ``cw`` columns x ``rpb`` rows."""
+    table, keep, blocks, chanp, chan = [], [], 0, 0, 0
+    for i, (o, r) in enumerate(zip(ours, refs)):
+        tm = bool(token_major is not None and token_major[i] and o.dim() >= 2)
+        lead = 1 if tm else max(o.dim() - 1, 0)
+        a, rows, cols, lda = as_matrix(o.detach(), lead)
+        b, _, _, ldb = as_matrix(r.detach(), lead)
+        cw = 32
+        while cw < cols and cw < 256:
+            cw *= 2
+        rw = 256 // cw
+        rpb = min(-(-(_PER_BLOCK // cw) // rw) * rw, -(-rows // rw) * rw)
+        cc, rc = -(-cols // cw), -(-rows // rpb)
+        table.append([a.data_ptr(), b.data_ptr(), rows, cols, lda, ldb, blocks, cc, rpb,
+                      chanp if tm else -1, chan if tm else -1, cw])
+        keep += [a, b]
+        blocks += cc * rc
+        if tm:
+            chanp, chan = chanp + rc * cols, chan + cols
+    return table, keep, blocks, chanp, chan
+
+
+def batch_vectors(ours: list[torch.Tensor], refs: list[torch.Tensor], token_major: list[bool] | None = None):
+    """Many float32 CUDA pairs reduced in two launches: ``(stats, sums, chan, counts)`` with
+    ``stats`` (N, 9) :func:`~harness.compare.metrics.stats_vector` rows (exact for non-finite
+    values: the masked path's), ``sums`` (N, 5) the systematic sums ``[n, <ref, ref>, <d, ref>,
+    <d, d>, sum d]``, ``chan`` the per-channel sums of d of the ``token_major`` pairs
+    concatenated, ``counts`` each pair's channel count (0: none). None where the kernels do not
+    apply (another dtype or device, an empty pair, no compiler): the caller's torch path runs."""
+    if not ours or any(o.dtype != torch.float32 or r.dtype != torch.float32 or not o.is_cuda
+                       or r.device != o.device or o.numel() == 0 or o.shape != r.shape for o, r in zip(ours, refs)):
+        return None
+    kernels = _compiled_batch(ours[0].device)
+    return None if kernels is None else _launch_batch(kernels, ours, refs, token_major)
+
+
+def _launch_batch(kernels, ours, refs, token_major):
+    stats, finish = kernels
+    dev = ours[0].device
+    table, keep, blocks, nchanp, nchan = _plan(ours, refs, token_major)
+    if blocks > _INT_MAX:
+        return None
+    n = len(table)
+    tab = torch.tensor(table, dtype=torch.int64).pin_memory().to(dev, non_blocking=True)
+    work = torch.empty(_ROW * blocks + max(nchanp, 1) + nchan + 16 * n, dtype=torch.float64, device=dev)
+    part, chanp = work[:_ROW * blocks], work[_ROW * blocks:_ROW * blocks + max(nchanp, 1)]
+    chan = work[_ROW * blocks + max(nchanp, 1):_ROW * blocks + max(nchanp, 1) + nchan]
+    out = work[work.numel() - 16 * n:].view(n, 16)
+    stats(grid=(blocks, 1, 1), block=(256, 1, 1), args=[tab, n, part, chanp])
+    finish(grid=(n, 1, 1), block=(256, 1, 1), args=[tab, n, part, chanp, chan, out])
+    del keep                   # enqueued: the caching allocator reuses their memory in stream order
+    return out[:, :9], out[:, 9:14], chan, [row[3] if row[9] >= 0 else 0 for row in table]
+
+
+def _check_pairs(device: torch.device) -> tuple[list, list, list]:
+    """Pairs the batch kernels must get right: several shapes and layouts (a strided score view,
+    a transposed copy, fewer than 32 columns, one row, a 0-d pair), an exact tie (the first wins),
+    NaN, a shared and an opposite infinity."""
+    g = torch.Generator(device=device).manual_seed(0)
+    ref = torch.randn(3, 70, 300, generator=g, device=device)
+    ours = ref + 1e-3 * torch.randn(ref.shape, generator=g, device=device)
+    ref[2, 5, 7], ref[0, 9, 1] = 1.0, 1.0
+    ours[2, 5, 7], ours[0, 9, 1] = 1.25, 0.75
+    bad_o, bad_r = ours[1].clone(), ref[1].clone()
+    bad_o[3, 4], bad_o[5, 6], bad_r[5, 6], bad_r[7, 8] = float("nan"), float("inf"), float("inf"), -float("inf")
+    bad_o[9, 9], bad_r[9, 9] = float("inf"), -float("inf")
+    pairs = [(ours, ref), (ours[:, :, :299], ref[:, :, :299]), (ours.transpose(1, 2), ref.transpose(1, 2)),
+             (ours[1, 3, :17], ref[1, 3, :17]), (bad_o, bad_r), (ours[0, :, :20], ref[0, :, :20]),
+             (ours[2, :1], ref[2, :1]), (ours[0, 0, 0], ref[0, 0, 0])]
+    return [p[0] for p in pairs], [p[1] for p in pairs], [True, True, False, False, True, True, True, False]
+
+
+def _self_check_batch(kernels, device: torch.device) -> bool:
+    """The batch kernels against the torch path, pair by pair: statistics as :func:`agrees`
+    (``metrics.stats_vector``, the masked path for non-finite pairs), systematic sums and channel
+    sums (``systematic.sys_sums``) to 1e-12 relative."""
+    from harness.compare.metrics import stats_vector
+    from harness.compare.systematic import sys_sums
+    ours, refs, tms = _check_pairs(device)
+    got = _launch_batch(kernels, ours, refs, tms)
+    if got is None:
+        return False
+    stats, sums, chan, counts = got
+    at = 0
+    for i, (o, r, tm) in enumerate(zip(ours, refs, tms)):
+        want, (wsums, wchan) = stats_vector(o, r), sys_sums(o, r, tm)
+        if not agrees(stats[i], want) or not torch.allclose(sums[i], wsums[:5], rtol=1e-12, atol=1e-300):
+            return False
+        if (wchan is None) != (counts[i] == 0):
+            return False
+        if wchan is not None:
+            if not torch.allclose(chan[at:at + counts[i]], wchan, rtol=1e-12, atol=1e-12):
+                return False
+            at += counts[i]
+    return True

@@ -199,7 +199,8 @@ def numel_groups(tensors: list[torch.Tensor], limit: int | None = None) -> list[
 def batch_stats(ours: list[torch.Tensor], refs: list[torch.Tensor]) -> torch.Tensor:
     """:func:`stats_vector` of many pairs at once, as an (N, 9) tensor on their device: the pairs
     are concatenated and reduced per segment, so a GPU runs a dozen kernels for each group of
-    :data:`BATCH_ELEMENTS` elements instead of a dozen per pair, with no host synchronisation.
+    :data:`BATCH_ELEMENTS` elements instead of a dozen per pair, with no host synchronisation
+    (float32 pairs on a GPU: two launches per group, :func:`~harness.compare.cuda_stats.batch_vectors`).
     Non-finite values are handled as :func:`stats_vector` does (an inf equal on both sides is
     ignored; any other non-finite element counts in ``nonfinite`` and makes its pair's worst
     error inf)."""
@@ -210,6 +211,9 @@ def batch_stats(ours: list[torch.Tensor], refs: list[torch.Tensor]) -> torch.Ten
 
 
 def _batch_stats(ours: list[torch.Tensor], refs: list[torch.Tensor]) -> torch.Tensor:
+    fused = cuda_stats.batch_vectors(ours, refs)        # float32 CUDA pairs: two launches in all
+    if fused is not None:
+        return fused[0]
     dev = ours[0].device
     if any(o.numel() == 0 for o in ours):
         return torch.stack([stats_vector(o, r) for o, r in zip(ours, refs)])

@@ -84,7 +84,9 @@ def sys_sums_many(ours: list[torch.Tensor], refs: list[torch.Tensor],
                   token_major: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """:func:`sys_sums` of many pairs at once, on their device: the pairs are concatenated and
     reduced per segment (a dozen kernels for the batch instead of a dozen per pair; the channel
-    sums by float64 atomics, so their last digits may vary from run to run). Returns the (N, 6) sums, every
+    sums by float64 atomics, so their last digits may vary from run to run), float32 pairs on a
+    GPU in two launches (:func:`~harness.compare.cuda_stats.batch_vectors`, channel sums in a
+    fixed order). Returns the (N, 6) sums, every
     token-major pair's channel sums concatenated, and each pair's channel count (0: none).
     At most :data:`~harness.compare.metrics.BATCH_ELEMENTS` elements are concatenated at once."""
     from harness.compare.metrics import numel_groups
@@ -98,7 +100,13 @@ def sys_sums_many(ours: list[torch.Tensor], refs: list[torch.Tensor],
 
 def _sys_sums_group(ours: list[torch.Tensor], refs: list[torch.Tensor],
                     token_major: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    from harness.compare.cuda_stats import batch_vectors
     from harness.compare.metrics import Segments
+    fused = batch_vectors(ours, refs, token_major)       # float32 CUDA pairs: two launches in all
+    if fused is not None:
+        rows = [float(o.shape[0]) if tm and o.dim() >= 2 else 0.0 for o, tm in zip(ours, token_major)]
+        col = torch.tensor(rows, dtype=torch.float64).pin_memory().to(fused[1].device, non_blocking=True)
+        return torch.cat([fused[1], col[:, None]], 1), fused[2], fused[3]
     dev = ours[0].device
     a = torch.cat([o.detach().reshape(-1) for o in ours]).double()
     b = torch.cat([r.detach().to(dev).reshape(-1) for r in refs]).double()
