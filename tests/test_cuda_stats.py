@@ -29,7 +29,7 @@ def test_kernel_reproduces_the_torch_path_on_the_gpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     dev = torch.device("cuda")
-    assert cuda_stats.available(dev)                      # compiled and self-checked, not a fallback
+    assert cuda_stats.available(dev), cuda_stats.WHY      # compiled and self-checked, not a fallback
     g = torch.Generator(device=dev).manual_seed(7)
     ref = torch.randn(14, 37, 768, generator=g, device=dev)[..., :517]      # a strided score view
     ours = ref.contiguous() + 1e-4 * torch.randn(14, 37, 517, generator=g, device=dev)
@@ -73,7 +73,7 @@ def test_batch_kernels_reproduce_the_torch_path_on_the_gpu():
     from harness.compare.metrics import batch_stats, stats_vector
     from harness.compare.systematic import sys_sums, sys_sums_many
     dev = torch.device("cuda")
-    assert cuda_stats.available(dev)
+    assert cuda_stats.available(dev), cuda_stats.WHY
     g = torch.Generator(device=dev).manual_seed(3)
     r = lambda *s: torch.randn(*s, generator=g, device=dev)      # noqa: E731
     scores = r(14, 9, 512)[..., :300]

@@ -21,8 +21,10 @@ import math
 
 import torch
 
+from harness.nvrtc import compile_kernel, launch
+
 _SRC = r"""
-// int parameters: torch's launcher passes a Python int as a C int (sizes are checked to fit)
+// int parameters: the launcher passes a Python int as a C int (sizes are checked to fit)
 extern "C" __global__ void pair_stats(const float* __restrict__ a, const float* __restrict__ b,
                                       int rows, int cols, int lda, int ldb, double* __restrict__ part)
 {
@@ -79,6 +81,7 @@ extern "C" __global__ void pair_finish(const double* __restrict__ part, int bloc
     out[6] = 0.0; out[7] = (double)a[r * lda + c]; out[8] = (double)b[r * ldb + c];
 }
 """
+WHY: dict[tuple[str, int], str] = {}   # (kernel, device index) -> why it is not used (compile error, check)
 _KERNELS: dict[int, object] = {}       # CUDA device index -> (stats, finish) kernels (None: the torch path)
 _THREADS, _BLOCKS = 256, 1024
 _INT_MAX = 2 ** 31 - 1
@@ -100,9 +103,9 @@ def _launch(kernels, ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | No
         return None
     blocks = max(1, min(_BLOCKS, -(-rows * cols // _THREADS)))
     work = torch.empty(6 * blocks + 9, dtype=torch.float64, device=a.device)
-    stats(grid=(blocks, 1, 1), block=(_THREADS, 1, 1), args=[a, b, rows, cols, lda, ldb, work])
+    launch(stats, (blocks, 1, 1), (_THREADS, 1, 1), [a, b, rows, cols, lda, ldb, work])
     out = work[6 * blocks:]
-    finish(grid=(1, 1, 1), block=(32, 1, 1), args=[work, blocks, a, b, rows, cols, lda, ldb, out])
+    launch(finish, (1, 1, 1), (32, 1, 1), [work, blocks, a, b, rows, cols, lda, ldb, out])
     return out
 
 
@@ -119,11 +122,13 @@ def _build(cache: dict, device: torch.device, src: str, names: tuple[str, str], 
     if idx not in cache:
         cache[idx] = None
         try:
-            kernels = tuple(torch.cuda._compile_kernel(src, n) for n in names)
+            kernels = tuple(compile_kernel(src, n) for n in names)
             if check(kernels, device):
                 cache[idx] = kernels
-        except Exception:  # noqa: BLE001 - no NVRTC, a driver refusal: the torch path instead
-            pass
+            else:
+                WHY[(names[0], idx)] = "the self-check against the torch path failed"
+        except Exception as e:  # noqa: BLE001 - no NVRTC, a driver refusal: the torch path instead
+            WHY[(names[0], idx)] = f"{type(e).__name__}: {str(e)[:2000]}"
     return cache[idx]
 
 
@@ -209,17 +214,17 @@ extern "C" __global__ void batch_stats(const long long* __restrict__ t, int npai
     const float* B = (const float*)e[1];
     long long rows = e[2], cols = e[3], lda = e[4], ldb = e[5], local = blk - e[6], cc = e[7], rpb = e[8];
     int cw = (int)e[11], rw = 256 / cw, tx = threadIdx.x % cw, ty = threadIdx.x / cw;
-    long long c = (local % cc) * cw + tx, ri = local / cc, r1 = min(rows, (ri + 1) * rpb);
+    long long c = (local % cc) * cw + tx, ri = local / cc, r1 = (ri + 1) * rpb < rows ? (ri + 1) * rpb : rows;
     double m = -1.0, mi = 9.0e18, s[NS] = {0, 0, 0, 0, 0, 0, 0, 0, 0}, cs = 0.0;
     if (c < cols)
         for (long long r = ri * rpb + ty; r < r1; r += rw) {
             double x = (double)A[r * lda + c], y = (double)B[r * ldb + c], diff;
-            if (isfinite(x) && isfinite(y)) {
+            if (x - x == 0.0 && y - y == 0.0) {                 // both finite (no math header in NVRTC)
                 double d = x - y;
                 s[0] += d * d; s[1] += y * y; s[2] += x * x; s[3] += x * y; s[5] += 1.0; s[6] += d * y; s[7] += d;
                 cs += d; diff = fabs(d);
-            } else if (isinf(x) && isinf(y) && x == y) diff = 0.0;        // the same infinity: agrees
-            else { diff = INFINITY; s[4] += 1.0; }
+            } else if (x == y) diff = 0.0;                        // the same infinity: agrees
+            else { diff = __longlong_as_double(0x7ff0000000000000LL); s[4] += 1.0; }
             if (diff > m) { m = diff; mi = (double)(r * cols + c); }
         }
     __shared__ double col[256];
@@ -350,8 +355,8 @@ def _launch_batch(kernels, ours, refs, token_major):
     part, chanp = work[:_ROW * blocks], work[_ROW * blocks:_ROW * blocks + max(nchanp, 1)]
     chan = work[_ROW * blocks + max(nchanp, 1):_ROW * blocks + max(nchanp, 1) + nchan]
     out = work[work.numel() - 16 * n:].view(n, 16)
-    stats(grid=(blocks, 1, 1), block=(256, 1, 1), args=[tab, n, part, chanp])
-    finish(grid=(n, 1, 1), block=(256, 1, 1), args=[tab, n, part, chanp, chan, out])
+    launch(stats, (blocks, 1, 1), (256, 1, 1), [tab, n, part, chanp])
+    launch(finish, (n, 1, 1), (256, 1, 1), [tab, n, part, chanp, chan, out])
     del keep                   # enqueued: the caching allocator reuses their memory in stream order
     return out[:, :9], out[:, 9:14], chan, [row[3] if row[9] >= 0 else 0 for row in table]
 

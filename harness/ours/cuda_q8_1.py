@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from harness.nvrtc import compile_kernel, launch
+
 # quantize.cu quantize_q8_1, one element per thread, one 32-element block per warp; the outputs are
 # the codes, d (amax / 127, as a float: ggml stores it as half) and the block sum (warp_reduce_sum).
 _SRC = r"""
@@ -87,7 +89,7 @@ def _launch(kernel, x: torch.Tensor, mmq: bool) -> tuple[torch.Tensor, torch.Ten
     d = torch.empty(n // 32, dtype=torch.float32, device=x.device)
     s = torch.empty_like(d)
     threads = n // 4 if mmq else n
-    kernel(grid=((threads + _BLOCK - 1) // _BLOCK, 1, 1), block=(_BLOCK, 1, 1), args=[flat, q, d, s, n])
+    launch(kernel, ((threads + _BLOCK - 1) // _BLOCK, 1, 1), (_BLOCK, 1, 1), [flat, q, d, s, n])
     return q, d, s
 
 
@@ -113,7 +115,7 @@ def _compiled(device: torch.device, mmq: bool):
         _KERNELS[key] = None
         try:
             name = "quantize_mmq_q8_1" if mmq else "quantize_q8_1"
-            kernel = torch.cuda._compile_kernel(_SRC_MMQ if mmq else _SRC, name, nvcc_options=["--use_fast_math"])
+            kernel = compile_kernel(_SRC_MMQ if mmq else _SRC, name, ["--use_fast_math"])
             g = torch.Generator(device=device).manual_seed(0)
             x = torch.randn(64, 4096, generator=g, device=device) * 3
             x[0, :32] = 0.0                                               # a block of zeros: q = 0

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from harness.nvrtc import compile_kernel, launch
 from harness.ours import cuda_q8_1
 
 Rounder = Callable[[torch.Tensor], torch.Tensor]
@@ -313,7 +314,7 @@ def _mmvf_launch(kernel, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     R = w.shape[1]
     wh = w.to(torch.float16).contiguous().view(torch.int32)                # (B, R, K/2) half2 words
     y = torch.empty(B, T, R, dtype=torch.float32, device=x.device)
-    kernel(grid=(R, T, B), block=(_mmvf_block(K), 1, 1), args=[wh, x.contiguous(), y, K // 2, R, T])
+    launch(kernel, (R, T, B), (_mmvf_block(K), 1, 1), [wh, x.contiguous(), y, K // 2, R, T])
     return y
 
 
@@ -324,7 +325,7 @@ def _mmvf_compiled(device: torch.device):
     if idx not in _MMVF:
         _MMVF[idx] = None
         try:
-            kernel = torch.cuda._compile_kernel(_MMVF_SRC, "mmvf_half")
+            kernel = compile_kernel(_MMVF_SRC, "mmvf_half")
             g = torch.Generator(device=device).manual_seed(0)
             for R, K in ((96, 64), (200, 896), (64, 4864), (8, 18944)):     # 32 to 256 threads, 1 to 37 steps
                 x = torch.randn(1, 2, K, generator=g, device=device) * 4
