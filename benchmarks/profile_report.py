@@ -33,4 +33,5 @@ with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) a
     diff_on_device(req, model=model, ref=ref); torch.cuda.synchronize()
 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
 cProfile.run('diff_on_device(req, model=model, ref=ref); torch.cuda.synchronize()', '/tmp/prof')
-pstats.Stats('/tmp/prof').sort_stats('tottime').print_stats(15)
+pstats.Stats('/tmp/prof').sort_stats('tottime').print_stats(30)
+pstats.Stats('/tmp/prof').sort_stats('cumulative').print_stats(30)

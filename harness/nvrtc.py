@@ -42,13 +42,14 @@ def _arg(a):
 
 
 def launch(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args: list) -> None:
-    """Launch a :func:`compile_kernel` kernel on the current stream."""
+    """Launch a :func:`compile_kernel` kernel on the current stream of its first tensor's device."""
     vals = [_arg(a) for a in args]
     array = _ARRAYS.get(len(vals))
     if array is None:
         array = _ARRAYS[len(vals)] = ctypes.c_void_p * len(vals)
     ptrs = array(*[ctypes.addressof(v) for v in vals])
-    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    dev = next((a.get_device() for a in args if isinstance(a, torch.Tensor)), None)
+    stream = ctypes.c_void_p(torch._C._cuda_getCurrentRawStream(torch.cuda.current_device() if dev is None else dev))
     rc = _driver().cuLaunchKernel(kernel.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0,
                                   stream, ptrs, None)
     if rc != 0:

@@ -95,7 +95,7 @@ def test_batch_kernels_reproduce_the_torch_path_on_the_gpu():
         if counts[i]:
             assert torch.allclose(chan[at:at + counts[i]], wchan, rtol=1e-10, atol=1e-13), i
             at += counts[i]
-    assert torch.equal(batch_stats(ours, refs), stats)
+    assert all(cuda_stats.agrees(x, y) for x, y in zip(batch_stats(ours, refs), stats))   # other blocks: sums' last bits
     many = sys_sums_many(ours, refs, tms)
     assert torch.equal(many[0][:, :5], sums) and torch.equal(many[1], chan) and many[2] == counts
     assert many[0][:, 5].tolist() == [9, 9, 1, 0, 9, 9, 0, 0]

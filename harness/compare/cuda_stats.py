@@ -296,6 +296,10 @@ def as_matrix(t: torch.Tensor, lead: int) -> tuple[torch.Tensor, int, int, int]:
     contiguous), else of a contiguous copy. :func:`as_rows` is ``lead = t.dim() - 1``."""
     if t.dim() == 0:
         t, lead = t.reshape(1), 0
+    if t.is_contiguous():                       # the common case, without the Python walk below
+        rows = math.prod(t.shape[:lead])
+        cols = t.numel() // rows if rows else math.prod(t.shape[lead:])
+        return t, rows, cols, cols
     rs, cs = (t.shape[:lead], t.stride()[:lead]), (t.shape[lead:], t.stride()[lead:])
     if not (_collapses(*rs) and _collapses(*cs) and _inner_stride(*cs, 1) == 1):
         t = t.contiguous()

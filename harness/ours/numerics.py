@@ -16,6 +16,7 @@ offset to the block sum of the *unquantized* activations: :class:`CudaQuantMatMu
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -349,7 +350,8 @@ def mmvf_half(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     dims batched), by one compiled kernel on CUDA with a float32 x, else by the emulation."""
     if not (x.is_cuda and x.dtype == torch.float32):
         return _mmvf_emulated_batched(x, w)
-    with torch.cuda.device(x.device):                     # compile, load and launch on x's device
+    here = x.device.index is None or x.device.index == torch.cuda.current_device()
+    with contextlib.nullcontext() if here else torch.cuda.device(x.device):   # compile, load, launch on x's device
         kernel = _mmvf_compiled(x.device)
         if kernel is None:
             return _mmvf_emulated_batched(x, w)
