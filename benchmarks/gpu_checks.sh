@@ -3,13 +3,9 @@
 #   source .device/setup.sh && bash benchmarks/gpu_checks.sh PHASE
 # PHASE: calibrate | tests | reports | zoo | gate | bench | bench7b | qwen3 | recal | gputests | numerics | null05b | mdecuda |
 #        mixedclean | profile | speed | long32k | long7b | long32b | kquant7b. Logs go to $OUT (or /tmp/out).
-# What issue 16 (and issue 17's follow-up) still need from a GPU, each line one call of at most 10 minutes.
-# The thirteenth session made the lockstep layered (32k: 50.9 s, 16.5x) and measured a regression of the
-# single-batch report at 512+8 (1.46 s -> 2.06 s on one H100). Still to run:
-#   bash benchmarks/gpu_checks.sh speed profile    # the 512+8 regression: which reduction costs what
-#   bash benchmarks/gpu_checks.sh long7b           # the layered budget's micro-batch of 711
-#   bash benchmarks/gpu_checks.sh long32b          # and of 1,339 with lazy weights
-# and recal (CUDA tolerances with the mirrors, the compiled Q8_1 quantizers included), null05b mdecuda.
+# What is left for a GPU: recal (CUDA tolerances with the mirrors, the compiled Q8_1 quantizers
+# included), null05b, mdecuda. Issue 16's rows (speed, long32k, long7b, long32b) were rerun on the
+# fourteenth session's final code, one H100 (benchmarks/RESULTS.md).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1

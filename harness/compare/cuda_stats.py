@@ -14,6 +14,14 @@ where it cannot be (no compiler, a mismatch), the torch path runs.
 Like ``optimistic_stats``, the result is valid when its three norms are finite: a NaN or an
 infinity in either tensor makes a sum non-finite, and the caller reduces the pair again on the
 masked path.
+
+Many pairs at once (:func:`batch_vectors`, the batched path of ``metrics.batch_stats`` and
+``systematic.sys_sums_many``): one launch reads every pair of a batch in blocks of columns x rows,
+masking non-finite values as the torch path does (so exact for them too), and also sums the
+systematic statistics and each column's (channel's) errors; a second launch, one block per pair,
+combines the blocks in a fixed order. It replaced ~14 segmented reductions and a dozen float64
+elementwise ops per batch, whose host time made a 512 + 8 report 1.72 s instead of 1.08 s on one
+H100 (RESULTS.md, fourteenth session).
 """
 from __future__ import annotations
 
