@@ -358,7 +358,7 @@ def batch_vectors(ours: list[torch.Tensor], refs: list[torch.Tensor], token_majo
 def _launch_batch(kernels, ours, refs, token_major):
     stats, finish = kernels
     dev = ours[0].device
-    table, keep, blocks, nchanp, nchan = _plan(ours, refs, token_major)
+    table, keep, blocks, nchanp, nchan = _plan(ours, refs, token_major)   # keep: copies alive until enqueued
     if blocks > _INT_MAX:
         return None
     n = len(table)
@@ -369,7 +369,6 @@ def _launch_batch(kernels, ours, refs, token_major):
     out = work[work.numel() - 16 * n:].view(n, 16)
     launch(stats, (blocks, 1, 1), (256, 1, 1), [tab, n, part, chanp])
     launch(finish, (n, 1, 1), (256, 1, 1), [tab, n, part, chanp, chan, out])
-    del keep                   # enqueued: the caching allocator reuses their memory in stream order
     return out[:, :9], out[:, 9:14], chan, [row[3] if row[9] >= 0 else 0 for row in table]
 
 
