@@ -102,9 +102,9 @@ def _sys_sums_group(ours: list[torch.Tensor], refs: list[torch.Tensor],
                     token_major: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     from harness.compare.cuda_stats import batch_vectors
     from harness.compare.metrics import Segments
+    rows = [o.shape[0] if tm and o.dim() >= 2 else 0 for o, tm in zip(ours, token_major)]   # 0: no channels
     fused = batch_vectors(ours, refs, token_major)       # float32 CUDA pairs: two launches in all
     if fused is not None:
-        rows = [float(o.shape[0]) if tm and o.dim() >= 2 else 0.0 for o, tm in zip(ours, token_major)]
         col = torch.tensor(rows, dtype=torch.float64).pin_memory().to(fused[1].device, non_blocking=True)
         return torch.cat([fused[1], col[:, None]], 1), fused[2], fused[3]
     dev = ours[0].device
@@ -116,7 +116,6 @@ def _sys_sums_group(ours: list[torch.Tensor], refs: list[torch.Tensor],
     segs = Segments([o.numel() for o in ours], dev)
     seg, starts = segs.seg, segs.starts
     sums = segs.sum(torch.stack([ok.double(), b * b, d * b, d * d, d]))
-    rows = [o.shape[0] if tm and o.dim() >= 2 else 0 for o, tm in zip(ours, token_major)]
     counts = [o.numel() // r if r else 0 for o, r in zip(ours, rows)]
     total = sum(counts)
     offs = [total if not c else off for c, off in zip(counts, itertools.accumulate([0] + counts))]
